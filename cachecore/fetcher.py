@@ -1,0 +1,125 @@
+"""Reads byte ranges of store files through the block cache.
+
+Present blocks come from local disk; missing blocks are fetched from the store
+once (single-flight), written to the cache, then returned. All blocking work
+runs in worker threads under our own capacity limiters; store calls are
+bounded by a timeout so an unreachable store fails a read, never hangs it.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from .blocks import BlockCache
+from .errors import StoreUnavailable
+from .singleflight import SingleFlight
+from .stats import Counters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """One exact version of one store file: what a block belongs to."""
+
+    store: object          # a FilesystemStore
+    relpath: bytes
+    size: int
+    identity: tuple[int, int]
+    key: str               # blocks.file_key(...)
+
+    @property
+    def display(self) -> str:
+        return f"{self.store.root}/{self.relpath.decode(errors='replace')}"
+
+
+class Fetcher:
+    def __init__(self, blocks: BlockCache, counters: Counters, *,
+                 store_limiter: trio.CapacityLimiter, local_limiter: trio.CapacityLimiter,
+                 store_timeout: float):
+        self.blocks = blocks
+        self.counters = counters
+        self.store_limiter = store_limiter
+        self.local_limiter = local_limiter
+        self.store_timeout = store_timeout
+        self._flights = SingleFlight()
+        self._cache_writable = True
+
+    def _block_length(self, f: FileVersion, index: int) -> int:
+        bs = self.blocks.block_size
+        return min(bs, f.size - index * bs)
+
+    async def read(self, f: FileVersion, offset: int, size: int) -> bytes:
+        end = min(offset + size, f.size)
+        if offset >= end:
+            return b""
+        bs = self.blocks.block_size
+        indices = range(offset // bs, (end - 1) // bs + 1)
+        found = await self.call_local(self._read_local, f, indices)
+        missing = [i for i in indices if found[i] is None]
+        self.counters.cache_hits += len(indices) - len(missing)
+        if missing:
+            async def fetch_into(i):
+                found[i] = await self.fetch_block(f, i)
+            async with trio.open_nursery() as nursery:
+                for i in missing:
+                    nursery.start_soon(fetch_into, i)
+        data = b"".join(found[i] for i in indices)
+        start = offset - indices[0] * bs
+        out = data[start:start + (end - offset)]
+        self.counters.bytes_served += len(out)
+        return out
+
+    def _read_local(self, f: FileVersion, indices: range) -> dict[int, bytes | None]:
+        return {i: self.blocks.read(f.key, i, self._block_length(f, i)) for i in indices}
+
+    async def fetch_block(self, f: FileVersion, index: int) -> bytes:
+        """The block, fetched from the store unless another task already is."""
+        return await self._flights.run((f.key, index), lambda: self._fetch(f, index))
+
+    async def _fetch(self, f: FileVersion, index: int) -> bytes:
+        # Another process sharing the cache may have fetched it meanwhile.
+        data = await self.call_local(self.blocks.read, f.key, index,
+                                     self._block_length(f, index))
+        if data is not None:
+            self.counters.cache_hits += 1
+            return data
+        self.counters.cache_misses += 1
+        data = await self.call_store(f.display, self._fetch_sync, f, index)
+        # Counted here, on the event loop, so no two threads race on a counter.
+        self.counters.store_reads += 1
+        self.counters.store_bytes += len(data)
+        return data
+
+    async def call_store(self, what: str, fn, *args):
+        """Run a blocking store call in a worker thread, bounded in time.
+
+        On timeout the thread is abandoned (a hung NFS call cannot be
+        interrupted) and keeps its limiter slot until it returns, so a dead
+        store can tie up at most the limiter's worth of threads.
+        """
+        with trio.move_on_after(self.store_timeout):
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.store_limiter,
+                                                 abandon_on_cancel=True)
+        raise StoreUnavailable(f"{what}: no answer from the store within {self.store_timeout:g}s")
+
+    async def call_local(self, fn, *args):
+        """Run blocking local work (index, block files) in a worker thread."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.local_limiter)
+
+    def _fetch_sync(self, f: FileVersion, index: int) -> bytes:
+        offset = index * self.blocks.block_size
+        data = f.store.read(f.relpath, f.identity, offset, self._block_length(f, index))
+        try:
+            self.blocks.write(f.key, index, data)
+            self._cache_writable = True
+        except OSError as e:
+            # A full or broken cache disk must not fail the read: serve from the store.
+            if self._cache_writable or e.errno != errno.ENOSPC:
+                log.warning("cannot write to the block cache (%s); serving %s from the store",
+                            e.strerror, f.display)
+            self._cache_writable = False
+        return data

@@ -1,0 +1,65 @@
+"""The persistent metadata index: one record per visited store directory.
+
+A directory is listed in the store once; the record then answers every lookup,
+getattr, readdir and readlink in it (negative lookups included), across
+remounts and across processes sharing the cache directory. diskcache gives a
+process-safe SQLite index; PlainDisk keeps it free of pickles.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import diskcache
+
+from .model import Attr, decode_listing, encode_listing
+from .plaindisk import PlainDisk
+
+log = logging.getLogger(__name__)
+
+
+class MetadataIndex:
+    """Blocking (SQLite); callers run it in worker threads."""
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # eviction 'none': metadata is small and must never vanish behind our
+        # back; the block cache is what gets evicted.
+        self._db = diskcache.Cache(directory, disk=PlainDisk, eviction_policy="none",
+                                   size_limit=2**62, statistics=False, timeout=60)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @staticmethod
+    def _listing_key(store_id: str, relpath: bytes) -> bytes:
+        return b"L\0" + os.fsencode(store_id) + b"\0" + relpath
+
+    def get_listing(self, store_id: str, relpath: bytes) -> tuple[dict[bytes, Attr], float] | None:
+        """(entries, fetched_at) or None. A damaged record reads as absent."""
+        blob = self._db.get(self._listing_key(store_id, relpath))
+        if blob is None:
+            return None
+        try:
+            return decode_listing(blob)
+        except ValueError as e:
+            log.warning("index record for %s:%s is damaged (%s); relisting",
+                        store_id, os.fsdecode(relpath), e)
+            return None
+
+    def put_listing(self, store_id: str, relpath: bytes, entries: dict[bytes, Attr],
+                    fetched_at: float) -> None:
+        self._db.set(self._listing_key(store_id, relpath), encode_listing(entries, fetched_at))
+
+    def get_root(self, store_id: str) -> tuple[Attr, float] | None:
+        found = self.get_listing(store_id, b"\0root")
+        if not found:
+            return None
+        entries, fetched_at = found
+        return entries[b"."], fetched_at
+
+    def put_root(self, store_id: str, attr: Attr, fetched_at: float) -> None:
+        self.put_listing(store_id, b"\0root", {b".": attr}, fetched_at)
+
+    def knows_store(self, store_id: str) -> bool:
+        return self._db.get(self._listing_key(store_id, b"\0root")) is not None

@@ -1,0 +1,176 @@
+"""One mirrored Rez repository: metadata policy on top of store, index and fetcher.
+
+The policy is DESIGN.md's immutability rule. Released variant payloads never
+change, so directories below a version directory are listed once and kept
+forever. The repository root, family and version directories can gain entries
+(new versions, new variants), and package definition files live in them, so
+those listings are revalidated after `metadata_ttl`. A mutable repository
+revalidates everything that way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .blocks import file_key
+from .errors import NotADirectory, NotFound, StoreUnavailable
+from .fetcher import Fetcher, FileVersion
+from .index import MetadataIndex
+from .model import Attr
+from .singleflight import SingleFlight
+from .store import FilesystemStore, split_path
+
+log = logging.getLogger(__name__)
+
+# Depth of the directories whose listings can change in a released repository:
+# 0 the repository root, 1 a family, 2 a version.
+VOLATILE_DEPTH = 2
+
+
+@dataclass(frozen=True)
+class RepoPolicy:
+    metadata_ttl: float = 60.0
+    mutable: bool = False
+
+
+@dataclass
+class _Listing:
+    entries: dict[bytes, Attr]
+    valid_until: float  # wall clock; +inf for immutable directories
+
+
+def parent_and_name(relpath: bytes) -> tuple[bytes, bytes]:
+    head, _, tail = relpath.rpartition(b"/")
+    return head, tail
+
+
+class Repository:
+    def __init__(self, alias: str, store: FilesystemStore, index: MetadataIndex,
+                 fetcher: Fetcher, policy: RepoPolicy, *, memory_entries: int = 200_000,
+                 clock=time.time):
+        self.alias = alias
+        self.store = store
+        self.store_id = store.root
+        self.index = index
+        self.fetcher = fetcher
+        self.policy = policy
+        self._clock = clock
+        self._memory: OrderedDict[bytes, _Listing] = OrderedDict()
+        self._memory_entries = 0
+        self._memory_limit = memory_entries
+        self._root: _Listing | None = None
+        self._flights = SingleFlight()
+
+    # -- policy -------------------------------------------------------------
+    def is_volatile_dir(self, relpath: bytes) -> bool:
+        return self.policy.mutable or len(split_path(relpath)) <= VOLATILE_DEPTH
+
+    def is_volatile(self, relpath: bytes) -> bool:
+        """Whether the entry's attributes (and, for a file, its contents) may change."""
+        return relpath == b"" or self.is_volatile_dir(parent_and_name(relpath)[0])
+
+    def _valid_until(self, relpath: bytes, fetched_at: float) -> float:
+        if self.is_volatile_dir(relpath):
+            return fetched_at + self.policy.metadata_ttl
+        return float("inf")
+
+    def _display(self, relpath: bytes) -> str:
+        return os.path.join(self.store.root, os.fsdecode(relpath))
+
+    # -- metadata -----------------------------------------------------------
+    async def root_attr(self) -> Attr:
+        if self._root is None or self._root.valid_until <= self._clock():
+            self._root = await self._flights.run(None, self._load_root)
+        return self._root.entries[b"."]
+
+    async def _load_root(self) -> _Listing:
+        known = self._root
+        if known is None:
+            found = await self.fetcher.call_local(self.index.get_root, self.store_id)
+            if found:
+                known = _Listing({b".": found[0]}, found[1] + self.policy.metadata_ttl)
+                if known.valid_until > self._clock():
+                    return known
+        try:
+            attr = await self.fetcher.call_store(self.store.root, self.store.stat_root)
+        except StoreUnavailable as e:
+            if known is None:
+                raise
+            log.info("serving cached attributes of %s: %s", self.store.root, e)
+            return _Listing(known.entries, self._clock() + self.policy.metadata_ttl)
+        now = self._clock()
+        await self.fetcher.call_local(self.index.put_root, self.store_id, attr, now)
+        return _Listing({b".": attr}, now + self.policy.metadata_ttl)
+
+    async def listing(self, relpath: bytes) -> dict[bytes, Attr]:
+        """Every entry of a directory, from memory, the index or the store."""
+        known = self._memory.get(relpath)
+        if known is not None and known.valid_until > self._clock():
+            self._memory.move_to_end(relpath)
+            return known.entries
+        listing = await self._flights.run(relpath, lambda: self._load_listing(relpath, known))
+        self._remember(relpath, listing)
+        return listing.entries
+
+    async def _load_listing(self, relpath: bytes, known: _Listing | None) -> _Listing:
+        if known is None:
+            found = await self.fetcher.call_local(self.index.get_listing, self.store_id, relpath)
+            if found is not None:
+                entries, fetched_at = found
+                known = _Listing(entries, self._valid_until(relpath, fetched_at))
+                if known.valid_until > self._clock():
+                    return known
+        try:
+            entries = await self.fetcher.call_store(self._display(relpath),
+                                                    self.store.list_dir, relpath)
+        except StoreUnavailable as e:
+            if known is None:
+                raise StoreUnavailable(f"{self._display(relpath)}: not cached and {e}") from None
+            # Stale beats nothing while the store is away; retry after one TTL
+            # rather than on every request, which would make each one wait.
+            log.info("serving cached listing of %s: %s", self._display(relpath), e)
+            return _Listing(known.entries, self._clock() + self.policy.metadata_ttl)
+        self.fetcher.counters.store_listings += 1
+        now = self._clock()
+        await self.fetcher.call_local(self.index.put_listing, self.store_id, relpath, entries, now)
+        return _Listing(entries, self._valid_until(relpath, now))
+
+    def _remember(self, relpath: bytes, listing: _Listing) -> None:
+        old = self._memory.pop(relpath, None)
+        if old is not None:
+            self._memory_entries -= len(old.entries)
+        self._memory[relpath] = listing
+        self._memory_entries += len(listing.entries)
+        while self._memory_entries > self._memory_limit and len(self._memory) > 1:
+            _, evicted = self._memory.popitem(last=False)
+            self._memory_entries -= len(evicted.entries)
+
+    async def getattr(self, relpath: bytes) -> Attr:
+        if relpath == b"":
+            return await self.root_attr()
+        parent, name = parent_and_name(relpath)
+        attr = (await self.listing(parent)).get(name)
+        if attr is None:
+            raise NotFound(self._display(relpath))
+        return attr
+
+    async def lookup(self, parent: bytes, name: bytes) -> Attr:
+        return await self.getattr(parent + b"/" + name if parent else name)
+
+    async def readdir(self, relpath: bytes) -> dict[bytes, Attr]:
+        attr = await self.getattr(relpath)
+        if not attr.is_dir:
+            raise NotADirectory(self._display(relpath))
+        return await self.listing(relpath)
+
+    # -- contents -----------------------------------------------------------
+    async def open(self, relpath: bytes) -> FileVersion:
+        attr = await self.getattr(relpath)
+        return FileVersion(self.store, relpath, attr.size, attr.identity,
+                           file_key(self.store_id, relpath, attr.identity))
+
+    async def read(self, f: FileVersion, offset: int, size: int) -> bytes:
+        return await self.fetcher.read(f, offset, size)

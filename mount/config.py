@@ -1,0 +1,168 @@
+"""Mount settings from the command line and a TOML config file.
+
+Config file (default: $XDG_CONFIG_HOME/rez-lazyfs/config.toml):
+
+    cache = "~/.cache/rez-lazyfs"
+    block_size = "128K"
+    metadata_ttl = 60        # seconds before repository listings are revalidated
+    store_timeout = 15       # seconds before an unanswered store read fails with EIO
+
+    [repos]
+    main = "/svr/packages"                          # alias = store path
+    dev = { path = "/home/me/packages", mutable = true }
+
+Command-line options override the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import UserError
+
+_ALIAS = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "rez-lazyfs" / "config.toml"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "rez-lazyfs"
+
+
+def parse_size(text: str | int) -> int:
+    """'128K', '1M', '2GiB' or a byte count."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise UserError(f"not a size: {text!r} (use e.g. 131072, 128K, 1M)")
+    return int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+
+
+@dataclass
+class RepoConfig:
+    alias: str
+    path: str
+    mutable: bool = False
+
+
+@dataclass
+class Settings:
+    mountpoint: str
+    repos: list[RepoConfig]
+    cache_dir: str
+    block_size: int = 128 * 1024
+    metadata_ttl: float = 60.0
+    store_timeout: float = 15.0
+    store_threads: int = 16
+    offline: bool = False
+    allow_other: bool = False
+    log_file: str = ""
+    debug: bool = False
+
+    def __post_init__(self):
+        if not self.log_file:
+            self.log_file = os.path.join(self.cache_dir, "logs", "daemon.log")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        raw = json.loads(text)
+        raw["repos"] = [RepoConfig(**r) for r in raw["repos"]]
+        return cls(**raw)
+
+
+def _read_config(path: Path, explicit: bool) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise UserError(f"config file {path} does not exist") from None
+        return {}
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+
+
+def _repos_from_config(table, path) -> list[RepoConfig]:
+    if not isinstance(table, dict):
+        raise UserError(f"{path}: [repos] must be a table of alias = path")
+    repos = []
+    for alias, value in table.items():
+        if isinstance(value, str):
+            repos.append(RepoConfig(alias, value))
+        elif isinstance(value, dict) and isinstance(value.get("path"), str):
+            repos.append(RepoConfig(alias, value["path"], bool(value.get("mutable", False))))
+        else:
+            raise UserError(f"{path}: repos.{alias} must be a path or {{ path = ..., mutable = ... }}")
+    return repos
+
+
+def parse_repo_option(text: str) -> RepoConfig:
+    alias, sep, path = text.partition("=")
+    if not sep or not alias or not path:
+        raise UserError(f"--repo takes ALIAS=PATH, not {text!r}")
+    return RepoConfig(alias, path)
+
+
+def load_settings(mountpoint: str, *, config: str | None = None, repos: tuple[str, ...] = (),
+                  mutable: tuple[str, ...] = (), **overrides) -> Settings:
+    """Settings from the config file, overridden by command-line values (None = unset)."""
+    path = Path(config) if config else default_config_path()
+    conf = _read_config(path, explicit=bool(config))
+    known = {f.name for f in fields(Settings)} | {"repos", "cache"}
+    unknown = set(conf) - known
+    if unknown:
+        raise UserError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+
+    repo_list = _repos_from_config(conf.get("repos", {}), path)
+    for text in repos:
+        option = parse_repo_option(text)
+        repo_list = [r for r in repo_list if r.alias != option.alias] + [option]
+    for alias in mutable:
+        matching = [r for r in repo_list if r.alias == alias]
+        if not matching:
+            raise UserError(f"--mutable {alias}: no repository with that alias")
+        matching[0].mutable = True
+    if not repo_list:
+        raise UserError("no repositories to mount: give --repo ALIAS=PATH or list them "
+                        f"under [repos] in {path}")
+    seen = set()
+    for r in repo_list:
+        if not _ALIAS.match(r.alias) or r.alias in (".", ".."):
+            raise UserError(f"repository alias {r.alias!r} is not a plain name")
+        if r.alias in seen:
+            raise UserError(f"repository alias {r.alias!r} is given twice")
+        seen.add(r.alias)
+        r.path = os.path.abspath(os.path.expanduser(r.path))
+
+    values = {k: v for k, v in conf.items() if k not in ("repos", "cache")}
+    values["cache_dir"] = conf.get("cache", str(default_cache_dir()))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = Settings(mountpoint=os.path.abspath(mountpoint), repos=repo_list,
+                            cache_dir=os.path.abspath(os.path.expanduser(str(values.pop("cache_dir")))),
+                            **{k: v for k, v in values.items()})
+        settings.block_size = parse_size(settings.block_size)
+        settings.metadata_ttl = float(settings.metadata_ttl)
+        settings.store_timeout = float(settings.store_timeout)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad setting: {e}") from None
+    if not 4096 <= settings.block_size <= 16 * 1024 * 1024 or settings.block_size % 4096:
+        raise UserError("block size must be a multiple of 4K between 4K and 16M")
+    if settings.store_timeout <= 0 or settings.metadata_ttl < 0:
+        raise UserError("store_timeout must be > 0 and metadata_ttl >= 0")
+    return settings

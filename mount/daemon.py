@@ -1,0 +1,287 @@
+"""Mounting and unmounting: the library side of `rez-lazyfs mount/umount`.
+
+`mount_fs` checks everything a user can get wrong before anything is mounted,
+then either serves in the foreground or starts a daemon (this module run as
+`python -m mount.daemon`, settings on stdin) and returns once the mount
+answers. The daemon reports readiness or its first error through a pipe.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import logging.handlers
+import os
+import select
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+from .config import Settings
+from .errors import UserError
+
+log = logging.getLogger("rez_lazyfs")
+READY_TIMEOUT = 60.0
+
+
+# -- checks -------------------------------------------------------------------
+def _mount_state(path: str) -> str:
+    """'missing', 'notdir', 'stale', 'mounted' or 'free'."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            return "stale"
+        raise UserError(f"cannot use mountpoint {path}: {e.strerror}") from None
+    if not os.path.isdir(path):
+        return "notdir"
+    return "mounted" if os.path.ismount(path) else "free"
+
+
+def _fusermount(*args: str) -> subprocess.CompletedProcess:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is None:
+        raise UserError("fusermount3 not found: install the fuse3 package")
+    return subprocess.run([tool, *args], capture_output=True, text=True)
+
+
+def check_mountpoint(path: str) -> None:
+    state = _mount_state(path)
+    if state == "stale":
+        # A daemon that died leaves "Transport endpoint is not connected".
+        _fusermount("-u", "-z", path)
+        if _mount_state(path) == "stale":
+            raise UserError(f"{path} holds a dead mount that could not be cleared")
+        log.info("cleared a dead mount at %s", path)
+        state = _mount_state(path)
+    if state == "missing":
+        raise UserError(f"mountpoint {path} does not exist")
+    if state == "notdir":
+        raise UserError(f"mountpoint {path} is not a directory")
+    if state == "mounted":
+        raise UserError(f"{path} is already a mount point (rez-lazyfs umount {path} first)")
+    try:
+        if os.listdir(path):
+            raise UserError(f"mountpoint {path} is not empty")
+    except PermissionError:
+        raise UserError(f"mountpoint {path} is not readable") from None
+
+
+def prepare_cache_dir(path: str) -> None:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        probe = os.path.join(path, f".probe-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cache directory {path} is not usable: {e.strerror}") from None
+
+
+def _isdir_within(path: str, seconds: float) -> bool | None:
+    """os.path.isdir, or None if the (network) filesystem does not answer in time."""
+    answer: list[bool] = []
+    t = threading.Thread(target=lambda: answer.append(os.path.isdir(path)), daemon=True)
+    t.start()
+    t.join(seconds)
+    return answer[0] if answer else None
+
+
+def check_stores(settings: Settings, index) -> None:
+    """A store path never seen is a typo: refuse it. One seen before may just be away."""
+    for repo in settings.repos:
+        if settings.offline:
+            if not index.knows_store(repo.path):
+                raise UserError(f"--offline: the cache holds nothing for repository "
+                                f"{repo.alias!r} ({repo.path})")
+            continue
+        reachable = _isdir_within(repo.path, settings.store_timeout)
+        if reachable:
+            continue
+        if not index.knows_store(repo.path):
+            why = "does not answer" if reachable is None else "is not a directory"
+            raise UserError(f"store path {repo.path} for repository {repo.alias!r} {why}")
+        log.warning("store %s for repository %r is unreachable; serving what is cached",
+                    repo.path, repo.alias)
+
+
+# -- serving ------------------------------------------------------------------
+def setup_logging(settings: Settings, to_stderr: bool) -> None:
+    os.makedirs(os.path.dirname(settings.log_file), mode=0o700, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.handlers.RotatingFileHandler(
+        settings.log_file, maxBytes=10 * 2**20, backupCount=5)]
+    if to_stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(logging.DEBUG if settings.debug else logging.INFO)
+
+
+def serve(settings: Settings, on_ready=lambda: None) -> None:
+    """Mount and serve until unmounted or signalled. Blocks."""
+    import pyfuse3
+    import trio
+
+    from cachecore.blocks import BlockCache
+    from cachecore.errors import UnsafeValue
+    from cachecore.fetcher import Fetcher
+    from cachecore.index import MetadataIndex
+    from cachecore.repository import RepoPolicy, Repository
+    from cachecore.stats import Counters
+    from cachecore.store import FilesystemStore
+    from fusefs.operations import LazyOperations
+
+    check_mountpoint(settings.mountpoint)
+    prepare_cache_dir(settings.cache_dir)
+    try:
+        index = MetadataIndex(os.path.join(settings.cache_dir, "index"))
+    except (OSError, sqlite3.Error, UnsafeValue) as e:
+        raise UserError(f"cache index in {settings.cache_dir} is unusable: {e}") from None
+    check_stores(settings, index)
+    blocks = BlockCache(settings.cache_dir, settings.block_size)
+    counters = Counters()
+
+    async def run() -> None:
+        fetcher = Fetcher(blocks, counters,
+                          store_limiter=trio.CapacityLimiter(settings.store_threads),
+                          local_limiter=trio.CapacityLimiter(8),
+                          store_timeout=settings.store_timeout)
+        repos = {r.alias: Repository(r.alias, FilesystemStore(r.path, offline=settings.offline),
+                                     index, fetcher, RepoPolicy(settings.metadata_ttl, r.mutable))
+                 for r in settings.repos}
+        ops = LazyOperations(repos, counters, settings.block_size)
+        options = set(pyfuse3.default_options) | {
+            "fsname=rez-lazyfs", "subtype=rez-lazyfs", "ro", "nosuid", "nodev"}
+        if settings.allow_other:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(ops, settings.mountpoint, options)
+        except RuntimeError as e:
+            raise UserError(f"cannot mount {settings.mountpoint}: {e}") from None
+        log.info("mounted %s (%s) pid %d", settings.mountpoint,
+                 ", ".join(f"{r.alias}={r.path}" for r in settings.repos), os.getpid())
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_terminate_on_signal)
+                on_ready()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            index.close()
+            log.info("unmounted %s", settings.mountpoint)
+
+    async def _terminate_on_signal() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                pyfuse3.terminate()
+                return
+
+    trio.run(run)
+
+
+def mount_fs(settings: Settings, foreground: bool = False) -> None:
+    """Mount as configured. Without `foreground`, returns once the mount answers."""
+    if foreground:
+        setup_logging(settings, to_stderr=True)
+        serve(settings)
+        return
+    check_mountpoint(settings.mountpoint)  # fail fast, in the caller's terminal
+    prepare_cache_dir(settings.cache_dir)
+    os.makedirs(os.path.dirname(settings.log_file), mode=0o700, exist_ok=True)
+    read_end, write_end = os.pipe()
+    with open(settings.log_file, "ab") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "mount.daemon", str(write_end)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
+            pass_fds=(write_end,), start_new_session=True, cwd="/",
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))})
+    os.close(write_end)
+    child.stdin.write(settings.to_json().encode())
+    child.stdin.close()
+    message = _read_ready(read_end, child)
+    if message != "ok":
+        raise UserError(message)
+    os.stat(settings.mountpoint)  # answered by the daemon: it is serving
+
+
+def _package_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read_ready(fd: int, child: subprocess.Popen) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+            elif child.poll() is not None:
+                break
+    finally:
+        os.close(fd)
+    text = data.decode(errors="replace").strip()
+    if text:
+        return text
+    if child.poll() is None:
+        child.kill()
+        return "the mount daemon did not answer in time"
+    return f"the mount daemon exited with status {child.returncode} (see its log)"
+
+
+def _daemon_main(ready_fd: int) -> int:
+    """Entry point of the daemon process: settings on stdin, readiness on ready_fd."""
+    settings = Settings.from_json(sys.stdin.read())
+    os.umask(0o077)
+    ready = os.fdopen(ready_fd, "w")
+
+    def report(message: str) -> None:
+        if not ready.closed:
+            ready.write(message + "\n")
+            ready.close()
+
+    setup_logging(settings, to_stderr=False)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    try:
+        serve(settings, on_ready=lambda: report("ok"))
+    except UserError as e:
+        log.error("%s", e)
+        report(str(e))
+        return 1
+    except BaseException:
+        log.exception("the mount daemon failed")
+        report(f"the mount daemon failed unexpectedly; see {settings.log_file}")
+        return 1
+    return 0
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    path = os.path.abspath(mountpoint)
+    state = _mount_state(path)
+    if state not in ("mounted", "stale"):
+        raise UserError(f"{path} is not mounted")
+    result = _fusermount("-u", *(["-z"] if lazy else []), path)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        hint = " (files are in use; --lazy detaches it now and finishes when they close)" \
+            if "busy" in reason.lower() else ""
+        raise UserError(f"cannot unmount {path}: {reason}{hint}")
+
+
+if __name__ == "__main__":
+    sys.exit(_daemon_main(int(sys.argv[1])))
