@@ -62,11 +62,19 @@ class Fetcher:
         missing = [i for i in indices if found[i] is None]
         self.counters.cache_hits += len(indices) - len(missing)
         if missing:
+            errors: list[Exception] = []
+
             async def fetch_into(i):
-                found[i] = await self.fetch_block(f, i)
+                try:
+                    found[i] = await self.fetch_block(f, i)
+                except Exception as e:  # one error for the caller, not a group
+                    errors.append(e)
+
             async with trio.open_nursery() as nursery:
                 for i in missing:
                     nursery.start_soon(fetch_into, i)
+            if errors:
+                raise errors[0]
         data = b"".join(found[i] for i in indices)
         start = offset - indices[0] * bs
         out = data[start:start + (end - offset)]

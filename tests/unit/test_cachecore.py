@@ -1,0 +1,281 @@
+"""cachecore on its own: real files, real SQLite, real threads; no FUSE."""
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+
+import diskcache
+import pytest
+import trio
+
+from cachecore.blocks import BlockCache, file_key
+from cachecore.errors import LazyFSError, NotFound, StoreFileChanged, StoreUnavailable, UnsafeValue
+from cachecore.fetcher import Fetcher
+from cachecore.index import MetadataIndex
+from cachecore.model import Attr, decode_listing, encode_listing
+from cachecore.plaindisk import PlainDisk
+from cachecore.repository import RepoPolicy, Repository
+from cachecore.stats import Counters
+from cachecore.store import FilesystemStore
+
+BS = 4096
+
+
+class CountingStore(FilesystemStore):
+    """The real filesystem store, with a count of the calls that reach it."""
+
+    def __init__(self, root, **kw):
+        super().__init__(root, **kw)
+        self.reads = 0
+        self.listings = 0
+
+    def read(self, *args):
+        self.reads += 1
+        return super().read(*args)
+
+    def list_dir(self, relpath):
+        self.listings += 1
+        return super().list_dir(relpath)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def store_root(tmp_path):
+    root = tmp_path / "store"
+    (root / "fam" / "1.0" / "bin").mkdir(parents=True)
+    (root / "fam" / "1.0" / "package.py").write_text("name = 'fam'\nversion = '1.0'\n")
+    (root / "fam" / "1.0" / "bin" / "tool").write_bytes(os.urandom(BS * 3 + 17))
+    (root / "fam" / "1.0" / "bin" / "link").symlink_to("../../../../outside")
+    return root
+
+
+def make_repo(tmp_path, store, *, mutable=False, ttl=60.0, clock=None, timeout=5.0):
+    counters = Counters()
+    index = MetadataIndex(str(tmp_path / "cache" / "index"))
+    blocks = BlockCache(str(tmp_path / "cache"), BS)
+    fetcher = Fetcher(blocks, counters, store_limiter=trio.CapacityLimiter(4),
+                      local_limiter=trio.CapacityLimiter(4), store_timeout=timeout)
+    repo = Repository("main", store, index, fetcher, RepoPolicy(ttl, mutable),
+                      clock=clock or Clock())
+    return repo, counters, index
+
+
+def test_listing_codec_round_trips_odd_names():
+    entries = {b"a b": Attr(0o100644, 5, 1, 2, 3, 1, 0, 0),
+               b"\xff\xfe-not-utf8": Attr(0o120777, 3, 1, 2, 3, 1, 0, 0, b"../x"),
+               b"x" * 255: Attr(0o40755, 0, 1, 2, 3, 2, 0, 0)}
+    decoded, fetched_at = decode_listing(encode_listing(entries, 12.5))
+    assert decoded == entries and fetched_at == 12.5
+    with pytest.raises(ValueError):
+        decode_listing(encode_listing(entries, 1.0)[:-3])
+
+
+def test_index_refuses_pickles_and_never_runs_them(tmp_path):
+    index = MetadataIndex(str(tmp_path / "index"))
+    with pytest.raises(TypeError):
+        index._db.set(b"k", {"not": "plain"})
+    index.close()
+
+    # Plant a pickle the way a hostile sharer of the cache directory would:
+    # through stock diskcache, which pickles anything that is not plain.
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    planted = diskcache.Cache(str(tmp_path / "index"))
+    planted.set(b"evil", Payload())
+    planted.set(b"L\0" + b"/store\0", Payload())
+    planted.close()
+
+    index = MetadataIndex(str(tmp_path / "index"))
+    with pytest.raises(UnsafeValue):
+        index._db.get(b"evil")
+    with pytest.raises(UnsafeValue):
+        index.get_listing("/store", b"")
+    assert not marker.exists()
+    assert pickle.dumps  # the module is there; we simply never call loads
+
+
+def test_block_cache_detects_damage_and_publishes_whole(tmp_path):
+    blocks = BlockCache(str(tmp_path), BS)
+    key = file_key("/s", b"f", (10, 1))
+    assert blocks.read(key, 0, 10) is None
+    blocks.write(key, 0, b"0123456789")
+    assert blocks.read(key, 0, 10) == b"0123456789"
+    assert stat.S_IMODE(os.stat(tmp_path / "blocks").st_mode) == 0o700
+    path = blocks.path(key, 0)
+    with open(path, "r+b") as f:  # flip one byte: the CRC must catch it
+        f.write(b"X")
+    assert blocks.read(key, 0, 10) is None
+    assert not os.path.exists(path)  # the damaged block is gone, to be refetched
+    blocks.write(key, 0, b"0123456789")
+    os.truncate(path, 7)
+    assert blocks.read(key, 0, 10) is None
+    assert os.listdir(tmp_path / "tmp") == []  # no temporaries left behind
+
+
+def test_file_key_changes_with_identity():
+    assert file_key("/s", b"f", (10, 1)) != file_key("/s", b"f", (10, 2))
+    assert file_key("/s", b"f", (10, 1)) != file_key("/s", b"f", (11, 1))
+    assert file_key("/s", b"f", (10, 1)) != file_key("/t", b"f", (10, 1))
+
+
+def test_store_never_follows_symlinks(tmp_path, store_root):
+    store = FilesystemStore(str(store_root))
+    (tmp_path / "outside").write_text("secret")
+    entries = store.list_dir(b"fam/1.0/bin")
+    assert entries[b"link"].is_link and entries[b"link"].target == b"../../../../outside"
+    with pytest.raises(LazyFSError):  # O_NOFOLLOW: ELOOP, never the target
+        store.read(b"fam/1.0/bin/link", (6, entries[b"link"].mtime_ns), 0, 6)
+    # A directory swapped for a symlink after it was indexed is not walked through.
+    os.rename(store_root / "fam" / "1.0" / "bin", tmp_path / "bin-moved")
+    os.symlink(tmp_path / "bin-moved", store_root / "fam" / "1.0" / "bin")
+    tool = (tmp_path / "bin-moved" / "tool").stat()
+    with pytest.raises(LazyFSError):
+        store.read(b"fam/1.0/bin/tool", (tool.st_size, tool.st_mtime_ns), 0, 10)
+
+
+def test_read_fetches_each_block_once_even_when_concurrent(tmp_path, store_root):
+    store = CountingStore(str(store_root))
+    repo, counters, _ = make_repo(tmp_path, store)
+    data = (store_root / "fam/1.0/bin/tool").read_bytes()
+
+    async def main():
+        version = await repo.open(b"fam/1.0/bin/tool")
+        results = {}
+
+        async def reader(n):
+            results[n] = await repo.read(version, 0, len(data) + 100)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(16):
+                nursery.start_soon(reader, n)
+        assert all(r == data for r in results.values())
+        assert await repo.read(version, BS - 3, 10) == data[BS - 3:BS + 7]
+        assert await repo.read(version, len(data), 10) == b""
+
+    trio.run(main)
+    assert store.reads == 4  # 3 full blocks and a partial one, each fetched once
+    assert counters.store_reads == 4 and counters.cache_misses == 4
+    assert counters.store_bytes == len(data)
+
+
+def test_metadata_policy_ttl_and_immutability(tmp_path, store_root):
+    clock = Clock()
+    store = CountingStore(str(store_root))
+    repo, _, _ = make_repo(tmp_path, store, ttl=30, clock=clock)
+
+    async def main():
+        await repo.readdir(b"fam/1.0/bin")
+        with pytest.raises(NotFound):
+            await repo.lookup(b"fam/1.0/bin", b"missing")
+        listed = store.listings  # fam/1.0 (for bin's attributes) and fam/1.0/bin
+        assert listed == 2
+        (store_root / "fam" / "2.0").mkdir()
+        (store_root / "fam" / "1.0" / "bin" / "new").write_text("x")
+        clock.now += 31
+        # The family directory is revalidated after the TTL: a new version appears.
+        assert b"2.0" in await repo.readdir(b"fam")
+        # A payload directory below a version is immutable: never relisted.
+        with pytest.raises(NotFound):
+            await repo.lookup(b"fam/1.0/bin", b"new")
+        return listed
+
+    listed = trio.run(main)
+    assert store.listings == listed + 2  # root and fam listed; bin never relisted
+    assert repo.is_volatile(b"fam/1.0/package.py") and not repo.is_volatile(b"fam/1.0/bin/tool")
+
+
+def test_mutable_repository_revalidates_payload(tmp_path, store_root):
+    clock = Clock()
+    store = CountingStore(str(store_root))
+    repo, _, _ = make_repo(tmp_path, store, mutable=True, ttl=5, clock=clock)
+    tool = store_root / "fam/1.0/bin/tool"
+
+    async def main():
+        v1 = await repo.open(b"fam/1.0/bin/tool")
+        assert await repo.read(v1, 0, 5) == tool.read_bytes()[:5]
+        tool.write_bytes(b"new contents")
+        os.utime(tool, ns=(1, 1))
+        clock.now += 6
+        v2 = await repo.open(b"fam/1.0/bin/tool")
+        assert v2.key != v1.key
+        assert await repo.read(v2, 0, 100) == b"new contents"
+
+    trio.run(main)
+
+
+def test_changed_file_is_never_mixed(tmp_path, store_root):
+    store = CountingStore(str(store_root))
+    repo, _, _ = make_repo(tmp_path, store)
+    tool = store_root / "fam/1.0/bin/tool"
+
+    async def main():
+        version = await repo.open(b"fam/1.0/bin/tool")
+        await repo.read(version, 0, BS)          # block 0 cached from the old file
+        tool.write_bytes(os.urandom(BS * 3 + 17))  # same size, new mtime
+        assert await repo.read(version, 0, BS) == (await repo.read(version, 0, BS))
+        with pytest.raises(StoreFileChanged):      # block 1 would come from the new file
+            await repo.read(version, BS, BS)
+
+    trio.run(main)
+
+
+def test_offline_serves_cache_and_fails_fast_otherwise(tmp_path, store_root):
+    store = CountingStore(str(store_root))
+    repo, _, index = make_repo(tmp_path, store)
+    data = (store_root / "fam/1.0/bin/tool").read_bytes()
+
+    async def warm():
+        v = await repo.open(b"fam/1.0/bin/tool")
+        assert await repo.read(v, 0, BS) == data[:BS]
+
+    trio.run(warm)
+    index.close()
+    os.rename(store_root, tmp_path / "away")
+    repo, _, _ = make_repo(tmp_path, CountingStore(str(store_root)))
+
+    async def offline():
+        v = await repo.open(b"fam/1.0/bin/tool")  # metadata from the index
+        assert await repo.read(v, 0, BS) == data[:BS]
+        with pytest.raises(StoreUnavailable):
+            await repo.read(v, BS, BS)
+        with pytest.raises(StoreUnavailable):
+            await repo.readdir(b"fam")  # never listed, so not in the index
+
+    trio.run(offline)
+
+
+def test_hung_store_times_out(tmp_path, store_root):
+    import threading
+
+    release = threading.Event()
+
+    class HungStore(FilesystemStore):
+        def read(self, *args):
+            release.wait(10)
+            return super().read(*args)
+
+    repo, _, _ = make_repo(tmp_path, HungStore(str(store_root)), timeout=0.3)
+
+    async def main():
+        v = await repo.open(b"fam/1.0/bin/tool")
+        start = trio.current_time()
+        with pytest.raises(StoreUnavailable, match="no answer"):
+            await repo.read(v, 0, BS)
+        assert trio.current_time() - start < 2
+
+    try:
+        trio.run(main)
+    finally:
+        release.set()
