@@ -63,5 +63,17 @@ def umount(mountpoint, lazy):
     unmount(mountpoint, lazy=lazy)
 
 
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False), help="Where to build and mount [a temp dir].")
+@click.option("--keep", is_flag=True, help="Keep the work directory afterwards.")
+def demo(workdir, keep):
+    """Build a sample repository, mount it, launch from it cold and warm, print figures."""
+    from pathlib import Path
+
+    from .demo import run_demo
+
+    run_demo(Path(workdir) if workdir else None, keep)
+
+
 if __name__ == "__main__":
     main()
