@@ -18,11 +18,15 @@ log = logging.getLogger(__name__)
 _CRC = struct.Struct("<I")
 
 
-def file_key(store_id: str, relpath: bytes, identity: tuple[int, int]) -> str:
-    """Names one version of one store file (DESIGN: Identity)."""
+def file_key(store_id: str, relpath: bytes, identity: tuple[int, int], block_size: int) -> str:
+    """Names the blocks of one version of one store file (DESIGN: Identity).
+
+    The block size is part of it: block i of a 64K cache and of a 128K cache
+    cover different bytes, and a cache reused with another size must miss,
+    never serve one for the other."""
     h = hashlib.sha256()
     h.update(os.fsencode(store_id) + b"\0" + relpath + b"\0")
-    h.update(b"%d\0%d" % identity)
+    h.update(b"%d\0%d\0%d" % (*identity, block_size))
     return h.hexdigest()
 
 

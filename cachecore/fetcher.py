@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import trio
 
 from .blocks import BlockCache
-from .errors import StoreUnavailable
+from .errors import LazyFSError, StoreUnavailable
 from .singleflight import SingleFlight
 from .stats import Counters
 
@@ -47,6 +47,7 @@ class Fetcher:
         self.store_timeout = store_timeout
         self._flights = SingleFlight()
         self._cache_writable = True
+        self._unresponsive: dict[str, float] = {}  # store root -> when it last timed out
 
     def _block_length(self, f: FileVersion, index: int) -> int:
         bs = self.blocks.block_size
@@ -96,22 +97,36 @@ class Fetcher:
             self.counters.cache_hits += 1
             return data
         self.counters.cache_misses += 1
-        data = await self.call_store(f.display, self._fetch_sync, f, index)
+        data = await self.call_store(f.store, f.display, self._fetch_sync, f, index)
         # Counted here, on the event loop, so no two threads race on a counter.
         self.counters.store_reads += 1
         self.counters.store_bytes += len(data)
         return data
 
-    async def call_store(self, what: str, fn, *args):
+    async def call_store(self, store, what: str, fn, *args):
         """Run a blocking store call in a worker thread, bounded in time.
 
         On timeout the thread is abandoned (a hung NFS call cannot be
         interrupted) and keeps its limiter slot until it returns, so a dead
-        store can tie up at most the limiter's worth of threads.
+        store can tie up at most the limiter's worth of threads. A store that
+        just timed out fails further calls at once until `store_timeout` has
+        passed, so a reader whose request the kernel retries (readahead) waits
+        one timeout, not several; the next call after that tries again.
+        `what` names the file or directory in errors and logs.
         """
-        with trio.move_on_after(self.store_timeout):
-            return await trio.to_thread.run_sync(fn, *args, limiter=self.store_limiter,
-                                                 abandon_on_cancel=True)
+        silent_since = self._unresponsive.get(store.root)
+        if silent_since is not None:
+            if trio.current_time() - silent_since < self.store_timeout:
+                raise StoreUnavailable(f"{what}: the store did not answer within "
+                                       f"{self.store_timeout:g}s moments ago")
+            del self._unresponsive[store.root]
+        try:
+            with trio.move_on_after(self.store_timeout):
+                return await trio.to_thread.run_sync(fn, *args, limiter=self.store_limiter,
+                                                     abandon_on_cancel=True)
+        except LazyFSError as e:
+            raise type(e)(e.args[0] if what in e.args[0] else f"{what}: {e.args[0]}") from None
+        self._unresponsive[store.root] = trio.current_time()
         raise StoreUnavailable(f"{what}: no answer from the store within {self.store_timeout:g}s")
 
     async def call_local(self, fn, *args):

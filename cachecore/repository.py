@@ -95,7 +95,8 @@ class Repository:
                 if known.valid_until > self._clock():
                     return known
         try:
-            attr = await self.fetcher.call_store(self.store.root, self.store.stat_root)
+            attr = await self.fetcher.call_store(self.store, self.store.root,
+                                                 self.store.stat_root)
         except StoreUnavailable as e:
             if known is None:
                 raise
@@ -124,11 +125,11 @@ class Repository:
                 if known.valid_until > self._clock():
                     return known
         try:
-            entries = await self.fetcher.call_store(self._display(relpath),
+            entries = await self.fetcher.call_store(self.store, self._display(relpath),
                                                     self.store.list_dir, relpath)
         except StoreUnavailable as e:
             if known is None:
-                raise StoreUnavailable(f"{self._display(relpath)}: not cached and {e}") from None
+                raise StoreUnavailable(f"{e} (and not cached)") from None
             # Stale beats nothing while the store is away; retry after one TTL
             # rather than on every request, which would make each one wait.
             log.info("serving cached listing of %s: %s", self._display(relpath), e)
@@ -170,7 +171,8 @@ class Repository:
     async def open(self, relpath: bytes) -> FileVersion:
         attr = await self.getattr(relpath)
         return FileVersion(self.store, relpath, attr.size, attr.identity,
-                           file_key(self.store_id, relpath, attr.identity))
+                           file_key(self.store_id, relpath, attr.identity,
+                                    self.fetcher.blocks.block_size))
 
     async def read(self, f: FileVersion, offset: int, size: int) -> bytes:
         return await self.fetcher.read(f, offset, size)

@@ -108,7 +108,7 @@ def test_index_refuses_pickles_and_never_runs_them(tmp_path):
 
 def test_block_cache_detects_damage_and_publishes_whole(tmp_path):
     blocks = BlockCache(str(tmp_path), BS)
-    key = file_key("/s", b"f", (10, 1))
+    key = file_key("/s", b"f", (10, 1), BS)
     assert blocks.read(key, 0, 10) is None
     blocks.write(key, 0, b"0123456789")
     assert blocks.read(key, 0, 10) == b"0123456789"
@@ -125,9 +125,11 @@ def test_block_cache_detects_damage_and_publishes_whole(tmp_path):
 
 
 def test_file_key_changes_with_identity():
-    assert file_key("/s", b"f", (10, 1)) != file_key("/s", b"f", (10, 2))
-    assert file_key("/s", b"f", (10, 1)) != file_key("/s", b"f", (11, 1))
-    assert file_key("/s", b"f", (10, 1)) != file_key("/t", b"f", (10, 1))
+    key = file_key("/s", b"f", (10, 1), BS)
+    assert key != file_key("/s", b"f", (10, 2), BS)
+    assert key != file_key("/s", b"f", (11, 1), BS)
+    assert key != file_key("/t", b"f", (10, 1), BS)
+    assert key != file_key("/s", b"f", (10, 1), 2 * BS)
 
 
 def test_store_never_follows_symlinks(tmp_path, store_root):
