@@ -79,6 +79,14 @@ class BlockCache:
                 pass
             raise
 
+    def size_on_disk(self) -> int:
+        """Bytes held in block files (one scan of the block directories)."""
+        total = 0
+        for shard in os.scandir(self._blocks):
+            if shard.is_dir(follow_symlinks=False):
+                total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(shard.path))
+        return total
+
     def discard(self, key: str, index: int) -> None:
         try:
             os.unlink(self.path(key, index))

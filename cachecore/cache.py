@@ -16,9 +16,6 @@ from .repository import RepoPolicy, Repository
 from .stats import Counters
 from .store import FilesystemStore
 
-_REPOS_KEY = b"R\0repos"
-
-
 @dataclass(frozen=True)
 class RepoSpec:
     alias: str
@@ -49,10 +46,10 @@ class LocalCache:
 
     def recorded_repos(self) -> list[RepoSpec]:
         """The repositories this cache has served, so an offline mount needs no --repo."""
-        raw = self.index._db.get(_REPOS_KEY)
+        raw = self.index.get_text("repos")
         return [RepoSpec(**r) for r in json.loads(raw)] if raw else []
 
     def record_repos(self, specs: list[RepoSpec]) -> None:
         known = {s.alias: s for s in self.recorded_repos()}
         known.update({s.alias: s for s in specs})
-        self.index._db.set(_REPOS_KEY, json.dumps([vars(s) for s in known.values()]))
+        self.index.set_text("repos", json.dumps([vars(s) for s in known.values()]))

@@ -7,6 +7,7 @@ process-safe SQLite index; PlainDisk keeps it free of pickles.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -60,6 +61,18 @@ class MetadataIndex:
 
     def put_root(self, store_id: str, attr: Attr, fetched_at: float) -> None:
         self.put_listing(store_id, b"\0root", {b".": attr}, fetched_at)
+
+    def get_text(self, key: str) -> str | None:
+        """Small JSON-ish records (recorded repositories, pins) under a plain key."""
+        value = self._db.get(b"T\0" + key.encode())
+        return value if isinstance(value, str) else None
+
+    def set_text(self, key: str, value: str) -> None:
+        self._db.set(b"T\0" + key.encode(), value)
+
+    def pin(self, name: str, file_keys: list[str]) -> None:
+        """Blocks of these file versions are never evicted while the pin exists."""
+        self.set_text("pin:" + name, json.dumps(sorted(set(file_keys))))
 
     def knows_store(self, store_id: str) -> bool:
         return self._db.get(self._listing_key(store_id, b"\0root")) is not None

@@ -29,14 +29,26 @@ def main():
     """Lazily localised Rez package repositories, mounted read-only."""
 
 
+def cache_options(f):
+    """--cache and --config: every command that touches the cache takes them."""
+    f = click.option("--config", type=click.Path(dir_okay=False),
+                     help="TOML config file [~/.config/rez-lazyfs/config.toml].")(f)
+    return click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
+                        help="Cache directory [config, else ~/.cache/rez-lazyfs].")(f)
+
+
+def repo_options(f):
+    """--repo (and --mutable): the repositories mirrored."""
+    f = click.option("--mutable", multiple=True, metavar="ALIAS",
+                     help="Revalidate everything in this repository by size/mtime (dev packages).")(f)
+    return click.option("--repo", "repos", multiple=True, metavar="ALIAS=PATH",
+                        help="Mirror the store directory PATH at MOUNTPOINT/ALIAS (repeatable).")(f)
+
+
 @main.command()
 @click.argument("mountpoint", type=click.Path())
-@click.option("--repo", "repos", multiple=True, metavar="ALIAS=PATH",
-              help="Mirror the store directory PATH at MOUNTPOINT/ALIAS (repeatable).")
-@click.option("--mutable", multiple=True, metavar="ALIAS",
-              help="Revalidate everything in this repository by size/mtime (local dev packages).")
-@click.option("--cache", "cache_dir", type=click.Path(), help="Cache directory [config, else ~/.cache/rez-lazyfs].")
-@click.option("--config", type=click.Path(), help="TOML config file [~/.config/rez-lazyfs/config.toml].")
+@repo_options
+@cache_options
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted or signalled.")
 @click.option("--block-size", help="Cache block size, e.g. 128K or 1M.")
 @click.option("--metadata-ttl", type=float, help="Seconds before repository listings are revalidated.")
@@ -51,6 +63,81 @@ def mount(mountpoint, foreground, **options):
     from .daemon import mount_fs
 
     mount_fs(load_settings(mountpoint, **options), foreground=foreground)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"rez-lazyfs: warning: {message}", err=True)
+
+
+@main.command()
+@click.argument("context", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the baked context.")
+@click.option("--mount", "mountpoint", type=click.Path(file_okay=False),
+              help="The mount point the baked context points at [config mountpoint].")
+@repo_options
+@cache_options
+@click.option("--strict", is_flag=True, help="Fail if a variant is not in a mirrored repository.")
+@click.option("--populate", is_flag=True, help="Also fetch every payload block the context uses.")
+def bake(context, output, mountpoint, strict, populate, **options):
+    """Write a deep copy of CONTEXT (.rxt) whose variants live under the mount."""
+    from .config import load_settings
+    from .context import bake_context, populate_context
+
+    settings = load_settings(mountpoint, **options)
+    deep = bake_context(context, output, settings, strict=strict, warn=_warn)
+    click.echo(f"baked {len(deep.variants)} variant(s) onto {deep.mountpoint}: {output}")
+    if populate:
+        _report_populate(populate_context(output, settings))
+
+
+def _report_populate(counts: dict) -> None:
+    click.echo(f"populated {counts['files']} file(s): fetched {counts['blocks_fetched']} block(s), "
+               f"{counts['bytes_fetched']} bytes; {counts['blocks_already_cached']} already cached")
+
+
+@main.command()
+@click.argument("context", type=click.Path(dir_okay=False))
+@cache_options
+@click.option("--block-size", help="The block size of the mount that will use the cache.")
+def populate(context, **options):
+    """Fetch every payload block of every variant of a baked CONTEXT into the cache."""
+    from .config import load_settings
+    from .context import populate_context
+
+    _report_populate(populate_context(context, load_settings(need_repos=False, **options)))
+
+
+@main.command()
+@click.argument("context", type=click.Path(dir_okay=False))
+@cache_options
+@click.option("--block-size", help="The block size of the mount that will use the cache.")
+def seed(context, **options):
+    """Put the definitions embedded in a baked CONTEXT into the cache (no store needed)."""
+    from .config import load_settings
+    from .context import seed_context
+
+    listings, files = seed_context(context, load_settings(need_repos=False, **options))
+    click.echo(f"seeded {listings} directory listing(s) and {files} definition file(s)")
+
+
+@main.command()
+@click.argument("context", type=click.Path(dir_okay=False))
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--mount", "mountpoint", type=click.Path(file_okay=False),
+              help="The mount point the exported context will be mounted at [config mountpoint].")
+@repo_options
+@cache_options
+def export(context, directory, mountpoint, **options):
+    """A standalone CONTEXT: DIRECTORY gets it baked plus a populated cache of its variants."""
+    from .config import load_settings
+    from .context import export_context
+
+    settings = load_settings(mountpoint, **options)
+    counts = export_context(context, directory, settings, warn=_warn)
+    _report_populate(counts)
+    click.echo(f"exported to {directory}; mount it offline with:\n"
+               f"  rez-lazyfs mount {settings.mountpoint} --config {directory}/rez-lazyfs.toml")
 
 
 @main.command()

@@ -64,6 +64,7 @@ class Settings:
     metadata_ttl: float = 60.0
     store_timeout: float = 15.0
     store_threads: int = 16
+    cache_limit: int = 0  # bytes; 0 = no limit
     offline: bool = False
     allow_other: bool = False
     log_file: str = ""
@@ -118,17 +119,28 @@ def parse_repo_option(text: str) -> RepoConfig:
     return RepoConfig(alias, path)
 
 
-def load_settings(mountpoint: str, *, config: str | None = None, repos: tuple[str, ...] = (),
-                  mutable: tuple[str, ...] = (), **overrides) -> Settings:
-    """Settings from the config file, overridden by command-line values (None = unset)."""
+def load_settings(mountpoint: str | None = None, *, config: str | None = None,
+                  repos: tuple[str, ...] = (), mutable: tuple[str, ...] = (),
+                  need_repos: bool = True, **overrides) -> Settings:
+    """Settings from the config file, overridden by command-line values (None = unset).
+
+    Relative paths in the config file are relative to the file's directory, so
+    a directory holding a config and a cache (see `export`) can be moved.
+    """
     path = Path(config) if config else default_config_path()
     conf = _read_config(path, explicit=bool(config))
     known = {f.name for f in fields(Settings)} | {"repos", "cache"}
-    unknown = set(conf) - known
+    unknown = set(conf) - known - {"cache_dir"}
     if unknown:
         raise UserError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    base = path.resolve().parent
+
+    def from_config(value) -> str:
+        return os.path.join(base, os.path.expanduser(str(value)))
 
     repo_list = _repos_from_config(conf.get("repos", {}), path)
+    for r in repo_list:
+        r.path = from_config(r.path)
     for text in repos:
         option = parse_repo_option(text)
         repo_list = [r for r in repo_list if r.alias != option.alias] + [option]
@@ -137,8 +149,10 @@ def load_settings(mountpoint: str, *, config: str | None = None, repos: tuple[st
         if not matching:
             raise UserError(f"--mutable {alias}: no repository with that alias")
         matching[0].mutable = True
-    if not repo_list:
-        raise UserError("no repositories to mount: give --repo ALIAS=PATH or list them "
+    offline = overrides.get("offline") or conf.get("offline")
+    if need_repos and not repo_list and not offline:
+        # (offline, the cache's recorded repositories are used)
+        raise UserError("no repositories given: use --repo ALIAS=PATH or list them "
                         f"under [repos] in {path}")
     seen = set()
     for r in repo_list:
@@ -150,13 +164,20 @@ def load_settings(mountpoint: str, *, config: str | None = None, repos: tuple[st
         r.path = os.path.abspath(os.path.expanduser(r.path))
 
     values = {k: v for k, v in conf.items() if k not in ("repos", "cache")}
-    values["cache_dir"] = conf.get("cache", str(default_cache_dir()))
+    values["cache_dir"] = from_config(conf["cache"]) if "cache" in conf else str(default_cache_dir())
+    for key in ("mountpoint", "log_file"):
+        if values.get(key):
+            values[key] = from_config(values[key])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    mount_at = mountpoint or values.pop("mountpoint", "")
+    values.pop("mountpoint", None)
     try:
-        settings = Settings(mountpoint=os.path.abspath(mountpoint), repos=repo_list,
+        settings = Settings(mountpoint=os.path.abspath(mount_at) if mount_at else "",
+                            repos=repo_list,
                             cache_dir=os.path.abspath(os.path.expanduser(str(values.pop("cache_dir")))),
-                            **{k: v for k, v in values.items()})
+                            **values)
         settings.block_size = parse_size(settings.block_size)
+        settings.cache_limit = parse_size(settings.cache_limit)
         settings.metadata_ttl = float(settings.metadata_ttl)
         settings.store_timeout = float(settings.store_timeout)
     except (TypeError, ValueError) as e:

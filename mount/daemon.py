@@ -92,9 +92,9 @@ def _isdir_within(path: str, seconds: float) -> bool | None:
     return answer[0] if answer else None
 
 
-def check_stores(settings: Settings, index) -> None:
+def check_stores(settings: Settings, specs, index) -> None:
     """A store path never seen is a typo: refuse it. One seen before may just be away."""
-    for repo in settings.repos:
+    for repo in specs:
         if settings.offline:
             if not index.knows_store(repo.path):
                 raise UserError(f"--offline: the cache holds nothing for repository "
@@ -125,39 +125,49 @@ def setup_logging(settings: Settings, to_stderr: bool) -> None:
     root.setLevel(logging.DEBUG if settings.debug else logging.INFO)
 
 
+def open_cache(settings: Settings):
+    """The cache directory, with clear errors instead of SQLite tracebacks."""
+    from cachecore.cache import LocalCache
+    from cachecore.errors import UnsafeValue
+
+    prepare_cache_dir(settings.cache_dir)
+    try:
+        return LocalCache(settings.cache_dir, settings.block_size)
+    except (OSError, sqlite3.Error, UnsafeValue) as e:
+        raise UserError(f"cache index in {settings.cache_dir} is unusable: {e}") from None
+
+
+def repo_specs(settings: Settings, cache) -> list:
+    """The repositories to serve: as configured, else (offline) as the cache recorded them."""
+    from cachecore.cache import RepoSpec
+
+    if settings.repos:
+        specs = [RepoSpec(r.alias, r.path, r.mutable) for r in settings.repos]
+        cache.record_repos(specs)
+        return specs
+    specs = cache.recorded_repos()
+    if not specs:
+        raise UserError(f"no repositories given and the cache {settings.cache_dir} has none recorded")
+    return specs
+
+
 def serve(settings: Settings, on_ready=lambda: None) -> None:
     """Mount and serve until unmounted or signalled. Blocks."""
     import pyfuse3
     import trio
 
-    from cachecore.blocks import BlockCache
-    from cachecore.errors import UnsafeValue
-    from cachecore.fetcher import Fetcher
-    from cachecore.index import MetadataIndex
-    from cachecore.repository import RepoPolicy, Repository
-    from cachecore.stats import Counters
-    from cachecore.store import FilesystemStore
     from fusefs.operations import LazyOperations
 
     check_mountpoint(settings.mountpoint)
-    prepare_cache_dir(settings.cache_dir)
-    try:
-        index = MetadataIndex(os.path.join(settings.cache_dir, "index"))
-    except (OSError, sqlite3.Error, UnsafeValue) as e:
-        raise UserError(f"cache index in {settings.cache_dir} is unusable: {e}") from None
-    check_stores(settings, index)
-    blocks = BlockCache(settings.cache_dir, settings.block_size)
-    counters = Counters()
+    cache = open_cache(settings)
+    specs = repo_specs(settings, cache)
+    check_stores(settings, specs, cache.index)
 
     async def run() -> None:
-        fetcher = Fetcher(blocks, counters,
-                          store_limiter=trio.CapacityLimiter(settings.store_threads),
-                          local_limiter=trio.CapacityLimiter(8),
-                          store_timeout=settings.store_timeout)
-        repos = {r.alias: Repository(r.alias, FilesystemStore(r.path, offline=settings.offline),
-                                     index, fetcher, RepoPolicy(settings.metadata_ttl, r.mutable))
-                 for r in settings.repos}
-        ops = LazyOperations(repos, counters, settings.block_size)
+        repos = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
+                                   store_timeout=settings.store_timeout,
+                                   store_threads=settings.store_threads, offline=settings.offline)
+        ops = LazyOperations(repos, cache.counters, settings.block_size)
         options = set(pyfuse3.default_options) | {
             "fsname=rez-lazyfs", "subtype=rez-lazyfs", "ro", "nosuid", "nodev"}
         if settings.allow_other:
@@ -167,7 +177,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
         except RuntimeError as e:
             raise UserError(f"cannot mount {settings.mountpoint}: {e}") from None
         log.info("mounted %s (%s) pid %d", settings.mountpoint,
-                 ", ".join(f"{r.alias}={r.path}" for r in settings.repos), os.getpid())
+                 ", ".join(f"{r.alias}={r.path}" for r in specs), os.getpid())
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
@@ -176,7 +186,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
-            index.close()
+            cache.close()
             log.info("unmounted %s", settings.mountpoint)
 
     async def _terminate_on_signal() -> None:
