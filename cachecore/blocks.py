@@ -35,13 +35,13 @@ class BlockCache:
 
     def __init__(self, directory: str, block_size: int):
         self.block_size = block_size
-        self._blocks = os.path.join(directory, "blocks")
+        self.blocks_dir = os.path.join(directory, "blocks")
         self._tmp = os.path.join(directory, "tmp")
-        for d in (directory, self._blocks, self._tmp):
+        for d in (directory, self.blocks_dir, self._tmp):
             os.makedirs(d, mode=0o700, exist_ok=True)
 
     def path(self, key: str, index: int) -> str:
-        return os.path.join(self._blocks, key[:2], f"{key}-{index:x}")
+        return os.path.join(self.blocks_dir, key[:2], f"{key}-{index:x}")
 
     def read(self, key: str, index: int, length: int) -> bytes | None:
         """The block if present and intact, else None."""
@@ -78,14 +78,6 @@ class BlockCache:
             except FileNotFoundError:
                 pass
             raise
-
-    def size_on_disk(self) -> int:
-        """Bytes held in block files (one scan of the block directories)."""
-        total = 0
-        for shard in os.scandir(self._blocks):
-            if shard.is_dir(follow_symlinks=False):
-                total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(shard.path))
-        return total
 
     def discard(self, key: str, index: int) -> None:
         try:

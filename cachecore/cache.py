@@ -4,17 +4,30 @@ open it the same way, so they share every rule."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 
 import trio
 
 from .blocks import BlockCache
+from .clean import clean_cache, scan_cache
 from .fetcher import Fetcher
 from .index import MetadataIndex
 from .repository import RepoPolicy, Repository
 from .stats import Counters
 from .store import FilesystemStore
+
+log = logging.getLogger(__name__)
+DEFAULT_BLOCK_SIZE = 128 * 1024  # measured: tests/bench/results/block_size.md
+# When the cache passes its limit, clean down to this fraction of it, so the
+# next clean is not due after a few more blocks.
+CLEAN_TARGET = 0.9
+
+class BlockSizeMismatch(ValueError):
+    pass
+
 
 @dataclass(frozen=True)
 class RepoSpec:
@@ -24,19 +37,74 @@ class RepoSpec:
 
 
 class LocalCache:
-    def __init__(self, directory: str, block_size: int):
+    def __init__(self, directory: str, block_size: int | None = None):
+        """block_size None: the size the cache was created with (else the default).
+        A cache keeps one block size for life: blocks of another size would
+        all miss, so asking for a different one is an error, not a silent miss."""
         self.directory = directory
         self.index = MetadataIndex(os.path.join(directory, "index"))
-        self.blocks = BlockCache(directory, block_size)
+        recorded = self.index.get_text("block_size")
+        if recorded is None:
+            recorded = str(block_size or DEFAULT_BLOCK_SIZE)
+            self.index.set_text("block_size", recorded)
+        if block_size and block_size != int(recorded):
+            self.index.close()
+            raise BlockSizeMismatch(f"the cache {directory} uses {int(recorded) // 1024}K blocks, "
+                                    f"not {block_size // 1024}K (use another cache directory "
+                                    "for another block size)")
+        self.blocks = BlockCache(directory, int(recorded))
         self.counters = Counters()
+        self.fetcher: Fetcher | None = None
 
     def close(self) -> None:
         self.index.close()
 
+    # -- totals kept across restarts -------------------------------------------
+    def stored_totals(self) -> dict[str, dict]:
+        """Per mount (or command): {"counters": ..., "pid": ..., "updated": ...}."""
+        return {name: json.loads(text) for name, text in self.index.records("s").items()}
+
+    def totals_of(self, name: str) -> Counters:
+        record = self.stored_totals().get(name)
+        return Counters.from_record(record["counters"]) if record else Counters()
+
+    async def flush(self, name: str, base: Counters) -> None:
+        """Write noted uses and the totals (earlier runs + this one) to the index."""
+        if self.fetcher is not None:
+            await self.fetcher.flush_uses(self.index)
+        record = json.dumps({"counters": (base + self.counters).to_record(),
+                             "pid": os.getpid(), "updated": time.time()})
+        await trio.to_thread.run_sync(self.index.set_record, "s", name, record)
+
+    async def maintain(self, name: str, base: Counters, cache_limit: int,
+                       interval: float = 2.0) -> None:
+        """Runs for the life of a mount: flushes usage and totals, and cleans
+        the cache when it grows past its limit."""
+        size = None
+        fetched = self.counters.store_bytes
+        limiter = trio.CapacityLimiter(1)  # one clean at a time, beside the read threads
+        while True:
+            await trio.sleep(interval)
+            await self.flush(name, base)
+            if not cache_limit:
+                continue
+            if size is None:
+                size = await trio.to_thread.run_sync(
+                    lambda: sum(f.bytes for f in scan_cache(self.blocks, self.index).values()),
+                    limiter=limiter)
+            size += self.counters.store_bytes - fetched
+            fetched = self.counters.store_bytes
+            if size > cache_limit:
+                report = await trio.to_thread.run_sync(
+                    lambda: clean_cache(self.blocks, self.index,
+                                        max_size=int(cache_limit * CLEAN_TARGET)),
+                    limiter=limiter)
+                size = report.size_after
+
     def repositories(self, specs: list[RepoSpec], *, metadata_ttl: float, store_timeout: float,
                      store_threads: int = 16, offline: bool = False) -> dict[str, Repository]:
         """One Repository per spec, sharing one fetcher. Call inside trio.run."""
-        fetcher = Fetcher(self.blocks, self.counters,
+        fetcher = self.fetcher = Fetcher(self.blocks, self.counters,
                           store_limiter=trio.CapacityLimiter(store_threads),
                           local_limiter=trio.CapacityLimiter(8),
                           store_timeout=store_timeout)

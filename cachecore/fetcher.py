@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import time
 from dataclasses import dataclass
 
 import trio
@@ -19,6 +21,7 @@ from .singleflight import SingleFlight
 from .stats import Counters
 
 log = logging.getLogger(__name__)
+USE_RESOLUTION = 60.0  # seconds: last-used times are kept to about this precision
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,36 @@ class Fetcher:
         self._flights = SingleFlight()
         self._cache_writable = True
         self._unresponsive: dict[str, float] = {}  # store root -> when it last timed out
+        # Uses are noted in memory on the read path and written to the index
+        # in batches by flush_uses(), off the hot path.
+        self._uses: dict[str, tuple[FileVersion, float]] = {}
+        self._noted: dict[str, float] = {}
 
     def _block_length(self, f: FileVersion, index: int) -> int:
         bs = self.blocks.block_size
         return min(bs, f.size - index * bs)
 
+    def note_use(self, f: FileVersion) -> None:
+        now = time.time()
+        last = self._noted.get(f.key)
+        if last is None or now - last > USE_RESOLUTION:
+            if len(self._noted) > 100_000:
+                self._noted.clear()
+            self._noted[f.key] = now
+            self._uses[f.key] = (f, now)
+
+    async def flush_uses(self, index) -> None:
+        """Write the noted uses to the index (status and clean read them)."""
+        if not self._uses:
+            return
+        batch, self._uses = self._uses, {}
+        await self.call_local(index.record_uses, [
+            (key, {"store": f.store.root, "path": os.fsdecode(f.relpath), "size": f.size,
+                   "mtime_ns": f.identity[1], "block_size": self.blocks.block_size}, int(when))
+            for key, (f, when) in batch.items()])
+
     async def read(self, f: FileVersion, offset: int, size: int) -> bytes:
+        self.note_use(f)
         end = min(offset + size, f.size)
         if offset >= end:
             return b""
@@ -82,11 +109,18 @@ class Fetcher:
         self.counters.bytes_served += len(out)
         return out
 
+    def cached_bytes(self, f: FileVersion) -> int:
+        """How much of the file version is in the block cache (blocking)."""
+        bs = self.blocks.block_size
+        return sum(self._block_length(f, i) for i in range(-(-f.size // bs))
+                   if os.path.exists(self.blocks.path(f.key, i)))
+
     def _read_local(self, f: FileVersion, indices: range) -> dict[int, bytes | None]:
         return {i: self.blocks.read(f.key, i, self._block_length(f, i)) for i in indices}
 
     async def fetch_block(self, f: FileVersion, index: int) -> bytes:
         """The block, fetched from the store unless another task already is."""
+        self.note_use(f)
         return await self._flights.run((f.key, index), lambda: self._fetch(f, index))
 
     async def _fetch(self, f: FileVersion, index: int) -> bytes:
@@ -97,7 +131,9 @@ class Fetcher:
             self.counters.cache_hits += 1
             return data
         self.counters.cache_misses += 1
+        started = trio.current_time()
         data = await self.call_store(f.store, f.display, self._fetch_sync, f, index)
+        self.counters.record_latency(trio.current_time() - started)
         # Counted here, on the event loop, so no two threads race on a counter.
         self.counters.store_reads += 1
         self.counters.store_bytes += len(data)

@@ -26,11 +26,22 @@ class MetadataIndex:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         # eviction 'none': metadata is small and must never vanish behind our
         # back; the block cache is what gets evicted.
-        self._db = diskcache.Cache(directory, disk=PlainDisk, eviction_policy="none",
-                                   size_limit=2**62, statistics=False, timeout=60)
+        self._db = self._open(directory)
+        # The ledger: small records that get enumerated (file versions with
+        # blocks and when each was last used, pins, per-mount totals). Kept
+        # apart from the listings so walking them does not walk every listing.
+        self._ledger = self._open(os.path.join(directory, "ledger"))
+
+    @staticmethod
+    def _open(directory: str) -> diskcache.Cache:
+        # eviction 'none': metadata is small and must never vanish behind our
+        # back; the block cache is what gets evicted.
+        return diskcache.Cache(directory, disk=PlainDisk, eviction_policy="none",
+                               size_limit=2**62, statistics=False, timeout=60)
 
     def close(self) -> None:
         self._db.close()
+        self._ledger.close()
 
     @staticmethod
     def _listing_key(store_id: str, relpath: bytes) -> bytes:
@@ -70,9 +81,39 @@ class MetadataIndex:
     def set_text(self, key: str, value: str) -> None:
         self._db.set(b"T\0" + key.encode(), value)
 
+    def set_record(self, kind: str, name: str, text: str) -> None:
+        self._ledger.set(f"{kind}:{name}", text)
+
+    def records(self, kind: str) -> dict[str, str]:
+        prefix = kind + ":"
+        return {key[len(prefix):]: value for key in self._ledger.iterkeys()
+                if key.startswith(prefix) and (value := self._ledger.get(key)) is not None}
+
     def pin(self, name: str, file_keys: list[str]) -> None:
         """Blocks of these file versions are never evicted while the pin exists."""
-        self.set_text("pin:" + name, json.dumps(sorted(set(file_keys))))
+        self.set_record("p", name, json.dumps(sorted(set(file_keys))))
+
+    def pins(self) -> dict[str, set[str]]:
+        return {name: set(json.loads(text)) for name, text in self.records("p").items()}
+
+    def record_uses(self, uses: list[tuple[str, dict, int]]) -> None:
+        """(file key, file info, when used) for file versions read: one transaction."""
+        with self._ledger.transact():
+            for key, info, when in uses:
+                self._ledger.add("f:" + key, json.dumps(info))
+                self._ledger.set("u:" + key, int(when))
+
+    def file_records(self):
+        """Yields (file key, info, last used) for every file version with blocks."""
+        for key in self._ledger.iterkeys():
+            if key.startswith("f:"):
+                info = self._ledger.get(key)
+                if info is not None:
+                    yield key[2:], json.loads(info), self._ledger.get("u:" + key[2:], 0)
+
+    def forget_file(self, key: str) -> None:
+        self._ledger.delete("f:" + key)
+        self._ledger.delete("u:" + key)
 
     def knows_store(self, store_id: str) -> bool:
         return self._db.get(self._listing_key(store_id, b"\0root")) is not None

@@ -176,3 +176,6 @@ class Repository:
 
     async def read(self, f: FileVersion, offset: int, size: int) -> bytes:
         return await self.fetcher.read(f, offset, size)
+
+    async def cached_bytes(self, f: FileVersion) -> int:
+        return await self.fetcher.call_local(self.fetcher.cached_bytes, f)

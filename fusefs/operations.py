@@ -26,7 +26,11 @@ from .inodes import InodeTable
 
 log = logging.getLogger(__name__)
 
-STATS_XATTR = b"user.rezlazyfs.stats"
+STATS_XATTR = b"user.rezlazyfs.stats"              # this run's counters (mount root)
+TOTALS_XATTR = b"user.rezlazyfs.stats.total"       # all runs of this mount, with latencies
+STORE_PATH_XATTR = b"user.rezlazyfs.store_path"    # where an entry comes from
+POLICY_XATTR = b"user.rezlazyfs.policy"            # immutable, or revalidated after N s
+CACHED_XATTR = b"user.rezlazyfs.cached"            # "cached_bytes/size" of a file
 IMMUTABLE_TIMEOUT = 24 * 3600.0  # released payload never changes: let the kernel keep it
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -66,10 +70,11 @@ class LazyOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, repositories: dict[str, Repository], counters: Counters,
-                 block_size: int):
+                 block_size: int, totals=None):
         super().__init__()
         self.repos = repositories
         self.counters = counters
+        self.totals = totals or (lambda: counters)
         self.block_size = block_size
         self.inodes = InodeTable()
         self._uid, self._gid = os.getuid(), os.getgid()
@@ -242,15 +247,33 @@ class LazyOperations(pyfuse3.Operations):
     # -- extended attributes -------------------------------------------------
     @error_boundary
     async def getxattr(self, inode, name, ctx=None):
-        alias, _ = self._known(inode)
-        if alias is None and name == STATS_XATTR:
-            return json.dumps(self.counters.snapshot(), sort_keys=True).encode()
+        alias, relpath = self._known(inode)
+        if alias is None:
+            if name == STATS_XATTR:
+                return json.dumps(self.counters.snapshot(), sort_keys=True).encode()
+            if name == TOTALS_XATTR:
+                return json.dumps(self.totals().to_record(), sort_keys=True).encode()
+            raise FUSEError(pyfuse3.ENOATTR)
+        repo = self.repos[alias]
+        if name == STORE_PATH_XATTR:
+            return os.fsencode(repo.store.root) + (b"/" + relpath if relpath else b"")
+        if name == POLICY_XATTR:
+            return (f"revalidated after {repo.policy.metadata_ttl:g}s" if repo.is_volatile(relpath)
+                    else "immutable").encode()
+        if name == CACHED_XATTR and (await repo.getattr(relpath)).is_file:
+            cached = await repo.cached_bytes(await repo.open(relpath))
+            return f"{cached}/{(await repo.getattr(relpath)).size}".encode()
         raise FUSEError(pyfuse3.ENOATTR)
 
     @error_boundary
     async def listxattr(self, inode, ctx=None):
-        alias, _ = self._known(inode)
-        return [STATS_XATTR] if alias is None else []
+        alias, relpath = self._known(inode)
+        if alias is None:
+            return [STATS_XATTR, TOTALS_XATTR]
+        names = [STORE_PATH_XATTR, POLICY_XATTR]
+        if (await self.repos[alias].getattr(relpath)).is_file:
+            names.append(CACHED_XATTR)
+        return names
 
     # -- everything that would write ----------------------------------------
     async def setattr(self, *args):

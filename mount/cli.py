@@ -9,7 +9,9 @@ import sys
 
 import click
 
+from . import fstab
 from .errors import UserError
+from .service import service
 
 
 class _Group(click.Group):
@@ -21,6 +23,10 @@ class _Group(click.Group):
         except UserError as e:
             click.echo(f"rez-lazyfs: error: {e}", err=True)
             sys.exit(1)
+
+    def parse_args(self, ctx, args):
+        # mount(8) runs `rez-lazyfs SOURCE MOUNTPOINT -o OPTIONS` (mount/fstab.py).
+        return super().parse_args(ctx, fstab.as_command(args, self.commands))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -140,6 +146,125 @@ def export(context, directory, mountpoint, **options):
                f"  rez-lazyfs mount {settings.mountpoint} --config {directory}/rez-lazyfs.toml")
 
 
+def _human(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _ago(when) -> str:
+    import time
+
+    if not when:
+        return "-"
+    seconds = time.time() - when
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return "just now"
+
+
+def _table(headers: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def _emit_json(data) -> None:
+    import json
+
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@main.command()
+@cache_options
+@json_option
+def status(as_json, **options):
+    """What the cache holds: one row per package version seen, with its variants."""
+    from .admin import cache_status
+    from .config import load_settings
+
+    data = cache_status(load_settings(need_repos=False, **options))
+    if as_json:
+        return _emit_json(data)
+    click.echo(f"cache {data['cache_dir']}: {_human(data['size_bytes'])} on disk, "
+               f"limit {_human(data['limit_bytes']) if data['limit_bytes'] else 'none'}")
+    _table(["PACKAGE", "VERSION", "VARIANTS", "CACHED", "FILES", "LAST USED", "PINNED",
+            "STORE", "LOCAL"],
+           [[v["package"], v["version"], ",".join(v["variants"]),
+             f"{_human(v['bytes_cached'])} / {_human(v['bytes_total'])}"
+             + ("" if v["totals_complete"] else "+"),
+             f"{v['files_cached']} / {v['files_total']}" + ("" if v["totals_complete"] else "+"),
+             _ago(v["last_used"]), "yes" if v["pinned"] else "no", v["store_path"],
+             v["local_path"] or "-"] for v in data["variants"]])
+
+
+@main.command()
+@cache_options
+@json_option
+def stats(as_json, **options):
+    """How well the cache works: hits, misses, traffic and fetch latency, per mount and in total."""
+    from .admin import cache_stats
+    from .config import load_settings
+
+    data = cache_stats(load_settings(need_repos=False, **options))
+    if as_json:
+        return _emit_json(data)
+
+    def ms(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    rows = [[s["name"] + (" (running)" if s["running"] else ""), s] for s in data["sources"]]
+    rows.append(["total", data["total"]])
+    _table(["SOURCE", "HITS", "MISSES", "HIT RATIO", "SERVED", "FETCHED", "STORE REQS",
+            "P50 MS", "P95 MS", "P99 MS", "ERRORS"],
+           [[name, s["cache_hits"], s["cache_misses"],
+             "-" if s["hit_ratio"] is None else f"{s['hit_ratio']:.1%}",
+             _human(s["bytes_served"]), _human(s["store_bytes"]),
+             s["store_reads"] + s["store_listings"], ms(s["fetch_p50_ms"]),
+             ms(s["fetch_p95_ms"]), ms(s["fetch_p99_ms"]), s["errors"]] for name, s in rows])
+
+
+@main.command()
+@cache_options
+@click.option("--max-size", help="Evict least recently used data until the cache is this small.")
+@click.option("--max-days", type=float, help="Evict whatever was not used for this many days.")
+@click.option("--dry-run", is_flag=True, help="Say what would be evicted; evict nothing.")
+@json_option
+def clean(max_size, max_days, dry_run, as_json, **options):
+    """Keep the cache bounded. Pinned data stays; running mounts keep working."""
+    from . import admin
+    from .config import load_settings
+
+    report = admin.clean(load_settings(need_repos=False, **options), max_size=max_size,
+                         max_days=max_days, dry_run=dry_run)
+    if as_json:
+        return _emit_json(report)
+    verb = "would evict" if dry_run else "evicted"
+    click.echo(f"{verb} {report['evicted_files']} file(s), {_human(report['evicted_bytes'])}; "
+               f"cache {_human(report['size_before'])} -> {_human(report['size_after'])} "
+               f"({_human(report['pinned_bytes'])} pinned)")
+    if "warning" in report:
+        _warn(report["warning"])
+
+
+@main.command()
+@cache_options
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines.")
+def logs(follow, **options):
+    """The mount daemon's log (one line per fetch error, naming the file)."""
+    from .admin import show_logs
+    from .config import load_settings
+
+    show_logs(load_settings(need_repos=False, **options), follow)
+
+
 @main.command()
 @click.argument("mountpoint", type=click.Path())
 @click.option("--lazy", "-z", is_flag=True, help="Detach now even if files are open.")
@@ -161,6 +286,9 @@ def demo(workdir, keep):
 
     run_demo(Path(workdir) if workdir else None, keep)
 
+
+main.add_command(service)
+main.add_command(fstab.fstab_mount)
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
 Config file (default: $XDG_CONFIG_HOME/rez-lazyfs/config.toml):
 
     cache = "~/.cache/rez-lazyfs"
-    block_size = "128K"
+    block_size = "128K"      # fixed when a cache is created; default 128K
     metadata_ttl = 60        # seconds before repository listings are revalidated
     store_timeout = 15       # seconds before an unanswered store read fails with EIO
 
@@ -60,7 +60,7 @@ class Settings:
     mountpoint: str
     repos: list[RepoConfig]
     cache_dir: str
-    block_size: int = 128 * 1024
+    block_size: int = 0  # 0: the cache's own (set when it was created; 128K for a new one)
     metadata_ttl: float = 60.0
     store_timeout: float = 15.0
     store_threads: int = 16
@@ -182,7 +182,8 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
         settings.store_timeout = float(settings.store_timeout)
     except (TypeError, ValueError) as e:
         raise UserError(f"bad setting: {e}") from None
-    if not 4096 <= settings.block_size <= 16 * 1024 * 1024 or settings.block_size % 4096:
+    if settings.block_size and (not 4096 <= settings.block_size <= 16 * 2**20
+                                or settings.block_size % 4096):
         raise UserError("block size must be a multiple of 4K between 4K and 16M")
     if settings.store_timeout <= 0 or settings.metadata_ttl < 0:
         raise UserError("store_timeout must be > 0 and metadata_ttl >= 0")

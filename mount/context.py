@@ -135,6 +135,27 @@ async def _collect(repos, handles, mount_root: str, deep: DeepData) -> None:
             raise UserError(f"cannot read {qualified} from the store or the cache: {e}") from None
 
 
+async def _collect_trees(repos, deep: DeepData) -> None:
+    """The listings of every directory of every variant: with them, a context
+    sourced offline from an unpopulated cache finds every file and fails on
+    content alone, with an EIO naming the file, rather than on lookups."""
+    from cachecore.errors import LazyFSError
+    from cachecore.model import encode_listing
+
+    async def walk(alias: str, relpath: bytes) -> None:
+        entries = await repos[alias].listing(relpath)
+        deep.listings[(alias, relpath)] = encode_listing(entries, 0.0)
+        for name, attr in entries.items():
+            if attr.is_dir:
+                await walk(alias, relpath + b"/" + name if relpath else name)
+
+    for v in deep.variants:
+        try:
+            await walk(v["repo"], os.fsencode(v["root"]))
+        except LazyFSError as e:
+            raise UserError(f"cannot list {v['name']}-{v['version']}: {e}") from None
+
+
 def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict]) -> list[dict]:
     """Each mirrored variant's root, relative to its repository, computed by rez itself.
 
@@ -203,15 +224,37 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
             live = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
                                       store_timeout=settings.store_timeout)
             await _collect(live, mirrored, mount_root, deep)
+            # rez evaluates package.py files: a thread, not the event loop.
+            deep.variants = await trio.to_thread.run_sync(_variant_roots, baked, deep, mirrored)
+            await _collect_trees(live, deep)
+            await cache.flush("bake", cache.totals_of("bake"))
 
         trio.run(collect)
-        deep.variants = _variant_roots(baked, deep, mirrored)
         baked[EMBED_KEY] = deep.to_json()
         write_context(baked, out_path)
         cache.index.pin(_pin_name(out_path), _file_keys(deep, cache.blocks.block_size))
+        _record_variants(cache.index, deep)
     finally:
         cache.close()
     return deep
+
+
+def _record_variants(index, deep: DeepData) -> None:
+    """Which subdirectory of a version is a variant: status shows it."""
+    for v in deep.variants:
+        version_dir, subpath = _split_variant_root(v["root"], v["name"], v["version"])
+        index.set_record("v", f"{deep.repos[v['repo']]}:{v['root']}", json.dumps(
+            {"store": deep.repos[v["repo"]], "version_dir": version_dir, "subpath": subpath}))
+
+
+def _split_variant_root(root: str, name: str, version: str) -> tuple[str, str]:
+    """'loc/maya/2024.2/python-3' -> ('loc/maya/2024.2', 'python-3')."""
+    parts = root.split("/")
+    head = [name, version] if version else [name]
+    for i in range(len(parts) - len(head), -1, -1):
+        if parts[i:i + len(head)] == head:
+            return "/".join(parts[:i + len(head)]), "/".join(parts[i + len(head):])
+    return root, ""
 
 
 def _pin_name(ctx_path: str) -> str:
@@ -351,6 +394,7 @@ async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool
             nursery.start_soon(fetch, *item)
     if bar is not None:
         bar.render_finish()
+    await cache.flush("populate", cache.totals_of("populate"))
     if errors:
         raise UserError(f"{len(errors)} block(s) could not be fetched (run populate again to "
                         f"resume); first: {errors[0]}")
@@ -363,7 +407,9 @@ def _check_room(settings: Settings, cache, needed: int) -> None:
         raise UserError(f"the context needs {_human(needed)} more in the cache but "
                         f"{cache.directory} has only {_human(free)} free")
     if settings.cache_limit:
-        used = cache.blocks.size_on_disk()
+        from cachecore.clean import scan_cache
+
+        used = sum(f.bytes for f in scan_cache(cache.blocks, cache.index).values())
         if used + needed > settings.cache_limit:
             raise UserError(f"the context needs {_human(needed)} more in the cache, which holds "
                             f"{_human(used)} of its {_human(settings.cache_limit)} limit")

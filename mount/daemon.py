@@ -127,12 +127,14 @@ def setup_logging(settings: Settings, to_stderr: bool) -> None:
 
 def open_cache(settings: Settings):
     """The cache directory, with clear errors instead of SQLite tracebacks."""
-    from cachecore.cache import LocalCache
+    from cachecore.cache import BlockSizeMismatch, LocalCache
     from cachecore.errors import UnsafeValue
 
     prepare_cache_dir(settings.cache_dir)
     try:
-        return LocalCache(settings.cache_dir, settings.block_size)
+        return LocalCache(settings.cache_dir, settings.block_size or None)
+    except BlockSizeMismatch as e:
+        raise UserError(str(e)) from None
     except (OSError, sqlite3.Error, UnsafeValue) as e:
         raise UserError(f"cache index in {settings.cache_dir} is unusable: {e}") from None
 
@@ -167,7 +169,10 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
         repos = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
                                    store_timeout=settings.store_timeout,
                                    store_threads=settings.store_threads, offline=settings.offline)
-        ops = LazyOperations(repos, cache.counters, settings.block_size)
+        totals_name = "mount:" + settings.mountpoint
+        base = cache.totals_of(totals_name)  # earlier runs of this mount
+        ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
+                             totals=lambda: base + cache.counters)
         options = set(pyfuse3.default_options) | {
             "fsname=rez-lazyfs", "subtype=rez-lazyfs", "ro", "nosuid", "nodev"}
         if settings.allow_other:
@@ -181,10 +186,13 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
+                nursery.start_soon(cache.maintain, totals_name, base, settings.cache_limit)
                 on_ready()
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
+            with trio.CancelScope(shield=True):
+                await cache.flush(totals_name, base)
             pyfuse3.close(unmount=True)
             cache.close()
             log.info("unmounted %s", settings.mountpoint)

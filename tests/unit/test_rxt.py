@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import copy
 import errno
-import hashlib
 import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from helpers.rezrepo import DIRECTORY, Rez, Symlink, build_store, hashed_variant_dir
 from mount import rxt
 from mount.errors import UserError
-
-REZ_BIN = Path(sys.executable).parent
 
 # One package per shape that matters to {root}: no variants, plain variants
 # (root = <version>/<requires...>), hashed variants reached via a shortlink
@@ -71,71 +66,13 @@ PACKAGES = {
         #!/bin/sh
         echo "tool ran from $0"
     """,
+    # what rez-build installs for the variants: one payload directory each,
+    # and for the hashed variant a shortlink _v/a to its hash directory
+    "lib/2.1/python-2/python/": DIRECTORY,
+    "lib/2.1/python-3/python/": DIRECTORY,
+    f"plugin/1.0/{hashed_variant_dir(['python-3'])}/bin/": DIRECTORY,
+    "plugin/1.0/_v/a": Symlink(f"../{hashed_variant_dir(['python-3'])}"),
 }
-
-
-def build_store(root: Path, packages: dict[str, str]) -> None:
-    for relpath, text in packages.items():
-        path = root / relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip())
-        if "/bin/" in relpath:
-            path.chmod(0o755)
-    for package in root.glob("lib/2.1"):
-        (package / "python-2" / "python").mkdir(parents=True)
-        (package / "python-3" / "python").mkdir(parents=True)
-    for package in root.glob("plugin/1.0"):
-        # what rez-build installs for a hashed variant
-        hashdir = hashlib.sha1(str(["python-3"]).encode()).hexdigest()
-        (package / hashdir / "bin").mkdir(parents=True)
-        (package / "_v").mkdir()
-        (package / "_v" / "a").symlink_to(f"../{hashdir}")
-
-
-class Rez:
-    """Runs the real rez command line tools with a minimal config of our own."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.config = workdir / "rezconfig.py"
-        self.config.write_text(textwrap.dedent(f"""
-            packages_path = []
-            local_packages_path = "{workdir}/local-packages"
-            release_packages_path = "{workdir}/release-packages"
-            implicit_packages = []
-        """))
-
-    def environ(self, packages_path: list[Path]) -> dict[str, str]:
-        # No REZ_* from the caller: each would override a config setting.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REZ_")}
-        env.update(
-            REZ_CONFIG_FILE=str(self.config),
-            REZ_DISABLE_HOME_CONFIG="1",
-            REZ_PACKAGES_PATH=os.pathsep.join(map(str, packages_path)),
-        )
-        return env
-
-    def resolve(self, request: list[str], packages_path: list[Path], out: Path) -> Path:
-        self._run(["rez-env", *request, "--output", str(out)], packages_path)
-        return out
-
-    def source(self, context: Path, command: list[str]) -> subprocess.CompletedProcess:
-        # Nothing to search: sourcing a context must not need a package path.
-        return self._run(["rez-env", "--input", str(context), "--", *command],
-                         [self.workdir / "no-packages-here"], check=False)
-
-    def source_environ(self, context: Path) -> dict[str, str]:
-        result = self.source(context, ["env", "-0"])
-        assert result.returncode == 0, result.stderr
-        return dict(item.split("=", 1) for item in result.stdout.split("\0") if item)
-
-    def _run(self, argv: list[str], packages_path: list[Path], check: bool = True) -> subprocess.CompletedProcess:
-        argv = [str(REZ_BIN / argv[0]), *argv[1:]]
-        assert os.access(argv[0], os.X_OK), f"{argv[0]} missing: run .ci/setup"
-        result = subprocess.run(argv, env=self.environ(packages_path), capture_output=True, text=True, timeout=120)
-        if check:
-            assert result.returncode == 0, result.stderr
-        return result
 
 
 @dataclass

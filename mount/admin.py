@@ -1,0 +1,208 @@
+"""status, stats, clean and logs: what is cached, how well it works, keeping it bounded.
+
+Each returns plain data (what `--json` prints); the CLI renders the same data
+as a table, so the two never disagree.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from .config import Settings, parse_size
+from .errors import UserError
+
+TOTALS_XATTR = "user.rezlazyfs.stats.total"
+
+
+def _open_existing(settings: Settings):
+    from .daemon import open_cache
+
+    if not os.path.isdir(os.path.join(settings.cache_dir, "index")):
+        raise UserError(f"no rez-lazyfs cache at {settings.cache_dir}")
+    return open_cache(settings)
+
+
+def _live_mounts() -> set[str]:
+    """Mount points of running rez-lazyfs mounts, from /proc/self/mountinfo."""
+    live = set()
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split(" ", 1)[0] == "fuse.rez-lazyfs":
+                    live.add(left.split(" ")[4].encode().decode("unicode_escape"))
+    except OSError:
+        pass
+    return live
+
+
+# -- status -------------------------------------------------------------------
+def cache_status(settings: Settings) -> dict:
+    from cachecore.clean import scan_cache
+
+    cache = _open_existing(settings)
+    try:
+        files = scan_cache(cache.blocks, cache.index)
+        repos = {r.path: r.alias for r in cache.recorded_repos()}
+        mounts = sorted(((rec.get("updated", 0), name[len("mount:"):])
+                         for name, rec in cache.stored_totals().items() if name.startswith("mount:")),
+                        reverse=True)
+        mountpoint = mounts[0][1] if mounts else None
+        variants = {}
+        for text in cache.index.records("v").values():
+            v = json.loads(text)
+            variants.setdefault((v["store"], v["version_dir"]), set()).add(v["subpath"] or "-")
+        rows: dict[tuple[str, str, str], dict] = {}
+        for f in files.values():
+            if f.info is None:
+                key = ("", "(unattributed)", "")
+            else:
+                parts = f.info["path"].split("/")
+                key = (f.info["store"], parts[0], parts[1] if len(parts) > 2 else "")
+            row = rows.setdefault(key, {"bytes_cached": 0, "files_cached": 0, "last_used": 0.0,
+                                        "pinned": False})
+            row["bytes_cached"] += f.bytes - 4 * len(f.blocks)  # less the CRC trailers
+            row["files_cached"] += 1
+            row["last_used"] = max(row["last_used"], f.last_used)
+            row["pinned"] |= f.pinned
+        out = []
+        for (store, family, version), row in sorted(rows.items()):
+            relpath = f"{family}/{version}" if version else family
+            files_total, bytes_total, complete = _indexed_size(cache.index, store, relpath)
+            alias = repos.get(store)
+            out.append({
+                "package": family, "version": version,
+                "variants": sorted(variants.get((store, relpath), {"-"})),
+                "store_path": os.path.join(store, relpath) if store else "",
+                "local_path": os.path.join(mountpoint, alias, relpath)
+                if mountpoint and alias else "",
+                **row, "files_total": files_total, "bytes_total": bytes_total,
+                "totals_complete": complete,
+            })
+        return {"cache_dir": settings.cache_dir,
+                "size_bytes": sum(f.bytes for f in files.values()),
+                "limit_bytes": settings.cache_limit or None, "variants": out}
+    finally:
+        cache.close()
+
+
+def _indexed_size(index, store: str, relpath: str) -> tuple[int, int, bool]:
+    """Files and bytes below relpath as far as the index knows; complete is
+    False if some directory below it was never listed."""
+    files = size = 0
+    complete = True
+    stack = [os.fsencode(relpath)]
+    while stack:
+        directory = stack.pop()
+        found = index.get_listing(store, directory)
+        if found is None:
+            complete = False
+            continue
+        for name, attr in found[0].items():
+            if attr.is_dir:
+                stack.append(directory + b"/" + name)
+            elif attr.is_file:
+                files += 1
+                size += attr.size
+    return files, size, complete
+
+
+# -- stats --------------------------------------------------------------------
+def cache_stats(settings: Settings) -> dict:
+    """Totals per mount (and per command that fetched), and over all of them.
+
+    A running mount is asked directly (its totals xattr), so its figures are
+    exact to the last read; others come from what they stored in the cache.
+    """
+    from cachecore.stats import Counters
+
+    cache = _open_existing(settings)
+    try:
+        stored = cache.stored_totals()
+    finally:
+        cache.close()
+    live = _live_mounts()
+    sources = {}
+    for name, record in sorted(stored.items()):
+        counters = Counters.from_record(record["counters"])
+        running = False
+        if name.startswith("mount:") and name[len("mount:"):] in live:
+            try:
+                raw = os.getxattr(name[len("mount:"):], TOTALS_XATTR)
+                counters, running = Counters.from_record(json.loads(raw)), True
+            except OSError:
+                pass  # another mount at that path, or it just went away
+        sources[name] = (counters, running, record.get("updated"))
+    total = Counters()
+    for counters, _, _ in sources.values():
+        total = total + counters
+    return {"cache_dir": settings.cache_dir,
+            "sources": [{"name": name, "running": running, "updated": updated, **c.summary()}
+                        for name, (c, running, updated) in sources.items()],
+            "total": total.summary()}
+
+
+# -- clean --------------------------------------------------------------------
+def clean(settings: Settings, *, max_size: str | None, max_days: float | None,
+          dry_run: bool, progress: bool | None = None) -> dict:
+    import click
+
+    from cachecore.clean import clean_cache, scan_cache
+
+    limit = parse_size(max_size) if max_size is not None else (settings.cache_limit or None)
+    if limit is None and max_days is None:
+        raise UserError("nothing to clean to: give --max-size and/or --max-days "
+                        "(or set cache_limit in the config)")
+    if max_days is not None and max_days < 0:
+        raise UserError("--max-days must be >= 0")
+    cache = _open_existing(settings)
+    show = sys.stderr.isatty() if progress is None else progress
+    try:
+        if show:
+            size = sum(f.bytes for f in scan_cache(cache.blocks, cache.index).values())
+            with click.progressbar(length=max(size - (limit or 0), 0) or 1, label="cleaning",
+                                   file=sys.stderr) as bar:
+                report = clean_cache(cache.blocks, cache.index, max_size=limit,
+                                     max_days=max_days, dry_run=dry_run, progress=bar.update)
+        else:
+            report = clean_cache(cache.blocks, cache.index, max_size=limit,
+                                 max_days=max_days, dry_run=dry_run)
+    finally:
+        cache.close()
+    result = vars(report)
+    result["limit_bytes"] = limit
+    if limit is not None and report.size_after > limit:
+        result["warning"] = (f"still over the limit: {report.pinned_bytes} bytes are pinned "
+                             "by baked contexts")
+    return result
+
+
+# -- logs ---------------------------------------------------------------------
+def show_logs(settings: Settings, follow: bool, out=sys.stdout) -> None:
+    path = settings.log_file
+    if not os.path.exists(path):
+        raise UserError(f"no log at {path} (has a mount run with this cache?)")
+    f = open(path, errors="replace")
+    try:
+        out.write(f.read())
+        out.flush()
+        while follow:
+            line = f.readline()
+            if line:
+                out.write(line)
+                out.flush()
+                continue
+            time.sleep(0.5)
+            try:
+                rotated = os.stat(path).st_ino != os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                rotated = False  # between rotation's rename and the new file
+            if rotated:
+                f.close()
+                f = open(path, errors="replace")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        f.close()
