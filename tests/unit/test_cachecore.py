@@ -281,3 +281,79 @@ def test_hung_store_times_out(tmp_path, store_root):
         trio.run(main)
     finally:
         release.set()
+
+
+def test_latency_histogram_merges_and_gives_percentiles():
+    from cachecore.stats import Counters
+
+    a, b = Counters(), Counters()
+    for ms in range(1, 101):
+        a.record_latency(ms / 1000)
+    b.record_latency(5.0)
+    b.cache_hits = 3
+    total = Counters.from_record(json_round_trip((a + b).to_record()))
+    assert total.cache_hits == 3 and sum(total.fetch_latency) == 101
+    # Buckets are 2^(1/4) apart: a percentile is within 19% above the true value.
+    assert 0.050 <= total.latency_percentile(0.5) <= 0.050 * 1.19
+    assert 0.099 <= total.latency_percentile(0.99) <= 0.100 * 1.19
+    assert total.latency_percentile(1.0) >= 5.0
+    assert Counters().summary()["hit_ratio"] is None
+
+
+def json_round_trip(value):
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def _cached_file(cache, relpath: bytes, size: int, when: float, mtime=1):
+    """Blocks for a (pretend) store file, and a recorded use at `when`."""
+    key = file_key("/store", relpath, (size, mtime), cache.blocks.block_size)
+    for i, offset in enumerate(range(0, size, BS)):
+        cache.blocks.write(key, i, b"x" * min(BS, size - offset))
+    cache.index.record_uses([(key, {"store": "/store", "path": relpath.decode(), "size": size,
+                                    "mtime_ns": mtime, "block_size": BS}, int(when))])
+    for path in (cache.blocks.path(key, i) for i in range(-(-size // BS))):
+        os.utime(path, (when, when))
+    return key
+
+
+def test_clean_evicts_least_recently_used_keeps_pins(tmp_path):
+    from cachecore.cache import LocalCache
+    from cachecore.clean import clean_cache, scan_cache
+
+    cache = LocalCache(str(tmp_path), BS)
+    now = 2_000_000_000
+    old = _cached_file(cache, b"a/1/old", 3 * BS, now - 10 * 86400)
+    mid = _cached_file(cache, b"a/1/mid", 2 * BS, now - 5 * 86400)
+    new = _cached_file(cache, b"a/1/new", 2 * BS, now - 60)
+    pinned = _cached_file(cache, b"a/1/package.py", 100, now - 100 * 86400)
+    cache.index.pin("context:/x.rxt", [pinned])
+    per_block = BS + 4
+
+    dry = clean_cache(cache.blocks, cache.index, max_size=5 * per_block, dry_run=True, now=now)
+    assert dry.evicted_files == 1 and set(scan_cache(cache.blocks, cache.index)) == {old, mid, new, pinned}
+
+    report = clean_cache(cache.blocks, cache.index, max_size=5 * per_block, now=now)
+    left = scan_cache(cache.blocks, cache.index)
+    assert set(left) == {mid, new, pinned}  # the oldest went first; the pinned one stays
+    assert report.size_after == sum(f.bytes for f in left.values()) <= 5 * per_block
+    assert old not in {k for k, _, _ in cache.index.file_records()}
+
+    clean_cache(cache.blocks, cache.index, max_days=1, now=now)
+    assert set(scan_cache(cache.blocks, cache.index)) == {new, pinned}
+    report = clean_cache(cache.blocks, cache.index, max_size=0, now=now)
+    assert set(scan_cache(cache.blocks, cache.index)) == {pinned}
+    assert report.pinned_bytes == 100 + 4
+    cache.close()
+
+
+def test_cache_keeps_its_block_size(tmp_path):
+    from cachecore.cache import BlockSizeMismatch, LocalCache
+
+    LocalCache(str(tmp_path), 64 * 1024).close()
+    reopened = LocalCache(str(tmp_path))
+    assert reopened.blocks.block_size == 64 * 1024
+    reopened.close()
+    with pytest.raises(BlockSizeMismatch, match="64K"):
+        LocalCache(str(tmp_path), 128 * 1024)
