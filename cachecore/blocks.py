@@ -1,10 +1,14 @@
-"""The local block cache: one file per block of one exact file version.
+"""The local block cache: one sparse file per version of a store file.
 
-A block file is the block's bytes followed by their CRC32. It is written under
-a temporary name and renamed into place, so its presence is the "present"
-mark and a reader in any process sees a whole block or none (write, then mark
-present). The CRC catches blocks damaged on disk or lost in a machine crash
-(we do not fsync each block); a block that fails it is deleted and refetched.
+Block i of a file version lives in slot i of its cache file, at offset
+i * (block_size + 8): the block's bytes, then an 8-byte trailer, the xxh3-64
+of those bytes seeded with i. The data is written first and the trailer
+second, so a slot is present only once it is whole (write, then mark
+present), for readers in any process. A hole (never written) reads as zeros
+and is absent; a slot whose trailer does not match (torn by a crash, the
+cache disk damaged, bytes in the wrong slot) is reported, cleared and
+refetched. Consecutive blocks are contiguous on disk, so sequential reads of
+the cache file get the kernel's readahead.
 """
 from __future__ import annotations
 
@@ -12,22 +16,28 @@ import hashlib
 import logging
 import os
 import struct
-import zlib
+
+import xxhash
 
 log = logging.getLogger(__name__)
-_CRC = struct.Struct("<I")
+_TRAILER = struct.Struct("<Q")
+TRAILER_SIZE = _TRAILER.size
+_ABSENT = bytes(TRAILER_SIZE)
 
 
 def file_key(store_id: str, relpath: bytes, identity: tuple[int, int], block_size: int) -> str:
-    """Names the blocks of one version of one store file (DESIGN: Identity).
+    """Names the cache file of one version of one store file (DESIGN: Identity).
 
     The block size is part of it: block i of a 64K cache and of a 128K cache
-    cover different bytes, and a cache reused with another size must miss,
-    never serve one for the other."""
+    cover different bytes, so they must never be taken for each other."""
     h = hashlib.sha256()
     h.update(os.fsencode(store_id) + b"\0" + relpath + b"\0")
     h.update(b"%d\0%d\0%d" % (*identity, block_size))
     return h.hexdigest()
+
+
+def _digest(data, index: int) -> bytes:
+    return _TRAILER.pack(xxhash.xxh3_64_intdigest(data, seed=index))
 
 
 class BlockCache:
@@ -36,51 +46,92 @@ class BlockCache:
     def __init__(self, directory: str, block_size: int):
         self.block_size = block_size
         self.blocks_dir = os.path.join(directory, "blocks")
-        self._tmp = os.path.join(directory, "tmp")
-        for d in (directory, self.blocks_dir, self._tmp):
+        for d in (directory, self.blocks_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
 
-    def path(self, key: str, index: int) -> str:
-        return os.path.join(self.blocks_dir, key[:2], f"{key}-{index:x}")
+    def path(self, key: str) -> str:
+        return os.path.join(self.blocks_dir, key[:2], key)
+
+    def _slot(self, index: int) -> int:
+        return index * (self.block_size + TRAILER_SIZE)
+
+    def read_many(self, key: str, blocks: list[tuple[int, int]]) -> dict[int, bytes | None]:
+        """{index: bytes or None} for (index, length) pairs of one file version."""
+        try:
+            fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return {index: None for index, _ in blocks}
+        try:
+            return {index: self._read_slot(fd, key, index, length) for index, length in blocks}
+        finally:
+            os.close(fd)
 
     def read(self, key: str, index: int, length: int) -> bytes | None:
-        """The block if present and intact, else None."""
-        path = self.path(key, index)
-        try:
-            with open(path, "rb", buffering=0) as f:
-                raw = f.read(length + _CRC.size + 1)
-        except FileNotFoundError:
-            return None
-        if len(raw) == length + _CRC.size:
-            data = raw[:length]
-            if zlib.crc32(data) == _CRC.unpack_from(raw, length)[0]:
-                return data
-        log.warning("cached block %s is damaged (%d bytes, expected %d); refetching",
-                    path, len(raw), length + _CRC.size)
-        self.discard(key, index)
+        return self.read_many(key, [(index, length)])[index]
+
+    def _read_slot(self, fd: int, key: str, index: int, length: int) -> bytes | None:
+        raw = os.pread(fd, length + TRAILER_SIZE, self._slot(index))
+        if len(raw) == length + TRAILER_SIZE:
+            data = memoryview(raw)[:length]
+            trailer = raw[length:]
+            if trailer == _digest(data, index):
+                return bytes(data)
+            if trailer == _ABSENT:
+                return None
+        elif not raw.strip(b"\0"):
+            return None  # beyond the end of a sparse file: never written
+        log.warning("cached block %d of %s is damaged; refetching", index, self.path(key))
+        self._clear(key, index, length)
         return None
 
-    def write(self, key: str, index: int, data: bytes) -> None:
-        path = self.path(key, index)
-        tmp = os.path.join(self._tmp, f"{key}-{index:x}.{os.getpid()}.{id(data):x}")
+    def _clear(self, key: str, index: int, length: int) -> None:
+        """Mark a slot absent again, so a damaged one is not reported twice."""
         try:
-            with open(tmp, "wb", buffering=0) as f:
-                f.write(data)
-                f.write(_CRC.pack(zlib.crc32(data)))
-            try:
-                os.rename(tmp, path)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-                os.rename(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-
-    def discard(self, key: str, index: int) -> None:
+            fd = os.open(self.path(key), os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # gone, or a read-only cache: the next write repairs it anyway
         try:
-            os.unlink(self.path(key, index))
-        except FileNotFoundError:
+            os.pwrite(fd, _ABSENT, self._slot(index) + length)
+        except OSError:
             pass
+        finally:
+            os.close(fd)
+
+    def present(self, key: str, size: int) -> list[int]:
+        """Indices of the blocks of a `size`-byte file version whose slot looks
+        written (trailer set); read() verifies them. One open, one pread each."""
+        try:
+            fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        try:
+            found = []
+            for index in range(-(-size // self.block_size)):
+                length = min(self.block_size, size - index * self.block_size)
+                trailer = os.pread(fd, TRAILER_SIZE, self._slot(index) + length)
+                if len(trailer) == TRAILER_SIZE and trailer != _ABSENT:
+                    found.append(index)
+            return found
+        finally:
+            os.close(fd)
+
+    def write(self, key: str, index: int, data: bytes) -> None:
+        path = self.path(key)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            slot = self._slot(index)
+            _write_all(fd, data, slot)
+            _write_all(fd, _digest(data, index), slot + len(data))  # the mark, last
+        finally:
+            os.close(fd)
+
+
+def _write_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written

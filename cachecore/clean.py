@@ -4,16 +4,16 @@ The unit of eviction is one file version (all its blocks): last-used times are
 kept per file, and a DCC that used a file will want all of it again. Pinned
 file versions (definitions of baked contexts) are never evicted.
 
-Eviction only unlinks block files. A reader that already opened one still
-reads it whole; one that looks next finds it missing and fetches it again, so
-cleaning while mounts are reading never serves wrong bytes.
+Eviction only unlinks cache files. A reader that already opened one still
+reads whole blocks from it; one that looks next finds it missing and fetches
+again, so cleaning while mounts are reading never serves wrong bytes.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import filelock
 
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class CachedFile:
     key: str
-    blocks: list[str] = field(default_factory=list)   # block file paths
-    bytes: int = 0                                     # on disk
+    path: str
+    bytes: int = 0                                     # allocated on disk
     last_used: float = 0.0
     info: dict | None = None                          # store, path, size, ... if recorded
     pinned: bool = False
@@ -46,24 +46,21 @@ class CleanReport:
 def scan_cache(blocks: BlockCache, index: MetadataIndex) -> dict[str, CachedFile]:
     """Every file version with blocks on disk, by key.
 
-    Last used is the later of the recorded use and the newest block's mtime,
-    so blocks nobody recorded (a daemon killed before it flushed, a seed) are
-    still aged sensibly.
+    Last used is the later of the recorded use and the cache file's mtime
+    (its last block written), so files nobody recorded (a daemon killed
+    before it flushed, a seed) are still aged sensibly.
     """
     files: dict[str, CachedFile] = {}
     for shard in _scandir(blocks.blocks_dir):
         if not shard.is_dir(follow_symlinks=False):
             continue
         for entry in _scandir(shard.path):
-            key, _, _ = entry.name.rpartition("-")
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # evicted meanwhile by another process
-            f = files.setdefault(key, CachedFile(key))
-            f.blocks.append(entry.path)
-            f.bytes += st.st_size
-            f.last_used = max(f.last_used, st.st_mtime)
+            files[entry.name] = CachedFile(entry.name, entry.path, st.st_blocks * 512,
+                                           st.st_mtime)
     for key, info, last_used in index.file_records():
         if key in files:
             files[key].info = info
@@ -102,11 +99,10 @@ def clean_cache(blocks: BlockCache, index: MetadataIndex, *, max_size: int | Non
                 remaining -= f.bytes
         if not dry_run:
             for f in victims:
-                for path in f.blocks:
-                    try:
-                        os.unlink(path)
-                    except FileNotFoundError:
-                        pass
+                try:
+                    os.unlink(f.path)
+                except FileNotFoundError:
+                    pass
                 index.forget_file(f.key)
                 progress(f.bytes)
         evicted = sum(f.bytes for f in victims)

@@ -111,12 +111,10 @@ class Fetcher:
 
     def cached_bytes(self, f: FileVersion) -> int:
         """How much of the file version is in the block cache (blocking)."""
-        bs = self.blocks.block_size
-        return sum(self._block_length(f, i) for i in range(-(-f.size // bs))
-                   if os.path.exists(self.blocks.path(f.key, i)))
+        return sum(self._block_length(f, i) for i in self.blocks.present(f.key, f.size))
 
     def _read_local(self, f: FileVersion, indices: range) -> dict[int, bytes | None]:
-        return {i: self.blocks.read(f.key, i, self._block_length(f, i)) for i in indices}
+        return self.blocks.read_many(f.key, [(i, self._block_length(f, i)) for i in indices])
 
     async def fetch_block(self, f: FileVersion, index: int) -> bytes:
         """The block, fetched from the store unless another task already is."""

@@ -63,7 +63,7 @@ def cache_status(settings: Settings) -> dict:
                 key = (f.info["store"], parts[0], parts[1] if len(parts) > 2 else "")
             row = rows.setdefault(key, {"bytes_cached": 0, "files_cached": 0, "last_used": 0.0,
                                         "pinned": False})
-            row["bytes_cached"] += f.bytes - 4 * len(f.blocks)  # less the CRC trailers
+            row["bytes_cached"] += (_payload_bytes(cache.blocks, f) if f.info else f.bytes)
             row["files_cached"] += 1
             row["last_used"] = max(row["last_used"], f.last_used)
             row["pinned"] |= f.pinned
@@ -86,6 +86,12 @@ def cache_status(settings: Settings) -> dict:
                 "limit_bytes": settings.cache_limit or None, "variants": out}
     finally:
         cache.close()
+
+
+def _payload_bytes(blocks, f) -> int:
+    """Bytes of the store file held in its cache file (not allocation, not trailers)."""
+    size, bs = f.info["size"], blocks.block_size
+    return sum(min(bs, size - i * bs) for i in blocks.present(f.key, size))
 
 
 def _indexed_size(index, store: str, relpath: str) -> tuple[int, int, bool]:

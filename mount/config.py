@@ -65,6 +65,7 @@ class Settings:
     store_timeout: float = 15.0
     store_threads: int = 16
     cache_limit: int = 0  # bytes; 0 = no limit
+    read_ahead: int = 1024 * 1024  # kernel read-ahead on the mount (root only); 0 = kernel default
     offline: bool = False
     allow_other: bool = False
     log_file: str = ""
@@ -178,6 +179,7 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
                             **values)
         settings.block_size = parse_size(settings.block_size)
         settings.cache_limit = parse_size(settings.cache_limit)
+        settings.read_ahead = parse_size(settings.read_ahead)
         settings.metadata_ttl = float(settings.metadata_ttl)
         settings.store_timeout = float(settings.store_timeout)
     except (TypeError, ValueError) as e:

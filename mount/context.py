@@ -363,10 +363,10 @@ async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool
     bs = cache.blocks.block_size
     missing = []  # (repo, version, block index, length)
     for repo, version in files:
+        present = set(cache.blocks.present(version.key, version.size))
         for index, offset in enumerate(range(0, version.size, bs)):
-            length = min(bs, version.size - offset)
-            if not os.path.exists(cache.blocks.path(version.key, index)):
-                missing.append((repo, version, index, length))
+            if index not in present:
+                missing.append((repo, version, index, min(bs, version.size - offset)))
     needed = sum(m[3] for m in missing)
     _check_room(settings, cache, needed)
 

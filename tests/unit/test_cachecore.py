@@ -106,22 +106,34 @@ def test_index_refuses_pickles_and_never_runs_them(tmp_path):
     assert pickle.dumps  # the module is there; we simply never call loads
 
 
-def test_block_cache_detects_damage_and_publishes_whole(tmp_path):
+def test_block_cache_detects_damage_and_absence(tmp_path):
+    from cachecore.blocks import TRAILER_SIZE
+
     blocks = BlockCache(str(tmp_path), BS)
-    key = file_key("/s", b"f", (10, 1), BS)
-    assert blocks.read(key, 0, 10) is None
-    blocks.write(key, 0, b"0123456789")
-    assert blocks.read(key, 0, 10) == b"0123456789"
+    key = file_key("/s", b"f", (BS + 10, 1), BS)
+    assert blocks.read(key, 0, BS) is None          # no cache file yet
+    blocks.write(key, 1, b"0123456789")
+    assert blocks.read(key, 1, 10) == b"0123456789"
+    assert blocks.read(key, 0, BS) is None          # a hole: never written, not damage
+    assert blocks.present(key, BS + 10) == [1]
+    assert stat.S_IMODE(os.stat(blocks.path(key)).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(tmp_path / "blocks").st_mode) == 0o700
-    path = blocks.path(key, 0)
-    with open(path, "r+b") as f:  # flip one byte: the CRC must catch it
+    slot1 = BS + TRAILER_SIZE
+    with open(blocks.path(key), "r+b") as f:         # flip one byte: the digest must catch it
+        f.seek(slot1 + 3)
         f.write(b"X")
-    assert blocks.read(key, 0, 10) is None
-    assert not os.path.exists(path)  # the damaged block is gone, to be refetched
-    blocks.write(key, 0, b"0123456789")
-    os.truncate(path, 7)
-    assert blocks.read(key, 0, 10) is None
-    assert os.listdir(tmp_path / "tmp") == []  # no temporaries left behind
+    assert blocks.read(key, 1, 10) is None
+    assert blocks.present(key, BS + 10) == []        # the damaged slot is cleared
+    blocks.write(key, 1, b"0123456789")
+    blocks.write(key, 0, b"a" * BS)
+    os.truncate(blocks.path(key), slot1 + 5)        # a torn tail
+    assert blocks.read(key, 1, 10) is None and blocks.read(key, 0, BS) == b"a" * BS
+    # Bytes that are whole but belong to another slot do not verify there.
+    with open(blocks.path(key), "r+b") as f:
+        trailer_of_block0 = f.read()[BS:BS + TRAILER_SIZE]
+        f.seek(slot1)
+        f.write(b"a" * 10 + trailer_of_block0)
+    assert blocks.read(key, 1, 10) is None
 
 
 def test_file_key_changes_with_identity():
@@ -313,8 +325,7 @@ def _cached_file(cache, relpath: bytes, size: int, when: float, mtime=1):
         cache.blocks.write(key, i, b"x" * min(BS, size - offset))
     cache.index.record_uses([(key, {"store": "/store", "path": relpath.decode(), "size": size,
                                     "mtime_ns": mtime, "block_size": BS}, int(when))])
-    for path in (cache.blocks.path(key, i) for i in range(-(-size // BS))):
-        os.utime(path, (when, when))
+    os.utime(cache.blocks.path(key), (when, when))
     return key
 
 
@@ -329,7 +340,7 @@ def test_clean_evicts_least_recently_used_keeps_pins(tmp_path):
     new = _cached_file(cache, b"a/1/new", 2 * BS, now - 60)
     pinned = _cached_file(cache, b"a/1/package.py", 100, now - 100 * 86400)
     cache.index.pin("context:/x.rxt", [pinned])
-    per_block = BS + 4
+    per_block = BS + 4096  # allocated: a block and its trailer's page
 
     dry = clean_cache(cache.blocks, cache.index, max_size=5 * per_block, dry_run=True, now=now)
     assert dry.evicted_files == 1 and set(scan_cache(cache.blocks, cache.index)) == {old, mid, new, pinned}
@@ -344,7 +355,7 @@ def test_clean_evicts_least_recently_used_keeps_pins(tmp_path):
     assert set(scan_cache(cache.blocks, cache.index)) == {new, pinned}
     report = clean_cache(cache.blocks, cache.index, max_size=0, now=now)
     assert set(scan_cache(cache.blocks, cache.index)) == {pinned}
-    assert report.pinned_bytes == 100 + 4
+    assert report.pinned_bytes == 4096  # one page allocated
     cache.close()
 
 
