@@ -102,14 +102,16 @@ class LocalCache:
                 size = report.size_after
 
     def repositories(self, specs: list[RepoSpec], *, metadata_ttl: float, store_timeout: float,
-                     store_threads: int = 16, offline: bool = False) -> dict[str, Repository]:
+                     store_threads: int = 16, offline: bool = False,
+                     prefetch_max_size: int = 0) -> dict[str, Repository]:
         """One Repository per spec, sharing one fetcher. Call inside trio.run."""
         fetcher = self.fetcher = Fetcher(self.blocks, self.counters,
                           store_limiter=trio.CapacityLimiter(store_threads),
                           local_limiter=trio.CapacityLimiter(8),
                           store_timeout=store_timeout)
         return {s.alias: Repository(s.alias, FilesystemStore(s.path, offline=offline), self.index,
-                                    fetcher, RepoPolicy(metadata_ttl, s.mutable))
+                                    fetcher, RepoPolicy(metadata_ttl, s.mutable,
+                                                        prefetch_max_size=prefetch_max_size))
                 for s in specs}
 
     def recorded_repos(self) -> list[RepoSpec]:

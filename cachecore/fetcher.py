@@ -55,6 +55,35 @@ class Fetcher:
         # in batches by flush_uses(), off the hot path.
         self._uses: dict[str, tuple[FileVersion, float]] = {}
         self._noted: dict[str, float] = {}
+        # Prefetching runs in a nursery the owner provides (the daemon), with
+        # its own limit so readers always find store threads free.
+        self._background: trio.Nursery | None = None
+        self._prefetch_limiter = trio.CapacityLimiter(max(1, store_limiter.total_tokens // 2))
+
+    def run_prefetches_in(self, nursery: trio.Nursery | None) -> None:
+        self._background = nursery
+
+    def prefetch(self, files: list[FileVersion]) -> None:
+        """Fetch these whole files in the background (if a nursery was given)."""
+        if self._background is not None and files:
+            self._background.start_soon(self._prefetch_files, files)
+
+    async def _prefetch_files(self, files: list[FileVersion]) -> None:
+        present = await self.call_local(
+            lambda: {f.key: set(self.blocks.present(f.key, f.size)) for f in files})
+
+        async def prefetch_block(f: FileVersion, index: int) -> None:
+            async with self._prefetch_limiter:
+                try:
+                    await self._flights.run((f.key, index), lambda: self._fetch(f, index, True))
+                except LazyFSError as e:
+                    log.debug("prefetch of %s failed: %s", f.display, e)
+
+        async with trio.open_nursery() as nursery:
+            for f in files:
+                for index in range(-(-f.size // self.blocks.block_size)):
+                    if index not in present[f.key]:
+                        nursery.start_soon(prefetch_block, f, index)
 
     def _block_length(self, f: FileVersion, index: int) -> int:
         bs = self.blocks.block_size
@@ -121,14 +150,18 @@ class Fetcher:
         self.note_use(f)
         return await self._flights.run((f.key, index), lambda: self._fetch(f, index))
 
-    async def _fetch(self, f: FileVersion, index: int) -> bytes:
+    async def _fetch(self, f: FileVersion, index: int, prefetch: bool = False) -> bytes:
         # Another process sharing the cache may have fetched it meanwhile.
         data = await self.call_local(self.blocks.read, f.key, index,
                                      self._block_length(f, index))
         if data is not None:
-            self.counters.cache_hits += 1
+            if not prefetch:
+                self.counters.cache_hits += 1
             return data
-        self.counters.cache_misses += 1
+        if prefetch:
+            self.counters.prefetch_blocks += 1
+        else:
+            self.counters.cache_misses += 1
         started = trio.current_time()
         data = await self.call_store(f.store, f.display, self._fetch_sync, f, index)
         self.counters.record_latency(trio.current_time() - started)

@@ -34,6 +34,12 @@ VOLATILE_DEPTH = 2
 class RepoPolicy:
     metadata_ttl: float = 60.0
     mutable: bool = False
+    # On a payload directory's first listing, fetch its files of at most this
+    # size in the background: a DCC start-up reads most small files of the
+    # directories it lists (Python packages), one round trip each if not
+    # overlapped. 0 turns it off.
+    prefetch_max_size: int = 0
+    prefetch_max_files: int = 2000
 
 
 @dataclass
@@ -137,7 +143,17 @@ class Repository:
         self.fetcher.counters.store_listings += 1
         now = self._clock()
         await self.fetcher.call_local(self.index.put_listing, self.store_id, relpath, entries, now)
+        if known is None and self.policy.prefetch_max_size and not self.is_volatile_dir(relpath):
+            self._prefetch_small_files(relpath, entries)
         return _Listing(entries, self._valid_until(relpath, now))
+
+    def _prefetch_small_files(self, relpath: bytes, entries: dict[bytes, Attr]) -> None:
+        small = [(name, a) for name, a in entries.items()
+                 if a.is_file and 0 < a.size <= self.policy.prefetch_max_size]
+        if len(small) > self.policy.prefetch_max_files:
+            return  # a data directory, not a code one: leave it to readers
+        prefix = relpath + b"/" if relpath else b""
+        self.fetcher.prefetch([self._version(prefix + name, a) for name, a in small])
 
     def _remember(self, relpath: bytes, listing: _Listing) -> None:
         old = self._memory.pop(relpath, None)
@@ -169,7 +185,9 @@ class Repository:
 
     # -- contents -----------------------------------------------------------
     async def open(self, relpath: bytes) -> FileVersion:
-        attr = await self.getattr(relpath)
+        return self._version(relpath, await self.getattr(relpath))
+
+    def _version(self, relpath: bytes, attr: Attr) -> FileVersion:
         return FileVersion(self.store, relpath, attr.size, attr.identity,
                            file_key(self.store_id, relpath, attr.identity,
                                     self.fetcher.blocks.block_size))

@@ -17,7 +17,8 @@ LATENCY_BOUNDS = [25e-6 * 2 ** (i / 4) for i in range(89)]
 @dataclass
 class Counters:
     cache_hits: int = 0       # blocks served from the local block cache
-    cache_misses: int = 0     # blocks that had to come from the store
+    cache_misses: int = 0     # blocks a reader had to wait for the store for
+    prefetch_blocks: int = 0  # blocks fetched ahead of any reader
     store_reads: int = 0      # block reads issued to the store
     store_bytes: int = 0      # bytes those reads returned
     store_listings: int = 0   # directory listings fetched from the store

@@ -66,6 +66,7 @@ class Settings:
     store_threads: int = 16
     cache_limit: int = 0  # bytes; 0 = no limit
     read_ahead: int = 1024 * 1024  # kernel read-ahead on the mount (root only); 0 = kernel default
+    prefetch: int = 128 * 1024  # on a payload dir's first listing, fetch files up to this size; 0 = off
     offline: bool = False
     allow_other: bool = False
     log_file: str = ""
@@ -180,6 +181,7 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
         settings.block_size = parse_size(settings.block_size)
         settings.cache_limit = parse_size(settings.cache_limit)
         settings.read_ahead = parse_size(settings.read_ahead)
+        settings.prefetch = parse_size(settings.prefetch)
         settings.metadata_ttl = float(settings.metadata_ttl)
         settings.store_timeout = float(settings.store_timeout)
     except (TypeError, ValueError) as e:

@@ -168,7 +168,8 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
     async def run() -> None:
         repos = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
                                    store_timeout=settings.store_timeout,
-                                   store_threads=settings.store_threads, offline=settings.offline)
+                                   store_threads=settings.store_threads, offline=settings.offline,
+                                   prefetch_max_size=settings.prefetch)
         totals_name = "mount:" + settings.mountpoint
         base = cache.totals_of(totals_name)  # earlier runs of this mount
         ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
@@ -188,6 +189,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                 nursery.start_soon(_terminate_on_signal)
                 nursery.start_soon(cache.maintain, totals_name, base, settings.cache_limit)
                 nursery.start_soon(_ready_when_answering)
+                cache.fetcher.run_prefetches_in(nursery)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:

@@ -93,6 +93,10 @@ class MountOptions:
     block_size: str | None = "64K"  # small, so multi-block files stay cheap
     metadata_ttl: float | None = None
     store_timeout: float | None = None
+    # Off by default: background prefetching of small files would make
+    # store-read counts depend on what else is in a directory. The prefetch
+    # tests turn it on.
+    prefetch: str | None = "0"
     log_file: Path | None = None
     offline: bool = False
     extra_args: tuple[str, ...] = ()
@@ -110,6 +114,8 @@ class MountOptions:
             args += ["--metadata-ttl", str(self.metadata_ttl)]
         if self.store_timeout is not None:
             args += ["--store-timeout", str(self.store_timeout)]
+        if self.prefetch is not None:
+            args += ["--prefetch", self.prefetch]
         if self.log_file is not None:
             args += ["--log-file", str(self.log_file)]
         if self.offline:

@@ -422,3 +422,34 @@ def test_rez_env_resolves_and_runs_a_package_from_the_mount(tmp_path, lazyfs_mou
         f"script={version_root / 'bin' / 'hello'}",
         f"root={version_root}",
     ], result.stderr
+
+
+# Prefetching (a lever of the performance issue) ---------------------------------
+
+def test_first_listing_prefetches_small_files_so_imports_wait_for_no_fetch(tmp_path, lazyfs_mount):
+    store = tmp_path / "store"
+    modules = {f"python/pkg/mod{n:02d}.py": f"VALUE = {n}\n" for n in range(40)}
+    write_rez_package(store, "fam", "1.0.0", files={
+        **modules, "python/pkg/__init__.py": "", "python/pkg/blob.bin": deterministic_bytes(256 * KiB, seed=7)})
+    m = lazyfs_mount({"main": store}, prefetch="64K")
+    pkg = m.repo_path("main") / "fam/1.0.0/python/pkg"
+
+    os.listdir(pkg)  # the first listing starts the prefetch
+    deadline = time.monotonic() + 30
+    while m.stats()["prefetch_blocks"] < len(modules) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after_listing = m.stats()
+    assert after_listing["prefetch_blocks"] == len(modules)  # the empty __init__ has no block
+    assert after_listing["cache_misses"] == 0
+
+    result = subprocess.run([sys.executable, "-B", "-c",
+                             "import pkg, importlib; print(sum(importlib.import_module("
+                             f"f'pkg.mod{{n:02d}}').VALUE for n in range({len(modules)})))"],
+                            env={**os.environ, "PYTHONPATH": str(pkg.parent)},
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == str(sum(range(len(modules))))
+    after_imports = m.stats()
+    # Every module came from the local cache; the big file was never fetched.
+    assert after_imports["cache_misses"] == 0
+    assert after_imports["store_reads"] == len(modules)
+    assert after_imports["cache_hits"] >= len(modules)
