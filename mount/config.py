@@ -6,6 +6,7 @@ Config file (default: $XDG_CONFIG_HOME/rez-lazyfs/config.toml):
     block_size = "128K"      # fixed when a cache is created; default 128K
     metadata_ttl = 60        # seconds before repository listings are revalidated
     store_timeout = 15       # seconds before an unanswered store read fails with EIO
+    shared_caches = ["/host-cache"]  # read-only caches read before the store (mount/layered.py)
 
     [repos]
     main = "/svr/packages"                          # alias = store path
@@ -71,6 +72,7 @@ class Settings:
     allow_other: bool = False
     log_file: str = ""
     debug: bool = False
+    shared_caches: list[str] = field(default_factory=list)  # read-only caches read before the store
 
     def __post_init__(self):
         if not self.log_file:
@@ -170,7 +172,12 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
     for key in ("mountpoint", "log_file"):
         if values.get(key):
             values[key] = from_config(values[key])
+    if not isinstance(values.get("shared_caches", []), list):
+        raise UserError(f"{path}: shared_caches must be a list of cache directories")
+    values["shared_caches"] = [from_config(p) for p in values.get("shared_caches", [])]
     values.update({k: v for k, v in overrides.items() if v is not None})
+    values["shared_caches"] = [os.path.abspath(os.path.expanduser(str(p)))
+                               for p in values["shared_caches"]]
     mount_at = mountpoint or values.pop("mountpoint", "")
     values.pop("mountpoint", None)
     try:

@@ -28,19 +28,28 @@ READY_TIMEOUT = 60.0
 
 
 # -- checks -------------------------------------------------------------------
+# What a FUSE mount whose daemon is gone answers (ECONNABORTED: a request in flight).
+_DEAD_MOUNT = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
 def _mount_state(path: str) -> str:
     """'missing', 'notdir', 'stale', 'mounted' or 'free'."""
     try:
-        st = os.stat(path)
+        os.stat(path)
+        if not os.path.isdir(path):
+            return "notdir"
+        if not os.path.ismount(path):
+            return "free"
+        # stat() may be answered from the kernel's attribute cache long after
+        # the daemon died; statfs always reaches the filesystem.
+        os.statvfs(path)
     except FileNotFoundError:
         return "missing"
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
+        if e.errno in _DEAD_MOUNT:
             return "stale"
         raise UserError(f"cannot use mountpoint {path}: {e.strerror}") from None
-    if not os.path.isdir(path):
-        return "notdir"
-    return "mounted" if os.path.ismount(path) else "free"
+    return "mounted"
 
 
 def _fusermount(*args: str) -> subprocess.CompletedProcess:
@@ -80,7 +89,9 @@ def prepare_cache_dir(path: str) -> None:
             pass
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"cache directory {path} is not usable: {e.strerror}") from None
+        hint = (" (to use a read-only cache, mount with a writable --cache and "
+                f"--shared-cache {path})") if e.errno == errno.EROFS else ""
+        raise UserError(f"cache directory {path} is not usable: {e.strerror}{hint}") from None
 
 
 def _isdir_within(path: str, seconds: float) -> bool | None:
@@ -132,6 +143,11 @@ def open_cache(settings: Settings):
 
     prepare_cache_dir(settings.cache_dir)
     try:
+        if settings.shared_caches:
+            from .layered import LayeredCache
+
+            return LayeredCache(settings.cache_dir, settings.block_size or None,
+                                settings.shared_caches)
         return LocalCache(settings.cache_dir, settings.block_size or None)
     except BlockSizeMismatch as e:
         raise UserError(str(e)) from None

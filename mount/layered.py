@@ -18,9 +18,8 @@ Blocks are named by the file's identity and the block size and carry a
 checksum, so a block found in any layer is the right one or is ignored;
 layers must share a block size, as a cache keeps one for life.
 
-Wiring (the lead's): `open_cache` in mount/daemon.py returns
-`LayeredCache(settings.cache_dir, settings.block_size or None,
-settings.shared_caches)` when shared caches are configured.
+`open_cache` in mount/daemon.py opens a LayeredCache when shared caches are
+configured (`--shared-cache DIR`, or `shared_caches = [...]` in the config).
 """
 from __future__ import annotations
 

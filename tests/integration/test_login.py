@@ -1,0 +1,301 @@
+"""Mounting at login and at boot, the ways an administrator sets it up: the
+systemd unit `rez-lazyfs service install` writes (its commands run exactly as
+written, stopped the way systemd stops a service), mount(8) and /etc/fstab
+through the real mount.fuse3 helper, and a mount whose daemon was killed.
+
+No systemd runs on the test machines, and mount(8) runs helpers with no PATH,
+so mount(8) is run in a private mount namespace where /usr/local/bin holds
+the rez-lazyfs command, as an administrator would install it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.mounts import EXIT_TIMEOUT, LAZYFS, MARKER_VAR, LazyMount, MountOptions, is_mounted
+from helpers.namespaces import MountNamespace, mount_namespace  # noqa: F401 (a fixture)
+from helpers.trees import KiB, deterministic_bytes, write_rez_package
+from helpers.walk import assert_same_tree, walk
+
+ALIAS = "main"
+MOUNT_TIMEOUT = 30  # seconds for a foreground mount to answer
+# What systemd gives a service: no virtualenv on PATH, so the unit must name
+# the command by absolute path.
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
+
+
+def build_store(root: Path) -> Path:
+    write_rez_package(root, "tool", "1.0.0", commands='env.PATH.prepend("{root}/bin")',
+                      files={"bin/tool": "#!/bin/sh\necho tool\n",
+                             "data/blocks.bin": deterministic_bytes(3 * 64 * KiB + 5, seed=7)},
+                      executables=("bin/tool",))
+    write_rez_package(root, "lib", "2.1", files={"include/lib.h": "int lib(void);\n"})
+    return root
+
+
+def write_config(path: Path, *, cache: Path, store: Path, mountpoint: Path | None = None) -> Path:
+    lines = [f'cache = "{cache}"', 'block_size = "64K"']
+    if mountpoint is not None:
+        lines.append(f'mountpoint = "{mountpoint}"')
+    lines += ["", "[repos]", f'{ALIAS} = "{store}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def lazyfs(*args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(LAZYFS), *map(str, args)], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0, f"rez-lazyfs {args} exited {result.returncode}:\n{result.stderr}"
+    return result
+
+
+# 1. The systemd unit ----------------------------------------------------------
+
+
+def parse_unit(text: str) -> dict[str, dict[str, str]]:
+    """section -> key -> value of a systemd unit (each key once, as we write them)."""
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        assert current is not None, f"{line!r} is outside any section"
+        assert key not in current, f"{key} given twice"
+        current[key] = value
+    return sections
+
+
+def command_line(value: str) -> list[str]:
+    """An ExecStart=/ExecStop= value as argv; a leading `-` only tells systemd
+    to ignore the exit status. (Our paths hold no `%` or `$`, the only other
+    thing systemd would expand.)"""
+    return shlex.split(value.removeprefix("-"))
+
+
+class SupervisedMount(LazyMount):
+    """The unit's ExecStart run as systemd runs a Type=simple service: in the
+    foreground, with systemd's environment, stopped with SIGTERM."""
+
+    def __init__(self, argv: list[str], **kwargs):
+        super().__init__(**kwargs)
+        self.argv = argv
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def journal(self) -> Path:
+        """What the service wrote to stdout and stderr: what journald would keep."""
+        return self._work_dir / f"{self.path.name}-journal.txt"
+
+    def mount(self) -> None:
+        env = {"PATH": SYSTEMD_PATH, "HOME": str(self._work_dir), MARKER_VAR: self._marker}
+        with open(self.journal, "ab") as journal:
+            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=journal,
+                                            stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not is_mounted(self.path):
+            assert self.process.poll() is None, self._failure(f"ExecStart exited {self.process.returncode}")
+            assert time.monotonic() < deadline, self._failure("ExecStart did not mount in time")
+            time.sleep(0.05)
+        self.mounted = True
+        os.stat(self.path)
+
+    def exit_status(self) -> int:
+        """Wait for the service's main process to end, as systemd does after stopping it."""
+        try:
+            return self.process.wait(timeout=EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(self._failure(f"still running {EXIT_TIMEOUT}s after being stopped")) from None
+
+
+@pytest.fixture
+def supervise(tmp_path, lazyfs_mount):
+    """Factory: run a unit's ExecStart; the lazyfs_mount fixture's teardown
+    unmounts, ends the process and checks its log as for any other mount."""
+
+    def start(argv: list[str], mountpoint: Path, cache: Path) -> SupervisedMount:
+        mount = SupervisedMount(argv, path=mountpoint, options=MountOptions(repos={}, cache=cache),
+                                work_dir=tmp_path, expected_log=lazyfs_mount.expected_log)
+        lazyfs_mount.mounts.append(mount)
+        mount.mount()
+        return mount
+
+    return start
+
+
+def install_unit(tmp_path: Path, *args) -> tuple[Path, dict[str, dict[str, str]], list[list[str]]]:
+    """Runs `service install`: the unit's path, its contents, and the shell
+    commands it printed (as argv)."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    output = lazyfs("service", "install", *args, env=env).stdout
+    unit_path = Path(output.splitlines()[0].removeprefix("wrote "))
+    commands = [shlex.split(line) for line in output.splitlines() if line.startswith("  ")]
+    return unit_path, parse_unit(unit_path.read_text()), commands
+
+
+def test_user_unit_mounts_at_login_and_unmounts_on_sigterm(tmp_path, supervise):
+    store = build_store(tmp_path / "store")
+    # A space in the mountpoint: the unit's quoting must hold.
+    mountpoint = tmp_path / "rez lazy"
+    config = write_config(tmp_path / "config.toml", cache=tmp_path / "cache", store=store,
+                          mountpoint=mountpoint)
+
+    unit_path, unit, commands = install_unit(tmp_path, "--config", config)
+
+    assert unit_path.parent == tmp_path / "xdg" / "systemd" / "user"
+    assert ["systemctl", "--user", "enable", "--now", unit_path.name] in commands
+    assert unit["Service"]["Restart"] == "on-failure"
+    assert unit["Install"]["WantedBy"] == "default.target"
+    argv = command_line(unit["Service"]["ExecStart"])
+    assert argv == [str(LAZYFS), "mount", str(mountpoint), "--foreground", "--config", str(config)]
+
+    m = supervise(argv, mountpoint, tmp_path / "cache")
+    assert_same_tree(walk(store), walk(mountpoint / ALIAS))
+
+    m.process.send_signal(signal.SIGTERM)
+    assert m.exit_status() == 0
+    assert not is_mounted(mountpoint)
+    m.mounted = False
+    journal = m.journal.read_text()
+    assert f"mounted {mountpoint}" in journal and "SIGTERM: unmounting" in journal, journal
+
+    # Enabled, as `systemctl --user enable` leaves it; uninstall undoes both.
+    wants = unit_path.parent / "default.target.wants"
+    wants.mkdir()
+    (wants / unit_path.name).symlink_to(unit_path)
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    lazyfs("service", "uninstall", "--config", config, env=env)
+    assert not unit_path.exists() and not os.path.lexists(wants / unit_path.name)
+
+
+def test_system_unit_mounts_for_every_user_and_execstop_unmounts(tmp_path, supervise):
+    store = build_store(tmp_path / "store")
+    mountpoint = tmp_path / "mnt"
+    config = write_config(tmp_path / "rez-lazyfs.toml", cache=tmp_path / "cache", store=store)
+    units = tmp_path / "etc-systemd-system"
+
+    unit_path, unit, commands = install_unit(tmp_path, "--system", "--mountpoint", mountpoint,
+                                             "--config", config, "--unit-dir", units)
+
+    assert unit_path.parent == units and mountpoint.is_dir()
+    assert ["systemctl", "enable", "--now", unit_path.name] in commands
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    assert "network-online.target" in unit["Unit"]["After"]
+    argv = command_line(unit["Service"]["ExecStart"])
+    assert "--allow-other" in argv
+
+    m = supervise(argv, mountpoint, tmp_path / "cache")
+    with open("/proc/self/mounts") as f:
+        options = next(line.split()[3] for line in f if line.split()[1] == str(mountpoint))
+    assert "allow_other" in options.split(",")
+    assert_same_tree(walk(store), walk(mountpoint / ALIAS))
+
+    # systemctl stop: ExecStop first; the service's process then ends by itself.
+    stop = subprocess.run(command_line(unit["Service"]["ExecStop"]), capture_output=True, text=True,
+                          env={"PATH": SYSTEMD_PATH}, timeout=60)
+    assert stop.returncode == 0, stop.stderr
+    assert m.exit_status() == 0
+    assert not is_mounted(mountpoint)
+    m.mounted = False
+
+
+def test_service_install_refuses_a_config_without_repositories(tmp_path):
+    config = tmp_path / "empty.toml"
+    config.write_text(f'cache = "{tmp_path / "cache"}"\n')
+    result = subprocess.run([str(LAZYFS), "service", "install", "--config", str(config),
+                             "--mountpoint", str(tmp_path / "mnt"), "--unit-dir", str(tmp_path / "units")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("rez-lazyfs: error: no repositories given"), result.stderr
+    assert not (tmp_path / "units").exists()
+
+
+# 2. mount(8) and /etc/fstab ---------------------------------------------------
+
+
+@pytest.fixture
+def admin_namespace(tmp_path, mount_namespace) -> MountNamespace:
+    """A mount namespace where rez-lazyfs is installed the way the README says
+    (a link in /usr/local/bin), since mount(8) clears PATH before running
+    mount.fuse3 and its /bin/sh."""
+    bin_dir = tmp_path / "usr-local-bin"
+    bin_dir.mkdir()
+    (bin_dir / "rez-lazyfs").symlink_to(LAZYFS)
+    ns = mount_namespace()
+    ns.bind(bin_dir, "/usr/local/bin")
+    return ns
+
+
+GENERIC_OPTIONS = "ro,nosuid,nodev,allow_other,noauto,_netdev,nofail,x-systemd.automount"
+
+
+@pytest.mark.parametrize("how", ["mount -t", "fstab line"])
+def test_mount_8_mounts_through_mount_fuse3_and_umount_8_unmounts(tmp_path, admin_namespace, how):
+    store = build_store(tmp_path / "store")
+    cache = tmp_path / "cache"
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    if how == "mount -t":
+        options = f"repo={ALIAS}:{store},cache={cache},block_size=64K,{GENERIC_OPTIONS}"
+        argv = ["mount", "-t", "fuse.rez-lazyfs", "rez-lazyfs", mountpoint, "-o", options]
+    else:
+        config = write_config(tmp_path / "rez-lazyfs.toml", cache=cache, store=store)
+        fstab = tmp_path / "fstab"
+        fstab.write_text(f"# <source> <mountpoint> <type> <options> <dump> <pass>\n"
+                         f"rez-lazyfs {mountpoint} fuse.rez-lazyfs config={config},{GENERIC_OPTIONS} 0 0\n")
+        argv = ["mount", "--fstab", fstab, mountpoint]
+
+    m = admin_namespace.adopt_mount(argv, mountpoint, MountOptions(repos={ALIAS: store}, cache=cache))
+
+    assert admin_namespace.is_mounted(mountpoint, b"fuse.rez-lazyfs")
+    assert_same_tree(walk(store), walk(admin_namespace.outside(mountpoint / ALIAS)))
+    m.unmount(["umount", mountpoint])
+
+
+def test_mount_8_reports_an_unknown_option_clearly(tmp_path, admin_namespace):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = admin_namespace.run(
+        ["mount", "-t", "fuse.rez-lazyfs", "rez-lazyfs", mountpoint, "-o",
+         f"repo={ALIAS}:{tmp_path},cache={tmp_path / 'cache'},colour=blue"], check=False)
+    assert result.returncode != 0
+    assert "rez-lazyfs: error: unknown mount option 'colour=blue'" in result.stderr, result.stderr
+    assert not admin_namespace.is_mounted(mountpoint)
+
+
+# 3. A dead mount --------------------------------------------------------------
+
+
+def test_mount_over_a_dead_mount_clears_it(tmp_path, lazyfs_mount):
+    store = build_store(tmp_path / "store")
+    m = lazyfs_mount({ALIAS: store})
+    walk(m.repo_path(ALIAS))
+    for pid in m.daemon_pids():
+        os.kill(pid, signal.SIGKILL)
+
+    # What a crashed daemon leaves behind, still in the mount table. (stat()
+    # of the mountpoint may still succeed: the kernel caches its attributes.)
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while m.daemon_pids():
+        assert time.monotonic() < deadline, "the killed daemon did not exit"
+        time.sleep(0.05)
+    with pytest.raises(OSError) as dead:
+        os.listdir(m.path)
+    assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    assert is_mounted(m.path)
+
+    m.mounted = False  # as far as rez-lazyfs is concerned; the next mount must cope
+    m.mount()
+    assert_same_tree(walk(store), walk(m.repo_path(ALIAS)))
