@@ -162,6 +162,9 @@ class Fetcher:
             self.counters.prefetch_blocks += 1
         else:
             self.counters.cache_misses += 1
+        # Recorded on every fetch, not just once a minute: a clean may have
+        # just forgotten this file, and status must attribute it again.
+        self._uses[f.key] = (f, time.time())
         started = trio.current_time()
         data = await self.call_store(f.store, f.display, self._fetch_sync, f, index)
         self.counters.record_latency(trio.current_time() - started)

@@ -181,13 +181,14 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
     specs = repo_specs(settings, cache)
     check_stores(settings, specs, cache.index)
 
+    totals_name = "mount:" + settings.mountpoint
+    base = cache.totals_of(totals_name)  # earlier runs of this mount
+
     async def run() -> None:
         repos = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
                                    store_timeout=settings.store_timeout,
                                    store_threads=settings.store_threads, offline=settings.offline,
                                    prefetch_max_size=settings.prefetch)
-        totals_name = "mount:" + settings.mountpoint
-        base = cache.totals_of(totals_name)  # earlier runs of this mount
         ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
                              totals=lambda: base + cache.counters)
         options = set(pyfuse3.default_options) | {
@@ -220,6 +221,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
         # read-ahead we set now is not reset by it.
         await trio.to_thread.run_sync(os.stat, settings.mountpoint)
         await trio.to_thread.run_sync(_set_read_ahead, settings.mountpoint, settings.read_ahead)
+        await cache.flush(totals_name, base)  # `stats` lists this mount from now on
         on_ready()
 
     async def _terminate_on_signal() -> None:
@@ -306,7 +308,9 @@ def _read_ready(fd: int, child: subprocess.Popen) -> str:
         return text
     if child.poll() is None:
         child.kill()
-        return "the mount daemon did not answer in time"
+        if time.monotonic() >= deadline:
+            return f"the mount daemon did not answer within {READY_TIMEOUT:g}s (killed it)"
+        return "the mount daemon stopped answering before it was ready (killed it; see its log)"
     return f"the mount daemon exited with status {child.returncode} (see its log)"
 
 
