@@ -353,6 +353,18 @@ def test_populate_again_once_complete_needs_no_store(shot, tmp_path):
     shot.populate(baked, cache)
 
 
+def test_populate_refuses_clearly_when_the_cache_limit_is_too_small(shot, tmp_path):
+    cache = tmp_path / "cache"
+    baked = shot.bake(tmp_path / "mnt", cache)
+    config = tmp_path / "small.toml"
+    config.write_text('cache_limit = "1K"\n')
+    before = sorted(p.stat().st_size for p in (cache / "blocks").rglob("*") if p.is_file())
+    error = run_fails(shot.rez, "populate", baked, "--cache", cache, "--config", config)
+    assert "limit" in error and "1.0 KiB" in error, error
+    # Nothing was fetched on the way to the refusal.
+    assert sorted(p.stat().st_size for p in (cache / "blocks").rglob("*") if p.is_file()) == before
+
+
 def test_unpopulated_context_sources_without_the_store_but_its_tool_fails(shot, lazyfs_mount):
     m = mountpoint_known_in_advance(lazyfs_mount, shot)
     baked = shot.bake(m.path, m.cache)
