@@ -55,6 +55,7 @@ class LocalCache:
         self.blocks = BlockCache(directory, int(recorded))
         self.counters = Counters()
         self.fetcher: Fetcher | None = None
+        self._stores: list[FilesystemStore] = []
 
     def close(self) -> None:
         self.index.close()
@@ -86,6 +87,8 @@ class LocalCache:
         while True:
             await trio.sleep(interval)
             await self.flush(name, base)
+            for store in self._stores:
+                await trio.to_thread.run_sync(store.close_idle)
             if not cache_limit:
                 continue
             if size is None:
@@ -109,10 +112,12 @@ class LocalCache:
                           store_limiter=trio.CapacityLimiter(store_threads),
                           local_limiter=trio.CapacityLimiter(8),
                           store_timeout=store_timeout)
-        return {s.alias: Repository(s.alias, FilesystemStore(s.path, offline=offline), self.index,
-                                    fetcher, RepoPolicy(metadata_ttl, s.mutable,
-                                                        prefetch_max_size=prefetch_max_size))
-                for s in specs}
+        repos = {s.alias: Repository(s.alias, FilesystemStore(s.path, offline=offline), self.index,
+                                     fetcher, RepoPolicy(metadata_ttl, s.mutable,
+                                                         prefetch_max_size=prefetch_max_size))
+                 for s in specs}
+        self._stores = [r.store for r in repos.values()]
+        return repos
 
     def recorded_repos(self) -> list[RepoSpec]:
         """The repositories this cache has served, so an offline mount needs no --repo."""

@@ -1,25 +1,92 @@
 """Where bytes come from: a Rez repository directory on shared storage.
 
 Every method blocks (it may be an NFS round trip); callers run them in worker
-threads. Paths are walked one component at a time from a fresh open of the
-store root with O_NOFOLLOW, so nothing in the store (a symlink planted where a
-directory was) can make us read outside the store root.
+threads (several at once: the methods are thread-safe). Paths are walked one
+component at a time from a fresh open of the store root with O_NOFOLLOW, so
+nothing in the store (a symlink planted where a directory was) can make us
+read outside the store root.
 """
 from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
+from collections import OrderedDict
 from contextlib import contextmanager
 
 from .errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
 from .model import Attr
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Directories are walked with O_PATH: a lookup (served from the kernel's
+# dentry cache) rather than an open, which on NFS or sshfs costs a round trip
+# to open and another to close. Only a directory being listed is opened.
+_WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+IDLE_FILES = 64      # store files kept open between reads ...
+IDLE_SECONDS = 10.0  # ... for this long: an open file keeps an NFS mount busy
 
 
 def split_path(relpath: bytes) -> list[bytes]:
     return [c for c in relpath.split(b"/") if c] if relpath else []
+
+
+class _OpenFiles:
+    """Store files kept open across block reads (scattered reads of one big
+    file would otherwise open it for every block, a round trip each).
+
+    An fd is closed only when no thread is using it, so no thread ever reads
+    through an fd number that was closed and reused for another file.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: dict[tuple, list] = {}  # key -> [fd, users]
+        self._idle: OrderedDict[tuple, float] = OrderedDict()  # key -> idle since
+
+    def acquire(self, key: tuple, opener) -> int:
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is not None:
+                entry[1] += 1
+                self._idle.pop(key, None)
+                return entry[0]
+        fd = opener()  # outside the lock: it may be a slow network call
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is not None:  # another thread opened it meanwhile
+                entry[1] += 1
+                self._idle.pop(key, None)
+                os.close(fd)
+                return entry[0]
+            self._open[key] = [fd, 1]
+            return fd
+
+    def release(self, key: tuple, keep: bool = True) -> None:
+        with self._lock:
+            entry = self._open[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                if keep:
+                    self._idle[key] = time.monotonic()
+                else:
+                    os.close(self._open.pop(key)[0])
+        self.close_idle()
+
+    def close_idle(self, max_age: float = IDLE_SECONDS) -> None:
+        """Close files idle for longer than max_age, and any beyond IDLE_FILES."""
+        to_close = []
+        with self._lock:
+            now = time.monotonic()
+            while self._idle:
+                oldest, since = next(iter(self._idle.items()))
+                if len(self._idle) <= IDLE_FILES and now - since < max_age:
+                    break
+                del self._idle[oldest]
+                to_close.append(self._open.pop(oldest)[0])
+        for fd in to_close:
+            os.close(fd)
 
 
 class FilesystemStore:
@@ -28,22 +95,31 @@ class FilesystemStore:
     def __init__(self, root: str, offline: bool = False):
         self.root = root
         self.offline = offline
+        self._files = _OpenFiles()
 
     def __repr__(self):
         return f"FilesystemStore({self.root!r})"
 
+    def close_idle(self) -> None:
+        self._files.close_idle()
+
     @contextmanager
-    def _open_dir(self, relpath: bytes):
+    def _open_dir(self, relpath: bytes, for_listing: bool = False):
         if self.offline:
             raise StoreUnavailable(f"{self.root}: offline mode, store not consulted")
+        components = split_path(relpath)
+        root_flags = _LIST_FLAGS & ~os.O_NOFOLLOW if for_listing and not components else \
+            os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
         try:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(self.root, root_flags)  # the root itself may be a symlink
         except OSError as e:
             raise StoreUnavailable(f"store {self.root} unavailable: {e.strerror}") from None
         try:
-            for component in split_path(relpath):
+            for n, component in enumerate(components):
+                last = n == len(components) - 1
                 try:
-                    child = os.open(component, _DIR_FLAGS, dir_fd=fd)
+                    child = os.open(component, _LIST_FLAGS if last and for_listing else _WALK_FLAGS,
+                                    dir_fd=fd)
                 except OSError as e:
                     raise self._error(relpath, e) from None
                 os.close(fd)
@@ -70,7 +146,7 @@ class FilesystemStore:
 
     def list_dir(self, relpath: bytes) -> dict[bytes, Attr]:
         """Every entry of a store directory with its lstat attributes, sorted by name."""
-        with self._open_dir(relpath) as fd:
+        with self._open_dir(relpath, for_listing=True) as fd:
             try:
                 names = sorted(os.fsencode(n) for n in os.listdir(fd))
                 entries = {}
@@ -87,16 +163,13 @@ class FilesystemStore:
 
     def read(self, relpath: bytes, identity: tuple[int, int], offset: int, size: int) -> bytes:
         """`size` bytes at `offset` of the file, which must still have `identity`."""
-        parts = split_path(relpath)
-        parent, name = b"/".join(parts[:-1]), parts[-1]
-        with self._open_dir(parent) as dfd:
-            try:
-                fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
-            except OSError as e:
-                raise self._error(relpath, e) from None
+        key = (relpath, identity)
+        fd = self._files.acquire(key, lambda: self._open_file(relpath))
+        keep = True
         try:
             st = os.fstat(fd)
             if (st.st_size, st.st_mtime_ns) != identity:
+                keep = False
                 raise StoreFileChanged(
                     f"{os.path.join(self.root, os.fsdecode(relpath))}: changed in the store "
                     f"(size/mtime {st.st_size}/{st.st_mtime_ns}, indexed {identity[0]}/{identity[1]})")
@@ -108,14 +181,23 @@ class FilesystemStore:
                 chunks.append(chunk)
                 done += len(chunk)
         except OSError as e:
+            keep = False
             raise self._error(relpath, e) from None
         finally:
-            os.close(fd)
+            self._files.release(key, keep)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(data) != size:
             raise StoreFileChanged(
                 f"{os.path.join(self.root, os.fsdecode(relpath))}: short read from the store")
         return data
+
+    def _open_file(self, relpath: bytes) -> int:
+        parts = split_path(relpath)
+        with self._open_dir(b"/".join(parts[:-1])) as dfd:
+            try:
+                return os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
+            except OSError as e:
+                raise self._error(relpath, e) from None
 
 
 def _is_link(st) -> bool:

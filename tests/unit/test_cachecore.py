@@ -368,3 +368,24 @@ def test_cache_keeps_its_block_size(tmp_path):
     reopened.close()
     with pytest.raises(BlockSizeMismatch, match="64K"):
         LocalCache(str(tmp_path), 128 * 1024)
+
+
+def test_store_keeps_a_file_open_across_blocks_and_closes_it_when_idle(store_root):
+    opened = []
+
+    class OpenCountingStore(FilesystemStore):
+        def _open_file(self, relpath):
+            opened.append(relpath)
+            return super()._open_file(relpath)
+
+    store = OpenCountingStore(str(store_root))
+    tool = store_root / "fam/1.0/bin/tool"
+    st = tool.stat()
+    identity = (st.st_size, st.st_mtime_ns)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    data = b"".join(store.read(b"fam/1.0/bin/tool", identity, off, min(BS, st.st_size - off))
+                    for off in range(0, st.st_size, BS))
+    assert data == tool.read_bytes() and opened == [b"fam/1.0/bin/tool"]
+    assert len(os.listdir("/proc/self/fd")) == fds_before + 1  # kept open, idle
+    store._files.close_idle(max_age=0)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
