@@ -2,7 +2,7 @@
 
 Block i of a file version lives in slot i of its cache file, at offset
 i * (block_size + 8): the block's bytes, then an 8-byte trailer, the xxh3-64
-of those bytes seeded with i. The data is written first and the trailer
+of those bytes seeded with the file key and i. The data is written first and the trailer
 second, so a slot is present only once it is whole (write, then mark
 present), for readers in any process. A hole (never written) reads as zeros
 and is absent; a slot whose trailer does not match (torn by a crash, the
@@ -36,8 +36,11 @@ def file_key(store_id: str, relpath: bytes, identity: tuple[int, int], block_siz
     return h.hexdigest()
 
 
-def _digest(data, index: int) -> bytes:
-    return _TRAILER.pack(xxhash.xxh3_64_intdigest(data, seed=index))
+def _digest(data, key: str, index: int) -> bytes:
+    # Seeded with the file version and the slot: whole, valid-looking bytes
+    # from another file or another slot do not verify here.
+    seed = (int(key[:16], 16) + index) % 2**64
+    return _TRAILER.pack(xxhash.xxh3_64_intdigest(data, seed=seed))
 
 
 class BlockCache:
@@ -74,7 +77,7 @@ class BlockCache:
         if len(raw) == length + TRAILER_SIZE:
             data = memoryview(raw)[:length]
             trailer = raw[length:]
-            if trailer == _digest(data, index):
+            if trailer == _digest(data, key, index):
                 return bytes(data)
             if trailer == _ABSENT:
                 return None
@@ -125,7 +128,7 @@ class BlockCache:
         try:
             slot = self._slot(index)
             _write_all(fd, data, slot)
-            _write_all(fd, _digest(data, index), slot + len(data))  # the mark, last
+            _write_all(fd, _digest(data, key, index), slot + len(data))  # the mark, last
         finally:
             os.close(fd)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -70,12 +71,18 @@ class LocalCache:
         return Counters.from_record(record["counters"]) if record else Counters()
 
     async def flush(self, name: str, base: Counters) -> None:
-        """Write noted uses and the totals (earlier runs + this one) to the index."""
-        if self.fetcher is not None:
-            await self.fetcher.flush_uses(self.index)
+        """Write noted uses and the totals (earlier runs + this one) to the index.
+
+        Bookkeeping only: on a full or broken cache disk it logs and carries on
+        (the uses are lost; clean falls back to file times)."""
         record = json.dumps({"counters": (base + self.counters).to_record(),
                              "pid": os.getpid(), "updated": time.time()})
-        await trio.to_thread.run_sync(self.index.set_record, "s", name, record)
+        try:
+            if self.fetcher is not None:
+                await self.fetcher.flush_uses(self.index)
+            await trio.to_thread.run_sync(self.index.set_record, "s", name, record)
+        except (OSError, sqlite3.Error) as e:
+            log.warning("cannot record usage and totals in the index: %s", e)
 
     async def maintain(self, name: str, base: Counters, cache_limit: int,
                        interval: float = 2.0) -> None:

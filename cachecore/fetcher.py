@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import trio
 
 from .blocks import BlockCache
-from .errors import LazyFSError, StoreUnavailable
+from .errors import LazyFSError, NotFound, StoreUnavailable
+from .model import display_path
 from .singleflight import SingleFlight
 from .stats import Counters
 
@@ -36,7 +37,7 @@ class FileVersion:
 
     @property
     def display(self) -> str:
-        return f"{self.store.root}/{self.relpath.decode(errors='replace')}"
+        return display_path(self.store.root, self.relpath)
 
 
 class Fetcher:
@@ -166,7 +167,12 @@ class Fetcher:
         # just forgotten this file, and status must attribute it again.
         self._uses[f.key] = (f, time.time())
         started = trio.current_time()
-        data = await self.call_store(f.store, f.display, self._fetch_sync, f, index)
+        try:
+            data = await self.call_store(f.store, f.display, self._fetch_sync, f, index)
+        except NotFound as e:
+            # The index lists this file, so the store lost it or is not mounted:
+            # a read error (EIO), not "no such file" for a file just listed.
+            raise StoreUnavailable(f"{e.args[0]} (it is in the index)") from None
         self.counters.record_latency(trio.current_time() - started)
         # Counted here, on the event loop, so no two threads race on a counter.
         self.counters.store_reads += 1

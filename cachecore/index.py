@@ -13,7 +13,7 @@ import os
 
 import diskcache
 
-from .model import Attr, decode_listing, encode_listing
+from .model import Attr, decode_listing, display_path, encode_listing
 from .plaindisk import PlainDisk
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ class MetadataIndex:
         try:
             return decode_listing(blob)
         except ValueError as e:
-            log.warning("index record for %s:%s is damaged (%s); relisting",
-                        store_id, os.fsdecode(relpath), e)
+            log.warning("index record for %s is damaged (%s); relisting",
+                        display_path(store_id, relpath), e)
             return None
 
     def put_listing(self, store_id: str, relpath: bytes, entries: dict[bytes, Attr],

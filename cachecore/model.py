@@ -1,9 +1,25 @@
 """What the index knows of a store entry, and the compact binary form it is kept in."""
 from __future__ import annotations
 
+import os
 import stat
 import struct
 from dataclasses import dataclass
+
+
+def display_path(root: str, relpath: bytes = b"") -> str:
+    """A store path for messages and logs, on one line whatever its name holds:
+    control characters are escaped and undecodable bytes shown as \\xNN, so a
+    file named "x\\nERROR ..." cannot forge a log line."""
+    text = os.path.join(root, os.fsdecode(relpath)) if relpath else root
+    return "".join(c if c.isprintable() and not 0xDC80 <= ord(c) <= 0xDCFF else _escaped(c)
+                   for c in text)
+
+
+def _escaped(c: str) -> str:
+    if 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    return c.encode("unicode_escape").decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)

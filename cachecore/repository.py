@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .blocks import file_key
 from .errors import NotADirectory, NotFound, StoreUnavailable
 from .fetcher import Fetcher, FileVersion
 from .index import MetadataIndex
-from .model import Attr
+from .model import Attr, display_path
 from .singleflight import SingleFlight
 from .store import FilesystemStore, split_path
 
@@ -69,6 +70,7 @@ class Repository:
         self._memory_limit = memory_entries
         self._root: _Listing | None = None
         self._flights = SingleFlight()
+        self._index_writable = True
 
     # -- policy -------------------------------------------------------------
     def is_volatile_dir(self, relpath: bytes) -> bool:
@@ -84,7 +86,7 @@ class Repository:
         return float("inf")
 
     def _display(self, relpath: bytes) -> str:
-        return os.path.join(self.store.root, os.fsdecode(relpath))
+        return display_path(self.store.root, relpath)
 
     # -- metadata -----------------------------------------------------------
     async def root_attr(self) -> Attr:
@@ -109,8 +111,22 @@ class Repository:
             log.info("serving cached attributes of %s: %s", self.store.root, e)
             return _Listing(known.entries, self._clock() + self.policy.metadata_ttl)
         now = self._clock()
-        await self.fetcher.call_local(self.index.put_root, self.store_id, attr, now)
+        await self._save(self.index.put_root, self.store_id, attr, now)
         return _Listing({b".": attr}, now + self.policy.metadata_ttl)
+
+    async def _save(self, write, *args) -> None:
+        """Write to the index; on a full or broken cache disk, serve from memory
+        and say so once (and once more when writing works again)."""
+        try:
+            await self.fetcher.call_local(write, *args)
+        except (OSError, sqlite3.Error) as e:
+            if self._index_writable:
+                log.warning("cannot save metadata in the index (%s); serving it from memory", e)
+            self._index_writable = False
+            return
+        if not self._index_writable:
+            log.info("the index is writable again")
+        self._index_writable = True
 
     async def listing(self, relpath: bytes) -> dict[bytes, Attr]:
         """Every entry of a directory, from memory, the index or the store."""
@@ -133,6 +149,18 @@ class Repository:
         try:
             entries = await self.fetcher.call_store(self.store, self._display(relpath),
                                                     self.store.list_dir, relpath)
+            if known is not None and known.entries and (
+                    not entries if relpath == b"" else False):
+                raise StoreUnavailable(f"{self.store.root} is empty: its filesystem is "
+                                       "probably not mounted")
+        except NotFound:
+            if known is None or not await self.fetcher.call_store(
+                    self.store, self.store.root, self.store.root_is_empty):
+                raise
+            e = StoreUnavailable(f"{self.store.root} is empty: its filesystem is probably "
+                                 "not mounted")
+            log.info("serving cached listing of %s: %s", self._display(relpath), e)
+            return _Listing(known.entries, self._clock() + self.policy.metadata_ttl)
         except StoreUnavailable as e:
             if known is None:
                 raise StoreUnavailable(f"{e} (and not cached)") from None
@@ -142,7 +170,7 @@ class Repository:
             return _Listing(known.entries, self._clock() + self.policy.metadata_ttl)
         self.fetcher.counters.store_listings += 1
         now = self._clock()
-        await self.fetcher.call_local(self.index.put_listing, self.store_id, relpath, entries, now)
+        await self._save(self.index.put_listing, self.store_id, relpath, entries, now)
         if known is None and self.policy.prefetch_max_size and not self.is_volatile_dir(relpath):
             self._prefetch_small_files(relpath, entries)
         return _Listing(entries, self._valid_until(relpath, now))

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 
 from .errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
-from .model import Attr
+from .model import Attr, display_path
 
 # Directories are walked with O_PATH: a lookup (served from the kernel's
 # dentry cache) rather than an open, which on NFS or sshfs costs a round trip
@@ -25,7 +25,7 @@ _WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 IDLE_FILES = 64      # store files kept open between reads ...
-IDLE_SECONDS = 10.0  # ... for this long: an open file keeps an NFS mount busy
+IDLE_SECONDS = 2.0   # ... this long: an open file keeps the store's filesystem busy
 
 
 def split_path(relpath: bytes) -> list[bytes]:
@@ -34,7 +34,9 @@ def split_path(relpath: bytes) -> list[bytes]:
 
 class _OpenFiles:
     """Store files kept open across block reads (scattered reads of one big
-    file would otherwise open it for every block, a round trip each).
+    file would otherwise open it for every block, a round trip each), and for
+    IDLE_SECONDS after: long enough for a launch's bursts, short enough that
+    unmounting the store's filesystem is not kept busy for long.
 
     An fd is closed only when no thread is using it, so no thread ever reads
     through an fd number that was closed and reused for another file.
@@ -129,7 +131,7 @@ class FilesystemStore:
             os.close(fd)
 
     def _error(self, relpath: bytes, e: OSError):
-        where = os.path.join(self.root, os.fsdecode(relpath))
+        where = display_path(self.root, relpath)
         if e.errno == errno.ENOTDIR or e.errno == errno.ELOOP:
             return NotADirectory(f"{where}: not a directory in the store")
         if e.errno == errno.ENOENT:
@@ -161,6 +163,13 @@ class FilesystemStore:
             except OSError as e:
                 raise self._error(relpath, e) from None
 
+    def root_is_empty(self) -> bool:
+        """An empty repository root means the store's filesystem is not mounted
+        (its mount point shows through), not that every package was deleted."""
+        with self._open_dir(b"", for_listing=True) as fd:
+            with os.scandir(fd) as entries:
+                return next(entries, None) is None
+
     def read(self, relpath: bytes, identity: tuple[int, int], offset: int, size: int) -> bytes:
         """`size` bytes at `offset` of the file, which must still have `identity`."""
         key = (relpath, identity)
@@ -171,7 +180,7 @@ class FilesystemStore:
             if (st.st_size, st.st_mtime_ns) != identity:
                 keep = False
                 raise StoreFileChanged(
-                    f"{os.path.join(self.root, os.fsdecode(relpath))}: changed in the store "
+                    f"{display_path(self.root, relpath)}: changed in the store "
                     f"(size/mtime {st.st_size}/{st.st_mtime_ns}, indexed {identity[0]}/{identity[1]})")
             chunks, done = [], 0
             while done < size:
@@ -188,7 +197,7 @@ class FilesystemStore:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(data) != size:
             raise StoreFileChanged(
-                f"{os.path.join(self.root, os.fsdecode(relpath))}: short read from the store")
+                f"{display_path(self.root, relpath)}: short read from the store")
         return data
 
     def _open_file(self, relpath: bytes) -> int:

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
@@ -98,21 +98,51 @@ def _read_config(path: Path, explicit: bool) -> dict:
         return {}
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
 
 
+# The TOML type each setting must have: a typo'd value must be an error, never
+# a surprise (bool("false") is True: allow_other = "false" would share the mount).
+_SIZE_TYPES = (int, str)
+_CONFIG_TYPES = {
+    "cache": str, "mountpoint": str, "log_file": str, "block_size": _SIZE_TYPES,
+    "cache_limit": _SIZE_TYPES, "read_ahead": _SIZE_TYPES, "prefetch": _SIZE_TYPES,
+    "metadata_ttl": (int, float), "store_timeout": (int, float), "store_threads": int,
+    "offline": bool, "allow_other": bool, "debug": bool, "shared_caches": list, "repos": dict,
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list",
+               dict: "a table", _SIZE_TYPES: "a size like \"128K\" or a byte count",
+               (int, float): "a number"}
+
+
+def _check_types(conf: dict, path) -> None:
+    for key, value in conf.items():
+        want = _CONFIG_TYPES[key]
+        kinds = want if isinstance(want, tuple) else (want,)
+        # bool is an int in Python; TOML's true is no byte count or thread count.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise UserError(f"{path}: {key} must be {_TYPE_NAMES[want]}, not {value!r}")
+        if key == "store_threads" and value < 1:
+            raise UserError(f"{path}: store_threads must be at least 1")
+
+
 def _repos_from_config(table, path) -> list[RepoConfig]:
-    if not isinstance(table, dict):
-        raise UserError(f"{path}: [repos] must be a table of alias = path")
     repos = []
     for alias, value in table.items():
         if isinstance(value, str):
             repos.append(RepoConfig(alias, value))
-        elif isinstance(value, dict) and isinstance(value.get("path"), str):
-            repos.append(RepoConfig(alias, value["path"], bool(value.get("mutable", False))))
-        else:
+            continue
+        if not isinstance(value, dict) or not isinstance(value.get("path"), str):
             raise UserError(f"{path}: repos.{alias} must be a path or {{ path = ..., mutable = ... }}")
+        unknown = set(value) - {"path", "mutable"}
+        if unknown:
+            raise UserError(f"{path}: repos.{alias}: unknown setting(s): {', '.join(sorted(unknown))}")
+        if not isinstance(value.get("mutable", False), bool):
+            raise UserError(f"{path}: repos.{alias}.mutable must be true or false")
+        repos.append(RepoConfig(alias, value["path"], value.get("mutable", False)))
     return repos
 
 
@@ -133,10 +163,10 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
     """
     path = Path(config) if config else default_config_path()
     conf = _read_config(path, explicit=bool(config))
-    known = {f.name for f in fields(Settings)} | {"repos", "cache"}
-    unknown = set(conf) - known - {"cache_dir"}
+    unknown = set(conf) - set(_CONFIG_TYPES)
     if unknown:
         raise UserError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    _check_types(conf, path)
     base = path.resolve().parent
 
     def from_config(value) -> str:
@@ -172,7 +202,7 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
     for key in ("mountpoint", "log_file"):
         if values.get(key):
             values[key] = from_config(values[key])
-    if not isinstance(values.get("shared_caches", []), list):
+    if not all(isinstance(p, str) for p in values.get("shared_caches", [])):
         raise UserError(f"{path}: shared_caches must be a list of cache directories")
     values["shared_caches"] = [from_config(p) for p in values.get("shared_caches", [])]
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -123,7 +123,7 @@ def check_stores(settings: Settings, specs, index) -> None:
 
 # -- serving ------------------------------------------------------------------
 def setup_logging(settings: Settings, to_stderr: bool) -> None:
-    os.makedirs(os.path.dirname(settings.log_file), mode=0o700, exist_ok=True)
+    _open_log(settings.log_file).close()  # created owner-only, or a clear error
     handlers: list[logging.Handler] = [logging.handlers.RotatingFileHandler(
         settings.log_file, maxBytes=10 * 2**20, backupCount=5)]
     if to_stderr:
@@ -266,9 +266,8 @@ def mount_fs(settings: Settings, foreground: bool = False) -> None:
         return
     check_mountpoint(settings.mountpoint)  # fail fast, in the caller's terminal
     prepare_cache_dir(settings.cache_dir)
-    os.makedirs(os.path.dirname(settings.log_file), mode=0o700, exist_ok=True)
     read_end, write_end = os.pipe()
-    with open(settings.log_file, "ab") as stderr:
+    with _open_log(settings.log_file) as stderr:
         child = subprocess.Popen(
             [sys.executable, "-m", "mount.daemon", str(write_end)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
@@ -282,6 +281,16 @@ def mount_fs(settings: Settings, foreground: bool = False) -> None:
     if message != "ok":
         raise UserError(message)
     os.stat(settings.mountpoint)  # answered by the daemon: it is serving
+
+
+def _open_log(path: str):
+    """The log file for appending, owner-only like the rest of the cache."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                                 0o600), "ab")
+    except OSError as e:
+        raise UserError(f"cannot write the log file {path}: {e.strerror}") from None
 
 
 def _package_root() -> str:
