@@ -65,7 +65,8 @@ class Fetcher:
         self._background = nursery
 
     def prefetch(self, files: list[FileVersion]) -> None:
-        """Fetch these whole files in the background (if a nursery was given)."""
+        """Fetch these whole files in the background (if a nursery was given:
+        the daemon gives one; bake and populate fetch what they need anyway)."""
         if self._background is not None and files:
             self._background.start_soon(self._prefetch_files, files)
 
@@ -116,7 +117,13 @@ class Fetcher:
             return b""
         bs = self.blocks.block_size
         indices = range(offset // bs, (end - 1) // bs + 1)
-        found = await self.call_local(self._read_local, f, indices)
+        if len(indices) == 1:
+            # One local pread: cheaper than the two thread wake-ups of a hop,
+            # which a start-up's thousands of small sequential reads each
+            # pay in full (CONCURRENCY.md, rule 1).
+            found = self._read_local(f, indices)
+        else:
+            found = await self.call_local(self._read_local, f, indices)
         missing = [i for i in indices if found[i] is None]
         self.counters.cache_hits += len(indices) - len(missing)
         if missing:

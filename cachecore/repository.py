@@ -35,10 +35,11 @@ VOLATILE_DEPTH = 2
 class RepoPolicy:
     metadata_ttl: float = 60.0
     mutable: bool = False
-    # On a payload directory's first listing, fetch its files of at most this
-    # size in the background: a DCC start-up reads most small files of the
-    # directories it lists (Python packages), one round trip each if not
-    # overlapped. 0 turns it off.
+    # When a file of a payload directory is first opened, fetch its siblings
+    # with the same suffix of at most this size in the background: a start-up
+    # that imports one module of a package imports most of them (one round
+    # trip each if not overlapped), while a walk or an `ls` opens nothing and
+    # fetches nothing. 0 turns it off.
     prefetch_max_size: int = 0
     prefetch_max_files: int = 2000
 
@@ -71,6 +72,7 @@ class Repository:
         self._root: _Listing | None = None
         self._flights = SingleFlight()
         self._index_writable = True
+        self._prefetched: set[bytes] = set()  # directories whose siblings were prefetched
 
     # -- policy -------------------------------------------------------------
     def is_volatile_dir(self, relpath: bytes) -> bool:
@@ -171,17 +173,24 @@ class Repository:
         self.fetcher.counters.store_listings += 1
         now = self._clock()
         await self._save(self.index.put_listing, self.store_id, relpath, entries, now)
-        if known is None and self.policy.prefetch_max_size and not self.is_volatile_dir(relpath):
-            self._prefetch_small_files(relpath, entries)
         return _Listing(entries, self._valid_until(relpath, now))
 
-    def _prefetch_small_files(self, relpath: bytes, entries: dict[bytes, Attr]) -> None:
-        small = [(name, a) for name, a in entries.items()
-                 if a.is_file and 0 < a.size <= self.policy.prefetch_max_size]
-        if len(small) > self.policy.prefetch_max_files:
+    def _prefetch_siblings(self, relpath: bytes) -> None:
+        parent, name = parent_and_name(relpath)
+        if (parent in self._prefetched or self.is_volatile_dir(parent)
+                or parent not in self._memory):
+            return
+        if len(self._prefetched) > 100_000:
+            self._prefetched.clear()
+        self._prefetched.add(parent)
+        suffix = os.path.splitext(name)[1]
+        siblings = [(n, a) for n, a in self._memory[parent].entries.items()
+                    if n != name and a.is_file and 0 < a.size <= self.policy.prefetch_max_size
+                    and os.path.splitext(n)[1] == suffix]
+        if len(siblings) > self.policy.prefetch_max_files:
             return  # a data directory, not a code one: leave it to readers
-        prefix = relpath + b"/" if relpath else b""
-        self.fetcher.prefetch([self._version(prefix + name, a) for name, a in small])
+        prefix = parent + b"/" if parent else b""
+        self.fetcher.prefetch([self._version(prefix + n, a) for n, a in siblings])
 
     def _remember(self, relpath: bytes, listing: _Listing) -> None:
         old = self._memory.pop(relpath, None)
@@ -213,7 +222,10 @@ class Repository:
 
     # -- contents -----------------------------------------------------------
     async def open(self, relpath: bytes) -> FileVersion:
-        return self._version(relpath, await self.getattr(relpath))
+        version = self._version(relpath, await self.getattr(relpath))
+        if self.policy.prefetch_max_size:
+            self._prefetch_siblings(relpath)
+        return version
 
     def _version(self, relpath: bytes, attr: Attr) -> FileVersion:
         return FileVersion(self.store, relpath, attr.size, attr.identity,

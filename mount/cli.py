@@ -59,7 +59,7 @@ def repo_options(f):
 @click.option("--block-size", help="Cache block size, e.g. 128K (fixed when a cache is created).")
 @click.option("--read-ahead", help="Kernel read-ahead for sequential reads, e.g. 1M (root only).")
 @click.option("--prefetch", metavar="SIZE",
-              help="On a directory's first listing, fetch its files up to SIZE (0: off) [128K].")
+              help="On a file's first open, fetch its same-suffix siblings up to SIZE (0: off) [128K].")
 @click.option("--metadata-ttl", type=float, help="Seconds before repository listings are revalidated.")
 @click.option("--store-timeout", type=float, help="Seconds before an unanswered store request fails with EIO.")
 @click.option("--log-file", type=click.Path(), help="Daemon log [CACHE/logs/daemon.log].")

@@ -67,7 +67,7 @@ class Settings:
     store_threads: int = 16
     cache_limit: int = 0  # bytes; 0 = no limit
     read_ahead: int = 1024 * 1024  # kernel read-ahead on the mount (root only); 0 = kernel default
-    prefetch: int = 128 * 1024  # on a payload dir's first listing, fetch files up to this size; 0 = off
+    prefetch: int = 128 * 1024  # on a file's first open, fetch same-suffix siblings up to this size; 0 = off
     offline: bool = False
     allow_other: bool = False
     log_file: str = ""
