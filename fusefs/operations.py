@@ -176,11 +176,17 @@ class LazyOperations(pyfuse3.Operations):
     async def opendir(self, inode, ctx=None):
         alias, relpath = self._known(inode)
         if alias is None:
-            entries = [(os.fsencode(a), (a, b"")) for a in sorted(self.repos)]
+            entries = [(os.fsencode(a), (a, b""), await self.repos[a].root_attr(), True,
+                        self.repos[a].policy.metadata_ttl) for a in sorted(self.repos)]
         else:
-            listing = await self.repos[alias].readdir(relpath)
+            repo = self.repos[alias]
+            listing = await repo.readdir(relpath)
             prefix = relpath + b"/" if relpath else b""
-            entries = [(name, (alias, prefix + name)) for name in listing]
+            # Every entry's attributes come from this one listing, so they share
+            # its policy: decided once here, not per entry in readdir.
+            volatile, ttl = repo.is_volatile_dir(relpath), repo.policy.metadata_ttl
+            entries = [(name, (alias, prefix + name), attr, volatile, ttl)
+                       for name, attr in listing.items()]
         fh = next(self._handles)
         self._open_dirs[fh] = entries  # a snapshot: offsets stay stable while listing
         return fh
@@ -189,13 +195,9 @@ class LazyOperations(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         entries = self._open_dirs[fh]
         for position in range(start_id, len(entries)):
-            name, key = entries[position]
+            name, key, attr, volatile, ttl = entries[position]
             inode = self.inodes.inode_for(key)
-            try:
-                entry = await self._attr_of(inode)
-            except NotFound:
-                self.inodes.drop_if_unused(inode)
-                continue
+            entry = self._entry(inode, attr, volatile, ttl)
             if not pyfuse3.readdir_reply(token, name, entry, position + 1):
                 self.inodes.drop_if_unused(inode)
                 return
