@@ -1,0 +1,400 @@
+"""The six contenders and how each one runs a workload.
+
+    native          the tree on local disk (the store directory itself), page cache dropped
+    direct          straight from the sshfs store, sshfs remounted (its caches cold), page cache dropped
+    copy            Rez's package cache: PackageCache.add_variant() (rez's own API, a
+                    shutil.copytree of the variant from the sshfs store to local disk),
+                    then the workload on the copy; time = copy + workload
+    lazy-cold       rez-lazyfs on the sshfs store, a fresh --cache dir, page cache dropped
+    lazy-warm-disk  the same cache, remounted, page cache dropped
+    lazy-warm-hot   the same mount again, right after lazy-warm-disk (page cache hot)
+
+Store traffic: for rez-lazyfs from its stats xattr (store_reads, store_bytes,
+store_listings); for every contender that touches the network, also the SFTP
+requests and the bytes on the client veth (NetStore.counters).
+
+This file is also run as `python contenders.py rez-cache-add REPO NAME VERSION CACHE`:
+Rez's package cache copying one variant, in its own process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from workloads import (  # noqa: E402
+    W1_VARIANT, W2_FILE, W2_VARIANT, W3_DIR, W3_VARIANT, launch_argv)
+
+CLI = str(Path(sys.executable).parent / "rez-lazyfs")
+CONTENDERS = ["native", "direct", "copy", "lazy-cold", "lazy-warm-disk", "lazy-warm-hot"]
+LABELS = {"native": "native (local disk, page cache dropped)",
+          "direct": "direct from the sshfs store (cold)",
+          "copy": "Rez package cache: copy variant, then run",
+          "lazy-cold": "rez-lazyfs cold (empty cache)",
+          "lazy-warm-disk": "rez-lazyfs warm, page cache dropped",
+          "lazy-warm-hot": "rez-lazyfs warm, page cache hot"}
+VARIANT_OF = {"W1": W1_VARIANT, "W2": W2_VARIANT, "W3": W3_VARIANT, "W4": W1_VARIANT}
+MARKER_VAR = "REZ_LAZYFS_BENCH_MARKER"
+STATS_XATTR = "user.rezlazyfs.stats"
+DAEMON_EXIT_TIMEOUT = 60
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+class WorkloadFailed(RuntimeError):
+    pass
+
+
+# -- the workloads, on a variant root -------------------------------------------
+def _check_launch(out: str, expect: dict) -> dict:
+    try:
+        got = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise WorkloadFailed(f"the launch printed {out[-300:]!r}") from None
+    if got["modules"] != expect["modules"] or got["binary_bytes"] != expect["binary_bytes"]:
+        raise WorkloadFailed(f"the launch loaded {got}, expected {expect}")
+    return got
+
+
+def run_w1(root: Path, info: dict) -> dict:
+    argv, env = launch_argv(root)
+    t = time.perf_counter()
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, cwd="/")
+    seconds = time.perf_counter() - t
+    if r.returncode:
+        raise WorkloadFailed(f"the launch failed: {r.stderr.strip()[-500:]}")
+    _check_launch(r.stdout, info["W1"])
+    return {"seconds": seconds, "bytes_read": info["W1"]["launch_bytes"]}
+
+
+def run_w4(root: Path, info: dict) -> dict:
+    argv, env = launch_argv(root)
+    n = info["sizes"]["w4_processes"]
+    t = time.perf_counter()
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd="/") for _ in range(n)]
+    each = []
+    for p in procs:
+        out, err = p.communicate()
+        each.append(time.perf_counter() - t)
+        if p.returncode:
+            raise WorkloadFailed(f"a launch failed: {err.strip()[-500:]}")
+        _check_launch(out, info["W1"])
+    return {"seconds": max(each), "per_process_seconds": each,
+            "bytes_read": n * info["W1"]["launch_bytes"]}
+
+
+def _runner(*args: str) -> dict:
+    r = subprocess.run([sys.executable, str(HERE / "workloads.py"), *args],
+                       capture_output=True, text=True, cwd="/")
+    if r.returncode:
+        raise WorkloadFailed(f"{args[0]} failed: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout)
+
+
+def run_w2(root: Path, info: dict) -> dict:
+    got = _runner("seqread", str(root / W2_FILE))
+    if got["bytes"] != info["W2"]["file_bytes"]:
+        raise WorkloadFailed(f"read {got['bytes']} bytes, expected {info['W2']['file_bytes']}")
+    return {"seconds": got["seconds"], "bytes_read": got["bytes"]}
+
+
+def run_w3(root: Path, info: dict) -> dict:
+    got = _runner("walk", str(root / W3_DIR))
+    if got["entries"] != info["W3"]["entries"]:
+        raise WorkloadFailed(f"walked {got['entries']} entries, expected {info['W3']['entries']}")
+    return {"seconds": got["seconds"], "entries": got["entries"], "bytes_read": 0}
+
+
+WORKLOADS = {"W1": run_w1, "W2": run_w2, "W3": run_w3, "W4": run_w4}
+
+
+# -- processes of ours ----------------------------------------------------------
+def pids_with_marker(marker: str) -> list[int]:
+    needle = f"{MARKER_VAR}={marker}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.fsencode(os.path.abspath(path))
+    with open("/proc/mounts", "rb") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+class LazyMount:
+    """One `rez-lazyfs mount` of the sshfs store, its daemon found by an env marker."""
+
+    def __init__(self, mountpoint: Path, store: Path, cache: Path, extra: list[str]):
+        self.mountpoint, self.store, self.cache, self.extra = mountpoint, store, cache, extra
+        self.marker = uuid.uuid4().hex
+        self.pid: int | None = None
+
+    def mount(self) -> None:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, MARKER_VAR: self.marker}
+        r = subprocess.run([CLI, "mount", str(self.mountpoint), "--repo", f"main={self.store}",
+                            "--cache", str(self.cache), *self.extra],
+                           env=env, capture_output=True, text=True)
+        if r.returncode:
+            raise WorkloadFailed(f"rez-lazyfs mount failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        daemons = [p for p in pids_with_marker(self.marker) if b"mount.daemon" in _cmdline(p)]
+        if len(daemons) != 1:
+            raise WorkloadFailed(f"expected one rez-lazyfs daemon with our marker, found {daemons}")
+        self.pid = daemons[0]
+
+    def stats(self) -> dict:
+        return json.loads(os.getxattr(self.mountpoint, STATS_XATTR))
+
+    def peak_rss_kib(self) -> int | None:
+        return vm_hwm_kib(self.pid) if self.pid else None
+
+    def umount(self) -> None:
+        if is_mounted(self.mountpoint):
+            r = subprocess.run([CLI, "umount", str(self.mountpoint)], capture_output=True, text=True)
+            if r.returncode:
+                subprocess.run([CLI, "umount", "--lazy", str(self.mountpoint)], capture_output=True)
+        # the daemon flushes its index and exits: wait for it, so the next
+        # mount of this cache does not race it
+        deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
+        while self.pid and time.monotonic() < deadline:
+            if not pids_with_marker(self.marker):
+                break
+            time.sleep(0.05)
+        self.kill_leftovers()
+        self.pid = None
+
+    def kill_leftovers(self) -> None:
+        for pid in pids_with_marker(self.marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def cache_status(cache: Path) -> dict | None:
+    r = subprocess.run([CLI, "status", "--json", "--cache", str(cache)], capture_output=True, text=True)
+    if r.returncode:
+        return None
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        return None
+
+
+def cached_bytes(cache: Path, variant: str) -> int | None:
+    """Payload bytes rez-lazyfs holds for one package version (from `status --json`)."""
+    data = cache_status(cache)
+    if data is None:
+        return None
+    rows = data.get("variants") if isinstance(data, dict) else None
+    family, version = variant.split("/")
+    total = None
+    for row in rows if isinstance(rows, list) else []:
+        if row.get("package") == family and row.get("version") == version:
+            total = (total or 0) + int(row.get("bytes_cached", 0))
+    return total
+
+
+# -- the bench: one contender, one workload, one run ------------------------------
+class Bench:
+    def __init__(self, workdir: Path, store: Path, netstore, info: dict, mount_extra: list[str],
+                 log=print):
+        self.workdir, self.store, self.net, self.info = workdir, store, netstore, info
+        self.mount_extra = mount_extra
+        self.log = log
+        self.lazy_mp = workdir / "lazy"
+        self.cache = workdir / "cache"
+        self.copy_dir = workdir / "pkgcache"
+        self.active: LazyMount | None = None
+        self._cold_done: dict[str, bool] = {}
+
+    # store-side traffic --------------------------------------------------------
+    def _net_before(self) -> dict:
+        return self.net.counters()
+
+    def _net_after(self, before: dict) -> dict:
+        return self.net.delta(before, self.net.counters())
+
+    def _fresh(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def run(self, workload: str, contender: str) -> dict:
+        fn = getattr(self, "_" + contender.replace("-", "_"))
+        return fn(workload, WORKLOADS[workload])
+
+    # contenders ------------------------------------------------------------------
+    def _native(self, wl: str, fn) -> dict:
+        drop_caches()
+        return fn(self.store / VARIANT_OF[wl], self.info)
+
+    def _direct(self, wl: str, fn) -> dict:
+        self.net.remount()
+        drop_caches()
+        before = self._net_before()
+        out = fn(self.net.mountpoint / VARIANT_OF[wl], self.info)
+        out["network"] = self._net_after(before)
+        return out
+
+    def _copy(self, wl: str, fn) -> dict:
+        self._fresh(self.copy_dir)
+        self.net.remount()
+        drop_caches()
+        before = self._net_before()
+        name, version = VARIANT_OF[wl].split("/")
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, __file__, "rez-cache-add", str(self.net.mountpoint), name,
+                            version, str(self.copy_dir)], capture_output=True, text=True, cwd="/",
+                           env={**os.environ, "REZ_DISABLE_HOME_CONFIG": "1"})
+        copy_seconds = time.perf_counter() - t
+        if r.returncode:
+            raise WorkloadFailed(f"rez package cache copy failed: {r.stderr.strip()[-800:]}")
+        added = json.loads(r.stdout.strip().splitlines()[-1])
+        network = self._net_after(before)
+        try:
+            out = fn(Path(added["root"]), self.info)
+        finally:
+            self._fresh(self.copy_dir)
+        out["copy_seconds"] = copy_seconds
+        out["workload_seconds"] = out["seconds"]
+        out["seconds"] = copy_seconds + out["seconds"]
+        out["network"] = network
+        out["rez_status"] = added["status"]
+        return out
+
+    def _lazy_run(self, wl: str, fn, mount: LazyMount) -> dict:
+        before, net_before = mount.stats(), self._net_before()
+        out = fn(mount.mountpoint / "main" / VARIANT_OF[wl], self.info)
+        after = mount.stats()
+        out["store"] = {k: after[k] - before[k] for k in after if isinstance(after[k], int)}
+        out["network"] = self._net_after(net_before)
+        out["daemon_peak_rss_kib"] = mount.peak_rss_kib()
+        return out
+
+    def _lazy_cold(self, wl: str, fn) -> dict:
+        self._fresh(self.cache)
+        self.net.remount()
+        drop_caches()
+        mount = self._mount()
+        try:
+            out = self._lazy_run(wl, fn, mount)
+        finally:
+            self._unmount()
+        out["bytes_cached"] = cached_bytes(self.cache, VARIANT_OF[wl])
+        self._cold_done[wl] = True
+        return out
+
+    def _lazy_warm_disk(self, wl: str, fn) -> dict:
+        if not self._cold_done.get(wl):
+            self._lazy_cold(wl, fn)  # warm the cache first (not recorded)
+        self._unmount()
+        self.net.remount()
+        drop_caches()
+        mount = self._mount()
+        return self._lazy_run(wl, fn, mount)  # stays mounted for lazy-warm-hot
+
+    def _lazy_warm_hot(self, wl: str, fn) -> dict:
+        if self.active is None:
+            self._lazy_warm_disk(wl, fn)  # mount a warm cache and heat the page cache
+        try:
+            return self._lazy_run(wl, fn, self.active)
+        finally:
+            self._unmount()
+
+    def _mount(self) -> LazyMount:
+        self._unmount()
+        m = LazyMount(self.lazy_mp, self.net.mountpoint, self.cache, self.mount_extra)
+        self.active = m
+        m.mount()
+        return m
+
+    def _unmount(self) -> None:
+        if self.active is not None:
+            m, self.active = self.active, None
+            m.umount()
+
+    def end_workload(self) -> None:
+        """Between workloads: nothing mounted, no cache or copy left on disk."""
+        self._unmount()
+        self._fresh(self.cache)
+        self._fresh(self.copy_dir)
+        self._cold_done.clear()
+
+    def close(self) -> None:
+        try:
+            self._unmount()
+        finally:
+            if is_mounted(self.lazy_mp):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.lazy_mp)], capture_output=True)
+            self._fresh(self.cache)
+            self._fresh(self.copy_dir)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+# -- Rez's package cache, run in its own process ----------------------------------------
+def rez_cache_add(repo: str, name: str, version: str, cache: str) -> None:
+    from rez.package_cache import PackageCache
+    from rez.packages import get_package
+
+    package = get_package(name, version, paths=[repo])
+    if package is None:
+        raise SystemExit(f"{name}-{version} not found in {repo}")
+    variant = next(package.iter_variants())
+    os.makedirs(cache, exist_ok=True)
+    # force: the bench's store is not "local", but the same-device and
+    # cachable checks are not what is measured here
+    root, status = PackageCache(cache).add_variant(variant, force=True, wait_for_copying=True)
+    print(json.dumps({"root": root, "status": status}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["rez-cache-add"]:
+        rez_cache_add(*sys.argv[2:6])
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} rez-cache-add REPO NAME VERSION CACHE")

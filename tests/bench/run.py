@@ -1,0 +1,468 @@
+"""The launch benchmark: rez-lazyfs against local disk, a network store and Rez's package cache.
+
+One command (as root: it makes network namespaces and drops the page cache):
+
+    .venv/bin/python tests/bench/run.py            # default sizes, 3 runs (~30 min on 2 cores)
+    .venv/bin/python tests/bench/run.py --quick    # ~1/10 sizes: a smoke run of a few minutes
+
+It installs what it needs (Debian's sshfs and openssh-server with apt,
+matplotlib with pip into WORKDIR/pydeps, not the project's environment),
+generates the store once (kept in WORKDIR for the next run), serves it over
+a real network link (netstore.py: sshd in a network namespace of its own,
+a veth with a tbf rate, a delaying relay for the RTT, sshfs on the client),
+runs workloads W1-W4 (workloads.py) with the six contenders (contenders.py)
+and writes tests/bench/results/latest.{json,md,png} (quick.* for --quick).
+Everything it sets up it tears down, also on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import netstore  # noqa: E402
+from contenders import CONTENDERS, LABELS, Bench, WorkloadFailed, is_mounted  # noqa: E402
+from workloads import LAUNCH_PYTHON, Sizes, ensure_store  # noqa: E402
+
+MiB = 2**20
+WORKLOADS = ["W1", "W2", "W3", "W4"]
+WORKLOAD_TITLES = {
+    "W1": "W1 DCC-like launch (imports + scattered binary reads)",
+    "W2": "W2 sequential read of one large file",
+    "W3": "W3 metadata walk (os.walk + lstat of every entry)",
+    "W4": "W4 eight W1 launches at once",
+}
+RSS_LIMIT_MIB = 256
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- setup ----------------------------------------------------------------------
+def ensure_matplotlib(workdir: Path) -> bool:
+    deps = workdir / "pydeps"
+    if deps.is_dir():
+        sys.path.insert(0, str(deps))
+    if _importable("matplotlib"):
+        return True
+    log(f"installing matplotlib into {deps} (for the chart) ...")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(deps), "matplotlib"])
+    if r.returncode:
+        log("matplotlib could not be installed: no chart")
+        return False
+    sys.path.insert(0, str(deps))
+    return _importable("matplotlib")
+
+
+def machine_info(workdir: Path, net: dict) -> dict:
+    def cmd(*argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    mem = next((int(line.split()[1]) // 1024 for line in open("/proc/meminfo")
+                if line.startswith("MemTotal")), 0)
+    commit = cmd("git", "-C", str(HERE), "rev-parse", "--short", "HEAD")
+    dirty = bool(cmd("git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no",
+                     "--", "cachecore", "fusefs", "mount"))
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_mib": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "launch_python": LAUNCH_PYTHON,
+            "workdir": str(workdir), "workdir_fs": cmd("stat", "-f", "-c", "%T", str(workdir)),
+            "rez_lazyfs_commit": commit + ("+local changes" if dirty else ""),
+            "sshfs": cmd("sshfs", "--version").splitlines()[0] if shutil.which("sshfs") else "",
+            "openssh": cmd("ssh", "-V") or subprocess.run(["ssh", "-V"], capture_output=True,
+                                                          text=True).stderr.strip(),
+            **{f"network_{k}": v for k, v in net.items()}}
+
+
+# -- summary --------------------------------------------------------------------
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _median_dict(dicts: list[dict]) -> dict:
+    keys = sorted({k for d in dicts for k, v in d.items() if isinstance(v, (int, float))})
+    return {k: _median([d.get(k) for d in dicts]) for k in keys}
+
+
+def summarize(raw: dict, info: dict) -> dict:
+    out = {}
+    for wl, per in raw.items():
+        native = _median([r["seconds"] for r in per.get("native", {}).get("runs", [])])
+        out[wl] = {}
+        for c in CONTENDERS:
+            if c not in per:
+                continue
+            runs = per[c]["runs"]
+            s = {"label": LABELS[c], "runs": len(runs), "errors": per[c]["errors"],
+                 "seconds_each": [round(r["seconds"], 4) for r in runs]}
+            med = _median([r["seconds"] for r in runs])
+            s["median_seconds"] = med
+            s["ratio_vs_native"] = med / native if med and native else None
+            if runs:
+                s["bytes_read"] = runs[0].get("bytes_read")
+                if wl == "W2" and med:
+                    s["median_mib_s"] = runs[0]["bytes_read"] / med / MiB
+                for part in ("copy_seconds", "workload_seconds"):
+                    if part in runs[0]:
+                        s["median_" + part] = _median([r[part] for r in runs])
+                if any("store" in r for r in runs):
+                    s["store"] = _median_dict([r["store"] for r in runs if "store" in r])
+                if any("network" in r for r in runs):
+                    s["network"] = _median_dict([r["network"] for r in runs if "network" in r])
+                rss = [r.get("daemon_peak_rss_kib") for r in runs if r.get("daemon_peak_rss_kib")]
+                if rss:
+                    s["daemon_peak_rss_mib"] = max(rss) / 1024
+                cached = [r.get("bytes_cached") for r in runs if r.get("bytes_cached") is not None]
+                if cached:
+                    s["bytes_cached"] = _median(cached)
+                if wl == "W4":
+                    s["median_per_process_seconds"] = _median(
+                        [statistics.median(r["per_process_seconds"]) for r in runs])
+            out[wl][c] = s
+    return out
+
+
+def _get(summary, wl, c, *keys):
+    d = summary.get(wl, {}).get(c)
+    for k in keys:
+        if d is None:
+            return None
+        d = d.get(k)
+    return d
+
+
+def targets(summary: dict, raw: dict, info: dict) -> list[dict]:
+    t = []
+
+    def add(name, measured, limit, met, how):
+        t.append({"target": name, "measured": measured, "limit": limit,
+                  "met": None if measured is None else met, "how": how})
+
+    r = _get(summary, "W1", "lazy-warm-disk", "ratio_vs_native")
+    add("W1 warm, page cache dropped: at most 1.3x native", r, 1.3, r is not None and r <= 1.3,
+        "median lazy-warm-disk time / median native time")
+    cold, copy, direct = (_get(summary, "W1", c, "median_seconds") for c in ("lazy-cold", "copy", "direct"))
+    r = cold / copy if cold and copy else None
+    add("W1 cold: at most 0.3x of the package-cache copy-then-launch time", r, 0.3,
+        r is not None and r <= 0.3, "median lazy-cold time / median copy (copy + launch) time")
+    r = cold / direct if cold and direct else None
+    add("W1 cold: below direct", r, 1.0, r is not None and r < 1.0,
+        "median lazy-cold time / median direct time")
+    sb = _get(summary, "W1", "lazy-cold", "store", "store_bytes")
+    r = sb / info["W1"]["launch_bytes"] if sb is not None else None
+    add("W1 cold: bytes pulled from the store at most 1.2x the bytes the launch read", r, 1.2,
+        r is not None and r <= 1.2,
+        f"median store_bytes / {info['W1']['launch_bytes']} bytes read (.pyc files + binary ranges)")
+    r = _get(summary, "W2", "lazy-warm-disk", "ratio_vs_native")
+    r = 1 / r if r else None
+    add("W2 warm from disk cache: at least 0.6x native throughput", r, 0.6,
+        r is not None and r >= 0.6, "native median time / lazy-warm-disk median time")
+    r = _get(summary, "W3", "lazy-warm-disk", "ratio_vs_native")
+    hot = _get(summary, "W3", "lazy-warm-hot", "ratio_vs_native")
+    add("W3 warm: at most 2x native", r, 2.0, r is not None and r <= 2.0,
+        "median lazy-warm-disk time / median native time (page cache dropped for both)"
+        + (f"; page cache hot: {hot:.2f}x" if hot else ""))
+    # W4: every block fetched once: the cold run pulled no more bytes than it left in the cache
+    runs = raw.get("W4", {}).get("lazy-cold", {}).get("runs", [])
+    ratios = [r["store"]["store_bytes"] / r["bytes_cached"] for r in runs
+              if r.get("bytes_cached") and "store" in r]
+    w1_bytes = _get(summary, "W1", "lazy-cold", "store", "store_bytes")
+    w4_bytes = _get(summary, "W4", "lazy-cold", "store", "store_bytes")
+    extra = (f"; W4 cold store bytes / W1 cold store bytes = {w4_bytes / w1_bytes:.3f}"
+             if w1_bytes and w4_bytes is not None else "")
+    worst = max(ratios) if ratios else None
+    add("W4: each block fetched from the store once", worst, 1.0,
+        worst is not None and worst <= 1.0 + 1e-9,
+        "worst run's store_bytes / payload bytes cached afterwards (`rez-lazyfs status`)" + extra)
+    rss = [s.get("daemon_peak_rss_mib") for wl in summary.values() for s in wl.values()]
+    rss = [x for x in rss if x]
+    peak = max(rss) if rss else None
+    add(f"Memory: daemon peak RSS over W1-W4 at most {RSS_LIMIT_MIB} MiB", peak, RSS_LIMIT_MIB,
+        peak is not None and peak <= RSS_LIMIT_MIB, "max VmHWM of the daemon at the end of every run (MiB)")
+    return t
+
+
+# -- report -----------------------------------------------------------------------
+def _fmt(x, nd=2, unit=""):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}{unit}"
+    return f"{x}{unit}"
+
+
+def markdown(report: dict) -> str:
+    m, info, s = report["machine"], report["store_info"], report["summary"]
+    lines = [f"# rez-lazyfs launch benchmark{' (--quick)' if report['quick'] else ''}", "",
+             f"{report['generated']}; `{report['command']}`; medians of {report['runs']} run(s).", "",
+             f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_mib']} MiB, kernel {m['kernel']}, "
+             f"workdir on {m['workdir_fs']}; rez-lazyfs {m['rez_lazyfs_commit']}"
+             + (f", mount options `{' '.join(report['mount_options'])}`" if report["mount_options"] else "")
+             + ".", "",
+             f"Network store: {m['network_transport']}, RTT {m['network_rtt_ms']} ms, "
+             f"rate {m['network_rate_mbit']} Mbit/s ({m['network_link']}); {m['sshfs']}.", "",
+             "Sizes: W1 {modules} modules ({pyc:.1f} MiB of .pyc), a {bin} MiB binary of which the launch "
+             "reads {binr:.1f} MiB in {nr} ranges, {untouched} untouched files; W2 {seq} MiB; "
+             "W3 {entries} entries; W4 {procs} processes.".format(
+                 modules=info["W1"]["modules"], pyc=info["W1"]["pyc_bytes"] / MiB,
+                 bin=report["sizes"]["binary_mib"], binr=info["W1"]["binary_bytes"] / MiB,
+                 nr=info["W1"]["binary_ranges"], untouched=report["sizes"]["untouched_files"],
+                 seq=report["sizes"]["seq_mib"], entries=info["W3"]["entries"],
+                 procs=report["sizes"]["w4_processes"]),
+             "", "## Targets", "", "| target | measured | met | how |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {_fmt(t['measured'], 3)} | {met} | {t['how']} |")
+    lines += ["", "## Results", "",
+              "Time: wall time of the workload (W1/W4: the launch processes; W2/W3: the read or walk "
+              "inside its process); for the package cache, copy + workload. Store: rez-lazyfs's own "
+              "counters (block reads, MiB, directory listings). Network: SFTP requests and MiB on the "
+              "client veth (encrypted SSH incl. TCP/IP headers), for every contender that used it.", ""]
+    for wl in WORKLOADS:
+        if wl not in s:
+            continue
+        lines += [f"### {WORKLOAD_TITLES[wl]}", "",
+                  "| contender | median s | x native | " + ("MiB/s | " if wl == "W2" else "")
+                  + "store reads | store MiB | listings | SFTP requests | network MiB | daemon peak RSS MiB |",
+                  "|---|---|---|" + ("---|" if wl == "W2" else "") + "---|---|---|---|---|---|"]
+        for c, r in s[wl].items():
+            st, net = r.get("store", {}), r.get("network", {})
+            t = _fmt(r["median_seconds"], 3)
+            if "median_copy_seconds" in r:
+                t += f" ({_fmt(r['median_copy_seconds'], 2)} copy + {_fmt(r['median_workload_seconds'], 2)})"
+            if r["errors"]:
+                t += f" ({len(r['errors'])} failed)"
+            row = [LABELS[c], t, _fmt(r["ratio_vs_native"], 2, "x")]
+            if wl == "W2":
+                row.append(_fmt(r.get("median_mib_s"), 0))
+            row += [_fmt(st.get("store_reads"), 0), _fmt(st["store_bytes"] / MiB, 1) if st else "-",
+                    _fmt(st.get("store_listings"), 0), _fmt(net.get("sftp_requests"), 0),
+                    _fmt(net["net_bytes"] / MiB, 1) if net else "-",
+                    _fmt(r.get("daemon_peak_rss_mib"), 0)]
+            lines.append("| " + " | ".join(row) + " |")
+        read = next((r.get("bytes_read") for r in s[wl].values() if r.get("bytes_read")), None)
+        notes = []
+        if read:
+            notes.append(f"bytes the workload read: {read / MiB:.1f} MiB")
+        if wl == "W4":
+            per = {c: r.get("median_per_process_seconds") for c, r in s[wl].items()}
+            notes.append("median per-process launch time: " + ", ".join(
+                f"{c} {v:.2f} s" for c, v in per.items() if v))
+        cached = _get(s, wl, "lazy-cold", "bytes_cached")
+        if cached:
+            notes.append(f"rez-lazyfs cache after the cold run: {cached / MiB:.1f} MiB of payload")
+        if notes:
+            lines += ["", "; ".join(notes) + "."]
+        lines.append("")
+    if report.get("errors"):
+        lines += ["## Failures", ""] + [f"- {e}" for e in report["errors"]] + [""]
+    lines += ["Variant sizes (what a whole-variant copy moves): " + ", ".join(
+        f"{v} {d['files']} files / {d['bytes'] / MiB:.0f} MiB" for v, d in info["variants"].items()) + ".",
+        "", f"Total bench time: {report['elapsed_seconds'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["summary"]
+    wls = [w for w in WORKLOADS if w in s]
+    colors = {"native": "#555555", "direct": "#d62728", "copy": "#ff7f0e", "lazy-cold": "#1f77b4",
+              "lazy-warm-disk": "#2ca02c", "lazy-warm-hot": "#98df8a"}
+    fig, axes = plt.subplots(len(wls), 1, figsize=(9, 2.3 * len(wls) + 0.8), squeeze=False)
+    for ax, wl in zip(axes[:, 0], wls):
+        cs = [c for c in CONTENDERS if c in s[wl] and s[wl][c]["median_seconds"]]
+        vals = [s[wl][c]["median_seconds"] for c in cs]
+        y = range(len(cs))[::-1]
+        ax.barh(list(y), vals, color=[colors[c] for c in cs])
+        ax.set_yticks(list(y), [c for c in cs], fontsize=8)
+        ax.set_xscale("log")
+        ax.set_title(WORKLOAD_TITLES[wl], fontsize=9, loc="left")
+        ax.set_xlabel("median seconds (log scale)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        for yi, c, v in zip(y, cs, vals):
+            r = s[wl][c]["ratio_vs_native"]
+            ax.text(v, yi, f" {v:.2f} s" + (f"  {r:.2f}x" if r else ""), va="center", fontsize=7)
+        ax.set_xlim(min(vals) / 2, max(vals) * 6)
+    m = report["machine"]
+    fig.suptitle(f"rez-lazyfs vs local disk, sshfs store ({m['network_rtt_ms']} ms RTT, "
+                 f"{m['network_rate_mbit']} Mbit/s) and Rez package cache"
+                 + (" [quick sizes]" if report["quick"] else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main ------------------------------------------------------------------------
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="~1/10 sizes: a smoke run")
+    ap.add_argument("--runs", type=int, default=3, help="runs per contender and workload [3]")
+    ap.add_argument("--rtt-ms", type=float, default=1.0, help="round-trip time added by the relay [1]")
+    ap.add_argument("--rate-mbit", type=float, default=1000.0, help="link rate (tbf) [1000]")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="subset, e.g. W1,W3")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS), help="subset, e.g. native,lazy-cold")
+    ap.add_argument("--mount-option", action="append", default=[], metavar="ARG",
+                    help="extra argument for `rez-lazyfs mount` (repeat), e.g. --mount-option=--block-size=1M")
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rez-lazyfs-bench"),
+                    help="store (kept and reused), mounts, caches [/var/tmp/rez-lazyfs-bench]")
+    ap.add_argument("--output", help="results name in tests/bench/results [latest, quick with --quick]")
+    ap.add_argument("--no-install", action="store_true", help="do not apt/pip install anything")
+    for name, help_ in (("modules", "W1 Python modules"), ("binary-mib", "W1 binary size"),
+                        ("untouched-files", "W1 files never touched"), ("seq-mib", "W2 file size"),
+                        ("tree-entries", "W3 entries"), ("w4-processes", "W4 concurrent launches")):
+        ap.add_argument(f"--{name}", type=int, help=help_)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("run.py needs root (network namespaces, tc, drop_caches, FUSE mounts)", file=sys.stderr)
+        return 2
+    sizes = Sizes.quick() if args.quick else Sizes()
+    for k in ("modules", "binary_mib", "untouched_files", "seq_mib", "tree_entries", "w4_processes"):
+        if getattr(args, k) is not None:
+            setattr(sizes, k, getattr(args, k))
+    wls = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+    cons = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    for c in cons:
+        if c not in CONTENDERS:
+            raise SystemExit(f"unknown contender {c!r}; one of {', '.join(CONTENDERS)}")
+    cons = [c for c in CONTENDERS if c in cons]
+    for w in wls:
+        if w not in WORKLOADS:
+            raise SystemExit(f"unknown workload {w!r}")
+    name = args.output or ("quick" if args.quick else "latest")
+
+    # Ctrl-C and SIGTERM both unwind through the finally blocks below
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.time()
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not args.no_install:
+        netstore.install()
+    have_chart = ensure_matplotlib(workdir) if not args.no_install else _importable("matplotlib")
+    store, info = ensure_store(workdir, sizes, log=log)
+    info = {**info, "sizes": asdict(sizes)}
+    for leftover in (workdir / "sshfs", workdir / "lazy"):
+        if is_mounted(leftover):
+            subprocess.run(["fusermount3", "-u", "-z", str(leftover)], capture_output=True)
+
+    raw: dict = {}
+    errors: list[str] = []
+    net = netstore.NetStore(store, workdir / "sshfs", rtt_ms=args.rtt_ms, rate_mbit=args.rate_mbit)
+    bench = None
+    net_desc = net.describe()
+    try:
+        log(f"network store: {args.rtt_ms} ms RTT, {args.rate_mbit} Mbit/s, sshfs at {net.mountpoint}")
+        net.start()
+        bench = Bench(workdir, store, net, info, args.mount_option, log=log)
+        for wl in wls:
+            raw[wl] = {c: {"runs": [], "errors": []} for c in cons}
+            for run in range(1, args.runs + 1):
+                for c in cons:
+                    try:
+                        r = bench.run(wl, c)
+                    except Exception as e:
+                        if not isinstance(e, WorkloadFailed):
+                            traceback.print_exc()
+                        msg = f"{wl} {c} run {run}: {type(e).__name__}: {e}"
+                        log("FAILED " + msg)
+                        errors.append(msg)
+                        raw[wl][c]["errors"].append(str(e))
+                        bench._unmount()
+                        continue
+                    raw[wl][c]["runs"].append(r)
+                    extra = ""
+                    if "store" in r:
+                        extra += (f"  store {r['store'].get('store_reads')} reads "
+                                  f"{r['store'].get('store_bytes', 0) / MiB:.1f} MiB")
+                    if "network" in r:
+                        extra += (f"  net {r['network']['sftp_requests']} SFTP req "
+                                  f"{r['network']['net_bytes'] / MiB:.1f} MiB")
+                    if r.get("daemon_peak_rss_kib"):
+                        extra += f"  rss {r['daemon_peak_rss_kib'] / 1024:.0f} MiB"
+                    log(f"{wl} run {run}/{args.runs} {c:15} {r['seconds']:8.3f} s{extra}")
+            bench.end_workload()
+    except KeyboardInterrupt:
+        log("interrupted: tearing down (no results written)")
+        return 130
+    finally:
+        if bench is not None:
+            try:
+                bench.close()
+            except Exception:
+                traceback.print_exc()
+        net.close()
+        leftovers = [ns for ns in (net.ns_srv, net.ns_cli)
+                     if ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout]
+        if leftovers or is_mounted(net.mountpoint) or is_mounted(workdir / "lazy"):
+            log(f"WARNING: not clean after teardown: namespaces {leftovers}, "
+                f"sshfs mounted {is_mounted(net.mountpoint)}, lazy mounted {is_mounted(workdir / 'lazy')}")
+
+    summary = summarize(raw, info)
+    report = {"generated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": "tests/bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "quick": args.quick, "runs": args.runs, "sizes": asdict(sizes),
+              "mount_options": args.mount_option,
+              "machine": machine_info(workdir, net_desc), "store_info": info,
+              "summary": summary, "raw": raw, "errors": errors,
+              "elapsed_seconds": time.time() - started}
+    report["targets"] = targets(summary, raw, info)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    md = markdown(report)
+    (out / f"{name}.md").write_text(md)
+    if have_chart:
+        try:
+            chart(report, out / f"{name}.png")
+        except Exception:
+            traceback.print_exc()
+    print()
+    print(md)
+    log(f"wrote {out / name}.json, .md" + (", .png" if have_chart else ""))
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _importable(mod: str) -> bool:
+    try:
+        __import__(mod)
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
