@@ -83,6 +83,12 @@ class BlockCache:
                 return None
         elif not raw.strip(b"\0"):
             return None  # beyond the end of a sparse file: never written
+        else:
+            # The file ends inside the slot: a write cut short (a full disk, a
+            # crash, a kill) that never reached its trailer. Absent, not damage.
+            log.info("cached block %d of %s was never completed; refetching",
+                     index, self.path(key))
+            return None
         log.warning("cached block %d of %s is damaged; refetching", index, self.path(key))
         self._clear(key, index, length)
         return None

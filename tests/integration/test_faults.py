@@ -154,12 +154,25 @@ class Outage:
         assert sha256_file(self.repo / CACHED) == sha(self.files[CACHED])
 
 
-def test_store_directory_renamed_away(tmp_path, report, lazyfs_mount):
-    store = tmp_path / "store"
-    files = outage_files(store)
+def primed_outage(report, lazyfs_mount, files: dict, store: Path) -> Outage:
+    """A mount of `store` with the outage files, the cached ones read: ready for a fault."""
     m = lazyfs_mount({"main": store}, store_timeout=STORE_TIMEOUT, metadata_ttl=TTL)
     outage = Outage(report, m, files, store)
     outage.prime()
+    return outage
+
+
+def primed_fault_store(tmp_path, report, fault_store, lazyfs_mount):
+    """(fault store, outage): the outage files behind a FUSE layer that can misbehave."""
+    source = tmp_path / "source"
+    files = outage_files(source)
+    fs = fault_store(source)
+    return fs, primed_outage(report, lazyfs_mount, files, fs.path)
+
+
+def test_store_directory_renamed_away(tmp_path, report, lazyfs_mount):
+    store = tmp_path / "store"
+    outage = primed_outage(report, lazyfs_mount, outage_files(store), store)
     away = tmp_path / "store-away"
     store.rename(away)
     try:
@@ -177,9 +190,7 @@ def test_store_mount_gone(tmp_path, report, scratch_mounts, lazyfs_mount):
     real = tmp_path / "filer"
     files = outage_files(real)
     store = scratch_mounts.bind(real, tmp_path / "store")
-    m = lazyfs_mount({"main": store}, store_timeout=STORE_TIMEOUT, metadata_ttl=TTL)
-    outage = Outage(report, m, files, store)
-    outage.prime()
+    outage = primed_outage(report, lazyfs_mount, files, store)
     scratch_mounts.umount(store)
     try:
         outage.during("store mount unmounted (store path now an empty directory)")
@@ -191,12 +202,7 @@ def test_store_mount_gone(tmp_path, report, scratch_mounts, lazyfs_mount):
 def test_store_permission_denied(tmp_path, report, fault_store, lazyfs_mount):
     # Root ignores file modes, so the denial comes from a FUSE layer that
     # answers EACCES to every request, like an NFS server that stops exporting to us.
-    source = tmp_path / "source"
-    files = outage_files(source)
-    fs = fault_store(source)
-    m = lazyfs_mount({"main": fs.path}, store_timeout=STORE_TIMEOUT, metadata_ttl=TTL)
-    outage = Outage(report, m, files, fs.path)
-    outage.prime()
+    fs, outage = primed_fault_store(tmp_path, report, fault_store, lazyfs_mount)
     fs.set("eacces")
     try:
         outage.during("every store request answers EACCES (permission denied)")
@@ -206,12 +212,7 @@ def test_store_permission_denied(tmp_path, report, fault_store, lazyfs_mount):
 
 
 def test_store_hangs(tmp_path, report, fault_store, lazyfs_mount):
-    source = tmp_path / "source"
-    files = outage_files(source)
-    fs = fault_store(source)
-    m = lazyfs_mount({"main": fs.path}, store_timeout=STORE_TIMEOUT, metadata_ttl=TTL)
-    outage = Outage(report, m, files, fs.path)
-    outage.prime()
+    fs, outage = primed_fault_store(tmp_path, report, fault_store, lazyfs_mount)
     fs.freeze()
     try:
         outage.during("store hangs (its FUSE server SIGSTOPped: every request blocks)")
@@ -221,12 +222,8 @@ def test_store_hangs(tmp_path, report, fault_store, lazyfs_mount):
 
 
 def test_store_slow(tmp_path, report, fault_store, lazyfs_mount):
-    source = tmp_path / "source"
-    files = outage_files(source)
-    fs = fault_store(source)
-    m = lazyfs_mount({"main": fs.path}, store_timeout=STORE_TIMEOUT, metadata_ttl=TTL)
-    outage = Outage(report, m, files, fs.path)
-    outage.prime()
+    fs, outage = primed_fault_store(tmp_path, report, fault_store, lazyfs_mount)
+    m, files = outage.m, outage.files
 
     # Slow but within the timeout: reads succeed, and a slow read does not
     # hold up a cached one.
