@@ -19,6 +19,8 @@ import struct
 
 import xxhash
 
+from .openfiles import OpenFiles
+
 log = logging.getLogger(__name__)
 _TRAILER = struct.Struct("<Q")
 TRAILER_SIZE = _TRAILER.size
@@ -51,6 +53,13 @@ class BlockCache:
         self.blocks_dir = os.path.join(directory, "blocks")
         for d in (directory, self.blocks_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
+        # Reads of one file version share a descriptor, so sequential reads
+        # get the kernel's read-ahead on the cache disk (a fresh descriptor
+        # per read gets none: warm sequential 650 -> ~1,000 MB/s).
+        self._readers = OpenFiles(max_idle=256, idle_seconds=2.0)
+
+    def close_idle(self) -> None:
+        self._readers.close_idle()
 
     def path(self, key: str) -> str:
         return os.path.join(self.blocks_dir, key[:2], key)
@@ -58,27 +67,42 @@ class BlockCache:
     def _slot(self, index: int) -> int:
         return index * (self.block_size + TRAILER_SIZE)
 
-    def read_many(self, key: str, blocks: list[tuple[int, int]]) -> dict[int, bytes | None]:
-        """{index: bytes or None} for (index, length) pairs of one file version."""
+    def read_many(self, key: str, blocks: list[tuple[int, int]]) -> dict[int, memoryview | None]:
+        """{index: the block's bytes (a view) or None} for (index, length) pairs of one file version."""
         try:
-            fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._current_reader(key)
         except FileNotFoundError:
             return {index: None for index, _ in blocks}
         try:
             return {index: self._read_slot(fd, key, index, length) for index, length in blocks}
         finally:
-            os.close(fd)
+            self._readers.release(key, fd)
 
-    def read(self, key: str, index: int, length: int) -> bytes | None:
+    def _current_reader(self, key: str) -> int:
+        """A kept descriptor of the key's cache file; pair with _readers.release."""
+        def opener():
+            return os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
+
+        fd = self._readers.acquire(key, opener)
+        if os.fstat(fd).st_nlink:
+            return fd
+        # A clean (here or in another process) evicted the file since it was
+        # opened: let it go, so the eviction frees its space, and read the
+        # current file, which may have been fetched again.
+        self._readers.release(key, fd, keep=False)
+        self._readers.forget(key)
+        return self._readers.acquire(key, opener)
+
+    def read(self, key: str, index: int, length: int) -> memoryview | None:
         return self.read_many(key, [(index, length)])[index]
 
-    def _read_slot(self, fd: int, key: str, index: int, length: int) -> bytes | None:
+    def _read_slot(self, fd: int, key: str, index: int, length: int) -> memoryview | None:
         raw = os.pread(fd, length + TRAILER_SIZE, self._slot(index))
         if len(raw) == length + TRAILER_SIZE:
             data = memoryview(raw)[:length]
             trailer = raw[length:]
             if trailer == _digest(data, key, index):
-                return bytes(data)
+                return data  # no copy: the reply to the kernel is the one that counts
             if trailer == _ABSENT:
                 return None
         elif not raw.strip(b"\0"):
@@ -127,10 +151,11 @@ class BlockCache:
     def write(self, key: str, index: int, data: bytes) -> None:
         path = self.path(key)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._readers.forget(key)  # a kept reader may hold an evicted predecessor
         try:
             slot = self._slot(index)
             _write_all(fd, data, slot)

@@ -94,8 +94,8 @@ class LocalCache:
         while True:
             await trio.sleep(interval)
             await self.flush(name, base)
-            for store in self._stores:
-                await trio.to_thread.run_sync(store.close_idle)
+            for holder in (*self._stores, self.blocks):
+                await trio.to_thread.run_sync(holder.close_idle)
             if not cache_limit:
                 continue
             if size is None:

@@ -71,6 +71,8 @@ class Fetcher:
             self._background.start_soon(self._prefetch_files, files)
 
     async def _prefetch_files(self, files: list[FileVersion]) -> None:
+        # Which blocks are here already (a look at each cache file, which also
+        # brings a warm one into the page cache ahead of its reader).
         present = await self.call_local(
             lambda: {f.key: set(self.blocks.present(f.key, f.size)) for f in files})
 
@@ -110,7 +112,9 @@ class Fetcher:
                    "mtime_ns": f.identity[1], "block_size": self.blocks.block_size}, int(when))
             for key, (f, when) in batch.items()])
 
-    async def read(self, f: FileVersion, offset: int, size: int) -> bytes:
+    async def read(self, f: FileVersion, offset: int, size: int) -> bytes | memoryview:
+        """The bytes at [offset, offset + size) of `f`, clipped to its end (a view:
+        bytes(...) it to keep it)."""
         self.note_use(f)
         end = min(offset + size, f.size)
         if offset >= end:
@@ -140,9 +144,15 @@ class Fetcher:
                     nursery.start_soon(fetch_into, i)
             if errors:
                 raise errors[0]
-        data = b"".join(found[i] for i in indices)
         start = offset - indices[0] * bs
-        out = data[start:start + (end - offset)]
+        if len(indices) == 1:
+            out = memoryview(found[indices[0]])[start:start + (end - offset)]  # no copy
+        else:
+            # one copy: the parts of each block the request covers, joined
+            first, last = indices[0], indices[-1]
+            out = b"".join(memoryview(found[i])[start if i == first else 0:
+                                                (end - 1) % bs + 1 if i == last else bs]
+                           for i in indices)
         self.counters.bytes_served += len(out)
         return out
 

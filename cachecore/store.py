@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
-import time
-from collections import OrderedDict
 from contextlib import contextmanager
 
 from .errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
 from .model import Attr, display_path
+from .openfiles import OpenFiles
 
 # Directories are walked with O_PATH: a lookup (served from the kernel's
 # dentry cache) rather than an open, which on NFS or sshfs costs a round trip
@@ -24,71 +22,10 @@ from .model import Attr, display_path
 _WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-IDLE_FILES = 64      # store files kept open between reads ...
-IDLE_SECONDS = 2.0   # ... this long: an open file keeps the store's filesystem busy
 
 
 def split_path(relpath: bytes) -> list[bytes]:
     return [c for c in relpath.split(b"/") if c] if relpath else []
-
-
-class _OpenFiles:
-    """Store files kept open across block reads (scattered reads of one big
-    file would otherwise open it for every block, a round trip each), and for
-    IDLE_SECONDS after: long enough for a launch's bursts, short enough that
-    unmounting the store's filesystem is not kept busy for long.
-
-    An fd is closed only when no thread is using it, so no thread ever reads
-    through an fd number that was closed and reused for another file.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._open: dict[tuple, list] = {}  # key -> [fd, users]
-        self._idle: OrderedDict[tuple, float] = OrderedDict()  # key -> idle since
-
-    def acquire(self, key: tuple, opener) -> int:
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is not None:
-                entry[1] += 1
-                self._idle.pop(key, None)
-                return entry[0]
-        fd = opener()  # outside the lock: it may be a slow network call
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is not None:  # another thread opened it meanwhile
-                entry[1] += 1
-                self._idle.pop(key, None)
-                os.close(fd)
-                return entry[0]
-            self._open[key] = [fd, 1]
-            return fd
-
-    def release(self, key: tuple, keep: bool = True) -> None:
-        with self._lock:
-            entry = self._open[key]
-            entry[1] -= 1
-            if entry[1] == 0:
-                if keep:
-                    self._idle[key] = time.monotonic()
-                else:
-                    os.close(self._open.pop(key)[0])
-        self.close_idle()
-
-    def close_idle(self, max_age: float = IDLE_SECONDS) -> None:
-        """Close files idle for longer than max_age, and any beyond IDLE_FILES."""
-        to_close = []
-        with self._lock:
-            now = time.monotonic()
-            while self._idle:
-                oldest, since = next(iter(self._idle.items()))
-                if len(self._idle) <= IDLE_FILES and now - since < max_age:
-                    break
-                del self._idle[oldest]
-                to_close.append(self._open.pop(oldest)[0])
-        for fd in to_close:
-            os.close(fd)
 
 
 class FilesystemStore:
@@ -97,7 +34,10 @@ class FilesystemStore:
     def __init__(self, root: str, offline: bool = False):
         self.root = root
         self.offline = offline
-        self._files = _OpenFiles()
+        # Scattered reads of one big file would otherwise open it for every
+        # block, a round trip each; an open file keeps the store's filesystem
+        # busy, so not for long.
+        self._files = OpenFiles(max_idle=64, idle_seconds=2.0)
 
     def __repr__(self):
         return f"FilesystemStore({self.root!r})"
@@ -193,7 +133,7 @@ class FilesystemStore:
             keep = False
             raise self._error(relpath, e) from None
         finally:
-            self._files.release(key, keep)
+            self._files.release(key, fd, keep)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(data) != size:
             raise StoreFileChanged(

@@ -66,7 +66,11 @@ class Settings:
     store_timeout: float = 15.0
     store_threads: int = 16
     cache_limit: int = 0  # bytes; 0 = no limit
-    read_ahead: int = 1024 * 1024  # kernel read-ahead on the mount (root only); 0 = kernel default
+    # Kernel read-ahead on the mount (root only); 0 = the kernel's default,
+    # 128K: one block per request, so scattered reads pull little extra
+    # (tests/bench: W1 cold bytes 1.17x read at 128K, 1.84x at 1M) while
+    # sequential reads still run at ~1 GB/s from a warm cache.
+    read_ahead: int = 0
     prefetch: int = 128 * 1024  # on a file's first open, fetch same-suffix siblings up to this size; 0 = off
     offline: bool = False
     allow_other: bool = False

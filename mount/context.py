@@ -101,7 +101,7 @@ async def _collect(repos, handles, mount_root: str, deep: DeepData) -> None:
     async def whole_file(alias: str, relpath: bytes) -> None:
         repo = repos[alias]
         version = await repo.open(relpath)
-        data = await repo.read(version, 0, version.size)
+        data = bytes(await repo.read(version, 0, version.size))
         deep.files[(alias, relpath)] = (*version.identity, data)
 
     for alias, repo in repos.items():

@@ -580,7 +580,7 @@ class ScratchMounts:
     def umount(self, target: Path, busy_for: float = 5.0) -> None:
         """Unmount, retrying while busy for up to `busy_for` seconds, as an admin
         would: the daemon keeps a store file open for a moment after reading it
-        (cachecore/store.py, IDLE_SECONDS)."""
+        (cachecore/store.py: idle_seconds)."""
         deadline = time.monotonic() + busy_for
         while True:
             result = subprocess.run(["umount", str(target)], capture_output=True, text=True,

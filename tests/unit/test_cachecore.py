@@ -136,6 +136,51 @@ def test_block_cache_detects_damage_and_absence(tmp_path):
     assert blocks.read(key, 1, 10) is None
 
 
+def test_kept_cache_file_never_hides_a_replacement(tmp_path):
+    """Reads keep the cache file open; a file evicted and fetched again (by this
+    process or another sharing the cache) must be read from its new copy."""
+    key = file_key("/s", b"f", (3 * BS, 1), BS)
+    ours, other = BlockCache(str(tmp_path), BS), BlockCache(str(tmp_path), BS)
+    ours.write(key, 0, b"a" * BS)
+    assert ours.read(key, 0, BS) == b"a" * BS        # its descriptor is now kept
+    os.unlink(ours.path(key))                        # evicted by a clean elsewhere
+    other.write(key, 1, b"b" * BS)                   # and refetched by another process
+    assert ours.read(key, 1, BS) == b"b" * BS        # not "absent" through the old file
+    assert ours.read(key, 0, BS) is None             # the evicted block is gone for good
+    os.unlink(ours.path(key))
+    ours.write(key, 2, b"c" * BS)                    # refetched by this process
+    assert ours.read(key, 2, BS) == b"c" * BS
+    assert ours.read(key, 1, BS) is None
+
+
+def test_open_files_close_only_unused_descriptors(tmp_path):
+    from cachecore.openfiles import OpenFiles
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    files = OpenFiles(max_idle=1, idle_seconds=60)
+    opener = lambda: os.open(path, os.O_RDONLY)  # noqa: E731
+    fd = files.acquire("k", opener)
+    assert files.acquire("k", opener) == fd          # shared while open
+    files.forget("k")                                # replaced while two readers use it
+    fresh = files.acquire("k", opener)
+    assert fresh != fd
+    files.release("k", fd)
+    assert os.pread(fd, 1, 0) == b"x"                # one reader left: still open
+    files.release("k", fd)
+    with pytest.raises(OSError):
+        os.fstat(fd)                                 # closed with its last reader
+    files.release("k", fresh)
+    assert os.pread(fresh, 1, 0) == b"x"             # idle, kept
+    other = files.acquire("other", opener)
+    files.release("other", other)                    # a second idle file: over max_idle
+    with pytest.raises(OSError):
+        os.fstat(fresh)                              # the oldest idle one went
+    files.close_idle(max_age=0)
+    with pytest.raises(OSError):
+        os.fstat(other)
+
+
 def test_file_key_changes_with_identity():
     key = file_key("/s", b"f", (10, 1), BS)
     assert key != file_key("/s", b"f", (10, 2), BS)
