@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
@@ -23,6 +24,22 @@ from .stats import Counters
 
 log = logging.getLogger(__name__)
 USE_RESOLUTION = 60.0  # seconds: last-used times are kept to about this precision
+# A reader that has gone through this much of a file in order, fetching from
+# the store, is streaming it: fetch STREAM_WINDOW ahead of it, in parallel.
+# The kernel asks for one block at a time (128K read-ahead: larger would pull
+# unread bytes around a launch's scattered reads), so without this a cold
+# sequential read pays one store round trip per block. Loaders read a few
+# MiB at a time and never get here.
+STREAM_AFTER = 8 * 2**20
+STREAM_WINDOW = 2 * 2**20
+STREAMS = 256  # files followed at once
+
+
+@dataclass
+class _Stream:
+    next_index: int   # the block a sequential reader reads next
+    run: int          # blocks read in order so far
+    ahead: int        # blocks before this one are fetched or being fetched
 
 
 @dataclass(frozen=True)
@@ -43,8 +60,11 @@ class FileVersion:
 class Fetcher:
     def __init__(self, blocks: BlockCache, counters: Counters, *,
                  store_limiter: trio.CapacityLimiter, local_limiter: trio.CapacityLimiter,
-                 store_timeout: float):
+                 store_timeout: float, stream_after: int = STREAM_AFTER,
+                 stream_window: int = STREAM_WINDOW):
         self.blocks = blocks
+        self.stream_after = stream_after
+        self.stream_window = stream_window
         self.counters = counters
         self.store_limiter = store_limiter
         self.local_limiter = local_limiter
@@ -56,6 +76,7 @@ class Fetcher:
         # in batches by flush_uses(), off the hot path.
         self._uses: dict[str, tuple[FileVersion, float]] = {}
         self._noted: dict[str, float] = {}
+        self._streams: OrderedDict[str, _Stream] = OrderedDict()  # file key -> reader
         # Prefetching runs in a nursery the owner provides (the daemon), with
         # its own limit so readers always find store threads free.
         self._background: trio.Nursery | None = None
@@ -76,18 +97,40 @@ class Fetcher:
         present = await self.call_local(
             lambda: {f.key: set(self.blocks.present(f.key, f.size)) for f in files})
 
-        async def prefetch_block(f: FileVersion, index: int) -> None:
-            async with self._prefetch_limiter:
-                try:
-                    await self._flights.run((f.key, index), lambda: self._fetch(f, index, True))
-                except LazyFSError as e:
-                    log.debug("prefetch of %s failed: %s", f.display, e)
-
         async with trio.open_nursery() as nursery:
             for f in files:
                 for index in range(-(-f.size // self.blocks.block_size)):
                     if index not in present[f.key]:
-                        nursery.start_soon(prefetch_block, f, index)
+                        nursery.start_soon(self._prefetch_block, f, index)
+
+    async def _prefetch_block(self, f: FileVersion, index: int) -> None:
+        async with self._prefetch_limiter:
+            try:
+                await self._flights.run((f.key, index), lambda: self._fetch(f, index, True))
+            except LazyFSError as e:
+                log.debug("prefetch of %s failed: %s", f.display, e)
+
+    def _follow(self, f: FileVersion, indices: range, missed: bool) -> None:
+        """Note a read; if it continues a stream from the store, fetch ahead."""
+        stream = self._streams.pop(f.key, None)
+        if stream is not None and indices[0] in (stream.next_index, stream.next_index - 1):
+            stream.run += indices[-1] + 1 - stream.next_index
+            stream.next_index = indices[-1] + 1
+        else:
+            stream = _Stream(indices[-1] + 1, len(indices), 0)
+        self._streams[f.key] = stream
+        if len(self._streams) > STREAMS:
+            self._streams.popitem(last=False)
+        bs = self.blocks.block_size
+        # Keep going while the reader consumes what was fetched ahead, or
+        # when it waited on the store; a warm file never starts it.
+        if (self._background is None or stream.run * bs < self.stream_after
+                or not (missed or stream.ahead > indices[0])):
+            return
+        end = min(stream.next_index + self.stream_window // bs, -(-f.size // bs))
+        for index in range(max(stream.ahead, stream.next_index), end):
+            self._background.start_soon(self._prefetch_block, f, index)
+        stream.ahead = max(stream.ahead, end)
 
     def _block_length(self, f: FileVersion, index: int) -> int:
         bs = self.blocks.block_size
@@ -130,6 +173,7 @@ class Fetcher:
             found = await self.call_local(self._read_local, f, indices)
         missing = [i for i in indices if found[i] is None]
         self.counters.cache_hits += len(indices) - len(missing)
+        self._follow(f, indices, bool(missing))
         if missing:
             errors: list[Exception] = []
 

@@ -181,6 +181,46 @@ def test_open_files_close_only_unused_descriptors(tmp_path):
         os.fstat(other)
 
 
+def test_a_stream_from_the_store_is_fetched_ahead_once_and_scattered_reads_are_not(tmp_path):
+    store_dir = tmp_path / "store"
+    (store_dir / "fam" / "1.0").mkdir(parents=True)
+    data = os.urandom(BS * 64)
+    (store_dir / "fam" / "1.0" / "stream.bin").write_bytes(data)
+    (store_dir / "fam" / "1.0" / "scatter.bin").write_bytes(data)
+    store = CountingStore(str(store_dir))
+    counters = Counters()
+    fetcher = Fetcher(BlockCache(str(tmp_path / "cache"), BS), counters,
+                      store_limiter=trio.CapacityLimiter(4), local_limiter=trio.CapacityLimiter(4),
+                      store_timeout=5.0, stream_after=8 * BS, stream_window=4 * BS)
+    repo = Repository("main", store, MetadataIndex(str(tmp_path / "cache" / "index")), fetcher,
+                      RepoPolicy(), clock=Clock())
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fetcher.run_prefetches_in(nursery)
+            scatter = await repo.open(b"fam/1.0/scatter.bin")
+            for index in (40, 3, 17, 60, 9, 33, 50, 1, 25, 12):
+                assert await repo.read(scatter, index * BS, BS) == data[index * BS:(index + 1) * BS]
+            await trio.sleep(0.2)
+            assert counters.prefetch_blocks == 0        # scattered: nothing fetched ahead
+            stream = await repo.open(b"fam/1.0/stream.bin")
+            for index in range(20):                     # read in order, one block at a time
+                assert await repo.read(stream, index * BS, BS) == data[index * BS:(index + 1) * BS]
+            with trio.move_on_after(5):                 # the fetches ahead run in threads
+                while counters.store_reads < 10 + 24:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            # After 8 blocks in order, the next ones were fetched ahead of the
+            # reader, each block once (reads that found one on its way waited
+            # for it), and no further than the window past the last read.
+            assert counters.prefetch_blocks > 0
+            assert fetcher.cached_bytes(stream) == 24 * BS
+            assert counters.store_reads == 10 + 24
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_file_key_changes_with_identity():
     key = file_key("/s", b"f", (10, 1), BS)
     assert key != file_key("/s", b"f", (10, 2), BS)
