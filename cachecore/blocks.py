@@ -6,8 +6,8 @@ of those bytes seeded with the file key and i. The data is written first and the
 second, so a slot is present only once it is whole (write, then mark
 present), for readers in any process. A hole (never written) reads as zeros
 and is absent; a slot whose trailer does not match (torn by a crash, the
-cache disk damaged, bytes in the wrong slot) is reported, cleared and
-refetched. Consecutive blocks are contiguous on disk, so sequential reads of
+cache disk damaged, bytes in the wrong slot) is reported and refetched,
+which rewrites it. Consecutive blocks are contiguous on disk, so sequential reads of
 the cache file get the kernel's readahead.
 """
 from __future__ import annotations
@@ -96,7 +96,8 @@ class BlockCache:
     def read(self, key: str, index: int, length: int) -> memoryview | None:
         return self.read_many(key, [(index, length)])[index]
 
-    def _read_slot(self, fd: int, key: str, index: int, length: int) -> memoryview | None:
+    def _read_slot(self, fd: int, key: str, index: int, length: int,
+                   again: bool = True) -> memoryview | None:
         raw = os.pread(fd, length + TRAILER_SIZE, self._slot(index))
         if len(raw) == length + TRAILER_SIZE:
             data = memoryview(raw)[:length]
@@ -113,22 +114,14 @@ class BlockCache:
             log.info("cached block %d of %s was never completed; refetching",
                      index, self.path(key))
             return None
+        if again:
+            # A read racing a write of the same slot (by a fetch here or in
+            # another process) can see part old, part new: look once more.
+            return self._read_slot(fd, key, index, length, again=False)
+        # Absent, not cleared: clearing could undo a writer that just finished;
+        # the refetch that follows rewrites the slot anyway.
         log.warning("cached block %d of %s is damaged; refetching", index, self.path(key))
-        self._clear(key, index, length)
         return None
-
-    def _clear(self, key: str, index: int, length: int) -> None:
-        """Mark a slot absent again, so a damaged one is not reported twice."""
-        try:
-            fd = os.open(self.path(key), os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            return  # gone, or a read-only cache: the next write repairs it anyway
-        try:
-            os.pwrite(fd, _ABSENT, self._slot(index) + length)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
     def present(self, key: str, size: int) -> list[int]:
         """Indices of the blocks of a `size`-byte file version whose slot looks

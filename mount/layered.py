@@ -121,9 +121,6 @@ class SharedBlocks(BlockCache):
     def write(self, key: str, index: int, data: bytes) -> None:
         raise PermissionError(f"the shared cache {self.blocks_dir} is not written to")
 
-    def _clear(self, key: str, index: int, length: int) -> None:
-        pass  # a damaged block is skipped (and refetched into the private cache), not repaired
-
 
 class LayeredIndex:
     """Reads: the newest record among the layers. Everything else (writes,
