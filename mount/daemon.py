@@ -237,10 +237,11 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
 def _set_read_ahead(mountpoint: str, size: int) -> None:
     """Let the kernel read ahead `size` bytes on sequential reads of the mount.
 
-    The default (128K) sends one FUSE request per 128K; each request costs a
-    fixed round trip through the daemon, so larger requests go faster (see
-    tests/bench). The setting lives in the mount's backing-device info in
-    sysfs, writable by root only: others keep the kernel default.
+    Not set by default: the kernel's 128K is one block per request, which
+    keeps scattered reads from pulling unread bytes, and warm sequential
+    reads still run near disk speed (tests/bench/results/levers.md). The
+    setting lives in the mount's backing-device info in sysfs, writable by
+    root only: others keep the kernel default.
     """
     if not size:
         return
