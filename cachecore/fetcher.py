@@ -37,8 +37,8 @@ STREAMS = 256  # files followed at once
 
 @dataclass
 class _Stream:
+    start: int        # the first block of this run of reads in order
     next_index: int   # the block a sequential reader reads next
-    run: int          # blocks read in order so far
     ahead: int        # blocks before this one are fetched or being fetched
 
 
@@ -112,19 +112,20 @@ class Fetcher:
 
     def _follow(self, f: FileVersion, indices: range, missed: bool) -> None:
         """Note a read; if it continues a stream from the store, fetch ahead."""
+        if self._background is None:
+            return  # nowhere to fetch ahead in (bake, populate)
         stream = self._streams.pop(f.key, None)
         if stream is not None and indices[0] in (stream.next_index, stream.next_index - 1):
-            stream.run += indices[-1] + 1 - stream.next_index
             stream.next_index = indices[-1] + 1
         else:
-            stream = _Stream(indices[-1] + 1, len(indices), 0)
+            stream = _Stream(indices[0], indices[-1] + 1, 0)
         self._streams[f.key] = stream
         if len(self._streams) > STREAMS:
             self._streams.popitem(last=False)
         bs = self.blocks.block_size
         # Keep going while the reader consumes what was fetched ahead, or
         # when it waited on the store; a warm file never starts it.
-        if (self._background is None or stream.run * bs < self.stream_after
+        if ((stream.next_index - stream.start) * bs < self.stream_after
                 or not (missed or stream.ahead > indices[0])):
             return
         end = min(stream.next_index + self.stream_window // bs, -(-f.size // bs))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.mounts import LazyfsMounter
+from helpers.mounts import LazyfsMounter, yield_then_check
 
 
 @pytest.fixture
@@ -20,9 +20,4 @@ def lazyfs_mount(tmp_path):
     daemon log has a Traceback or WARNING/ERROR lines nobody expected.
     """
     mounter = LazyfsMounter(tmp_path / "lazyfs")
-    try:
-        yield mounter
-    finally:
-        problems = mounter.teardown()
-    if problems:
-        pytest.fail("\n\n".join(problems), pytrace=False)
+    yield from yield_then_check(mounter, mounter.teardown)

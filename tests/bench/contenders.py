@@ -32,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from netstore import is_mounted  # noqa: E402
 from workloads import (  # noqa: E402
     W1_VARIANT, W2_FILE, W2_VARIANT, W3_DIR, W3_VARIANT, launch_argv)
 
@@ -156,12 +157,6 @@ def vm_hwm_kib(pid: int) -> int | None:
     except OSError:
         return None
     return None
-
-
-def is_mounted(path: Path) -> bool:
-    target = os.fsencode(os.path.abspath(path))
-    with open("/proc/mounts", "rb") as f:
-        return any(line.split()[1] == target for line in f)
 
 
 class LazyMount:

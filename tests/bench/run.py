@@ -39,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import netstore  # noqa: E402
-from contenders import CONTENDERS, LABELS, Bench, WorkloadFailed, is_mounted  # noqa: E402
+from contenders import CONTENDERS, LABELS, Bench, WorkloadFailed  # noqa: E402
+from netstore import is_mounted  # noqa: E402
 from workloads import LAUNCH_PYTHON, Sizes, ensure_store  # noqa: E402
 
 MiB = 2**20

@@ -60,6 +60,7 @@ from helpers.mounts import (
     MountOptions,
     is_mounted,
     processes_with_marker,
+    yield_then_check,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -543,14 +544,7 @@ def fault_store_fixture(tmp_path):
         stores.append(store)
         return store.start()
 
-    try:
-        yield start
-    finally:
-        problems = []
-        for store in reversed(stores):
-            problems += store.stop()
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
+    yield from yield_then_check(start, lambda: [p for s in reversed(stores) for p in s.stop()])
 
 
 # -- scratch mounts (tmpfs, bind) -------------------------------------------------
@@ -613,12 +607,7 @@ def scratch_mounts_fixture():
     """tmpfs/bind mounts for a test, always undone. Request it *before*
     lazyfs_mount when a daemon uses one (teardown runs in reverse order)."""
     mounts = ScratchMounts()
-    try:
-        yield mounts
-    finally:
-        problems = mounts.teardown()
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
+    yield from yield_then_check(mounts, mounts.teardown)
 
 
 # -- rez-lazyfs run directly, when failing is a valid outcome -------------------
@@ -714,12 +703,7 @@ class LazyfsCli:
 @pytest.fixture(name="lazyfs_cli")
 def lazyfs_cli_fixture(tmp_path):
     cli = LazyfsCli(tmp_path / "cli")
-    try:
-        yield cli
-    finally:
-        problems = cli.teardown()
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
+    yield from yield_then_check(cli, cli.teardown)
 
 
 class LazyfsMounterAt(LazyfsMounter):
@@ -737,12 +721,7 @@ class LazyfsMounterAt(LazyfsMounter):
 @pytest.fixture(name="lazyfs_mount_at")
 def lazyfs_mount_at_fixture(tmp_path):
     mounter = LazyfsMounterAt(tmp_path / "lazyfs-at")
-    try:
-        yield mounter
-    finally:
-        problems = mounter.teardown()
-    if problems:
-        pytest.fail("\n\n".join(problems), pytrace=False)
+    yield from yield_then_check(mounter, mounter.teardown)
 
 
 # -- small tools ------------------------------------------------------------------

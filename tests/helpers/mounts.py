@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import pytest
+
 VENV_BIN = Path(sys.executable).parent
 LAZYFS = VENV_BIN / "rez-lazyfs"
 
@@ -300,6 +302,17 @@ class LazyMount:
             f"(expected substrings: {sorted(self._expected_log)}):\n{shown}\n"
             f"log tail:\n{_tail(self.log_path)}"
         ]
+
+
+def yield_then_check(value, teardown):
+    """A fixture's body (`yield from`): give `value` to the test, then always
+    run `teardown()` and fail the test with the problems it returns."""
+    try:
+        yield value
+    finally:
+        problems = teardown()
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from .mounts import (
     MountOptions,
     _unescape_mount_field,
     processes_with_marker,
+    yield_then_check,
 )
 
 READY_TIMEOUT = 10  # seconds for unshare to have entered its namespace
@@ -258,7 +259,4 @@ def mount_namespace(tmp_path, lazyfs_mount):
         namespaces.append(ns)
         return ns
 
-    yield start
-    problems = [p for ns in reversed(namespaces) for p in ns.close()]
-    if problems:
-        pytest.fail("\n\n".join(problems), pytrace=False)
+    yield from yield_then_check(start, lambda: [p for ns in reversed(namespaces) for p in ns.close()])
