@@ -51,12 +51,12 @@ class BlockCache:
     def __init__(self, directory: str, block_size: int):
         self.block_size = block_size
         self.blocks_dir = os.path.join(directory, "blocks")
-        for d in (directory, self.blocks_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
         # Reads of one file version share a descriptor, so sequential reads
         # get the kernel's read-ahead on the cache disk (a fresh descriptor
         # per read gets none: warm sequential 650 -> ~1,000 MB/s).
         self._readers = OpenFiles(max_idle=256, idle_seconds=2.0)
+        for d in (directory, self.blocks_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
 
     def close_idle(self) -> None:
         self._readers.close_idle()

@@ -161,7 +161,7 @@ class LayeredBlocks(BlockCache):
         super().__init__(directory, block_size)
         self.shared = shared
 
-    def read_many(self, key: str, blocks: list[tuple[int, int]]) -> dict[int, bytes | None]:
+    def read_many(self, key: str, blocks: list[tuple[int, int]]) -> dict[int, memoryview | None]:
         found = super().read_many(key, blocks)
         for layer in self.shared:
             missing = [(index, length) for index, length in blocks if found[index] is None]
@@ -169,6 +169,10 @@ class LayeredBlocks(BlockCache):
                 break
             found.update(layer.read_many(key, missing))
         return found
+
+    def close_idle(self) -> None:
+        for cache in (super(), *self.shared):
+            cache.close_idle()
 
     def present(self, key: str, size: int) -> list[int]:
         layers = [super().present(key, size), *(layer.present(key, size) for layer in self.shared)]

@@ -153,6 +153,18 @@ def test_kept_cache_file_never_hides_a_replacement(tmp_path):
     assert ours.read(key, 1, BS) is None
 
 
+def test_a_shared_cache_that_cannot_be_created_reads_as_empty():
+    from mount.layered import SharedBlocks
+
+    # A read-only cache that never held a block has no blocks/ directory, and
+    # none can be made (here: in /proc, where mkdir fails on any kernel).
+    shared = SharedBlocks("/proc/self/no-such-cache", BS)
+    key = file_key("/s", b"f", (BS, 1), BS)
+    assert shared.read(key, 0, BS) is None
+    assert shared.present(key, BS) == []
+    shared.close_idle()
+
+
 def test_open_files_close_only_unused_descriptors(tmp_path):
     from cachecore.openfiles import OpenFiles
 
