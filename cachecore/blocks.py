@@ -27,14 +27,14 @@ TRAILER_SIZE = _TRAILER.size
 _ABSENT = bytes(TRAILER_SIZE)
 
 
-def file_key(store_id: str, relpath: bytes, identity: tuple[int, int], block_size: int) -> str:
+def file_key(store_id: str, relpath: bytes, identity: tuple[int, ...], block_size: int) -> str:
     """Names the cache file of one version of one store file (DESIGN: Identity).
 
     The block size is part of it: block i of a 64K cache and of a 128K cache
     cover different bytes, so they must never be taken for each other."""
     h = hashlib.sha256()
     h.update(os.fsencode(store_id) + b"\0" + relpath + b"\0")
-    h.update(b"%d\0%d\0%d" % (*identity, block_size))
+    h.update(b"\0".join(b"%d" % n for n in (*identity, block_size)))
     return h.hexdigest()
 
 

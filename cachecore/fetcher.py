@@ -49,7 +49,7 @@ class FileVersion:
     store: object          # a FilesystemStore
     relpath: bytes
     size: int
-    identity: tuple[int, int]
+    identity: tuple[int, ...]  # Attr.identity
     key: str               # blocks.file_key(...)
 
     @property

@@ -13,7 +13,7 @@ import os
 
 import diskcache
 
-from .model import Attr, decode_listing, display_path, encode_listing
+from .model import Attr, OutdatedListing, decode_listing, display_path, encode_listing
 from .plaindisk import PlainDisk
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class MetadataIndex:
             return None
         try:
             return decode_listing(blob)
+        except OutdatedListing:
+            return None
         except ValueError as e:
             log.warning("index record for %s is damaged (%s); relisting",
                         display_path(store_id, relpath), e)

@@ -1,10 +1,13 @@
 """What the index knows of a store entry, and the compact binary form it is kept in."""
 from __future__ import annotations
 
+import math
 import os
 import stat
 import struct
 from dataclasses import dataclass
+
+from .paths import BadPath, check_name
 
 
 def display_path(root: str, relpath: bytes = b"") -> str:
@@ -35,11 +38,12 @@ class Attr:
     uid: int
     gid: int
     target: bytes = b""  # symlink target, verbatim; empty for anything else
+    ino: int = 0  # the store's inode number: part of a file's identity
 
     @classmethod
     def from_stat(cls, st, target: bytes = b"") -> Attr:
         return cls(st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                   st.st_atime_ns, st.st_nlink, st.st_uid, st.st_gid, target)
+                   st.st_atime_ns, st.st_nlink, st.st_uid, st.st_gid, target, st.st_ino)
 
     @property
     def is_dir(self) -> bool:
@@ -54,42 +58,73 @@ class Attr:
         return stat.S_ISLNK(self.mode)
 
     @property
-    def identity(self) -> tuple[int, int]:
-        """What makes two versions of a file different (DESIGN: Identity)."""
-        return self.size, self.mtime_ns
+    def identity(self) -> tuple[int, int, int, int]:
+        """What makes two versions of a file different (DESIGN: Identity).
+
+        Size and mtime alone can be restored after an in-place rewrite
+        (`touch -d`); the change time and the inode number cannot, so a file
+        rewritten in place or replaced by another never passes for the old one."""
+        return self.size, self.mtime_ns, self.ctime_ns, self.ino
 
 
-# mode, size, mtime, ctime, atime, nlink, uid, gid, name length, target length
-_ENTRY = struct.Struct("<IQqqqIIIHI")
+def identity_of_stat(st) -> tuple[int, int, int, int]:
+    """Attr.identity of what fstat/lstat returned."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+# mode, size, mtime, ctime, atime, nlink, uid, gid, ino, name length, target length
+_ENTRY = struct.Struct("<IQqqqIIIQHI")
 _HEADER = struct.Struct("<4sdI")  # magic, fetched_at (unix time), entry count
-_MAGIC = b"RLL1"
+_MAGIC = b"RLL2"
+_OLDER_MAGICS = (b"RLL1",)
+ROOT_NAME = b"."  # the one entry of a record that holds a repository root's attributes  # written by earlier releases (no inode number): relisted
 
 
 def encode_listing(entries: dict[bytes, Attr], fetched_at: float) -> bytes:
     parts = [_HEADER.pack(_MAGIC, fetched_at, len(entries))]
     for name, a in entries.items():
         parts.append(_ENTRY.pack(a.mode, a.size, a.mtime_ns, a.ctime_ns, a.atime_ns,
-                                 a.nlink, a.uid, a.gid, len(name), len(a.target)))
+                                 a.nlink, a.uid, a.gid, a.ino, len(name), len(a.target)))
         parts.append(name)
         parts.append(a.target)
     return b"".join(parts)
 
 
+class OutdatedListing(ValueError):
+    """A record in the format of an earlier release: not damaged, just relisted."""
+
+
 def decode_listing(blob: bytes) -> tuple[dict[bytes, Attr], float]:
-    """Inverse of encode_listing. Raises ValueError on anything malformed."""
+    """Inverse of encode_listing. Raises ValueError on anything malformed,
+    names that no directory can hold included (cachecore/paths.py)."""
+    if not isinstance(blob, bytes):
+        raise ValueError(f"a listing record must be bytes, not {type(blob).__name__}")
     try:
         magic, fetched_at, count = _HEADER.unpack_from(blob, 0)
+        if magic in _OLDER_MAGICS:
+            raise OutdatedListing("a listing record of an earlier release")
         if magic != _MAGIC:
             raise ValueError("not a listing record")
+        if not math.isfinite(fetched_at):
+            raise ValueError("listing record with a non-finite time")
         pos = _HEADER.size
         entries = {}
         for _ in range(count):
-            *fields, name_len, target_len = _ENTRY.unpack_from(blob, pos)
+            *fields, ino, name_len, target_len = _ENTRY.unpack_from(blob, pos)
             pos += _ENTRY.size
             name = blob[pos:pos + name_len]
             target = blob[pos + name_len:pos + name_len + target_len]
             pos += name_len + target_len
-            entries[name] = Attr(*fields, target=target)
+            if len(name) != name_len or len(target) != target_len:
+                raise ValueError("truncated listing record")
+            try:
+                if not (name == ROOT_NAME and count == 1):  # a root record (index.put_root)
+                    check_name(name)
+            except BadPath as e:
+                raise ValueError(f"listing record with an impossible name: {e}") from None
+            if name in entries:
+                raise ValueError("listing record names an entry twice")
+            entries[name] = Attr(*fields, target=target, ino=ino)
     except struct.error as e:
         raise ValueError(f"truncated listing record: {e}") from None
     if pos != len(blob):

@@ -22,7 +22,8 @@ from .fetcher import Fetcher, FileVersion
 from .index import MetadataIndex
 from .model import Attr, display_path
 from .singleflight import SingleFlight
-from .store import FilesystemStore, split_path
+from .paths import split_path
+from .store import FilesystemStore
 
 log = logging.getLogger(__name__)
 

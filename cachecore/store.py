@@ -13,8 +13,9 @@ import os
 from contextlib import contextmanager
 
 from .errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
-from .model import Attr, display_path
+from .model import Attr, display_path, identity_of_stat
 from .openfiles import OpenFiles
+from .paths import split_path
 
 # Directories are walked with O_PATH: a lookup (served from the kernel's
 # dentry cache) rather than an open, which on NFS or sshfs costs a round trip
@@ -22,10 +23,6 @@ from .openfiles import OpenFiles
 _WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-
-
-def split_path(relpath: bytes) -> list[bytes]:
-    return [c for c in relpath.split(b"/") if c] if relpath else []
 
 
 class FilesystemStore:
@@ -110,18 +107,20 @@ class FilesystemStore:
             with os.scandir(fd) as entries:
                 return next(entries, None) is None
 
-    def read(self, relpath: bytes, identity: tuple[int, int], offset: int, size: int) -> bytes:
-        """`size` bytes at `offset` of the file, which must still have `identity`."""
+    def read(self, relpath: bytes, identity: tuple[int, ...], offset: int, size: int) -> bytes:
+        """`size` bytes at `offset` of the file, which must still have `identity`
+        (Attr.identity: size, mtime, ctime, inode)."""
         key = (relpath, identity)
         fd = self._files.acquire(key, lambda: self._open_file(relpath))
         keep = True
         try:
-            st = os.fstat(fd)
-            if (st.st_size, st.st_mtime_ns) != identity:
+            now = identity_of_stat(os.fstat(fd))
+            if now != identity:
                 keep = False
                 raise StoreFileChanged(
                     f"{display_path(self.root, relpath)}: changed in the store "
-                    f"(size/mtime {st.st_size}/{st.st_mtime_ns}, indexed {identity[0]}/{identity[1]})")
+                    f"(size/mtime/ctime/inode {'/'.join(map(str, now))}, "
+                    f"indexed {'/'.join(map(str, identity))})")
             chunks, done = [], 0
             while done < size:
                 chunk = os.pread(fd, size - done, offset + done)

@@ -24,7 +24,7 @@ from .errors import UserError
 from .rxt import context_variants, load_context, rebase_context, write_context
 
 EMBED_KEY = "rez_lazyfs"
-EMBED_FORMAT = 1
+EMBED_FORMAT = 2  # 2: a file's identity is size, mtime, ctime and inode
 # What rez reads in a version directory when it loads a package (docs/rxt-format.md).
 DEFINITION_FILES = (b"package.py", b"package.yaml", b".metadata", b"release.yaml")
 # ... and at the repository location.
@@ -41,7 +41,8 @@ class DeepData:
     repos: dict[str, str]                                   # alias -> store path
     roots: dict[str, bytes] = field(default_factory=dict)   # alias -> encoded root attr
     listings: dict[tuple[str, bytes], bytes] = field(default_factory=dict)  # encoded entries
-    files: dict[tuple[str, bytes], tuple[int, int, bytes]] = field(default_factory=dict)
+    # (alias, path) -> (Attr.identity, bytes)
+    files: dict[tuple[str, bytes], tuple[tuple[int, ...], bytes]] = field(default_factory=dict)
     variants: list[dict] = field(default_factory=list)      # repo, name, version, root
 
     def to_json(self) -> dict:
@@ -51,9 +52,9 @@ class DeepData:
             "roots": {alias: b64(blob) for alias, blob in self.roots.items()},
             "listings": [{"repo": a, "path": os.fsdecode(p), "entries": b64(blob)}
                          for (a, p), blob in sorted(self.listings.items())],
-            "files": [{"repo": a, "path": os.fsdecode(p), "size": size, "mtime_ns": mtime,
+            "files": [{"repo": a, "path": os.fsdecode(p), "identity": list(identity),
                        "data": b64(data)}
-                      for (a, p), (size, mtime, data) in sorted(self.files.items())],
+                      for (a, p), (identity, data) in sorted(self.files.items())],
             "variants": self.variants,
         }
 
@@ -71,7 +72,7 @@ class DeepData:
                 roots={a: dec(v) for a, v in raw["roots"].items()},
                 listings={(x["repo"], os.fsencode(x["path"])): dec(x["entries"])
                           for x in raw["listings"]},
-                files={(x["repo"], os.fsencode(x["path"])): (x["size"], x["mtime_ns"], dec(x["data"]))
+                files={(x["repo"], os.fsencode(x["path"])): (tuple(x["identity"]), dec(x["data"]))
                        for x in raw["files"]},
                 variants=list(raw["variants"]))
         except (KeyError, TypeError, ValueError) as e:
@@ -102,7 +103,7 @@ async def _collect(repos, handles, mount_root: str, deep: DeepData) -> None:
         repo = repos[alias]
         version = await repo.open(relpath)
         data = bytes(await repo.read(version, 0, version.size))
-        deep.files[(alias, relpath)] = (*version.identity, data)
+        deep.files[(alias, relpath)] = (version.identity, data)
 
     for alias, repo in repos.items():
         deep.roots[alias] = encode_listing({b".": await repo.root_attr()}, 0.0)
@@ -165,7 +166,7 @@ def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict]) -> list[di
     """
     with tempfile.TemporaryDirectory(prefix="rez-lazyfs-bake-") as tmp:
         replica = os.path.realpath(tmp)
-        for (alias, relpath), (_size, _mtime, data) in deep.files.items():
+        for (alias, relpath), (_identity, data) in deep.files.items():
             path = os.path.join(os.fsencode(replica), os.fsencode(alias), relpath)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
@@ -264,8 +265,8 @@ def _pin_name(ctx_path: str) -> str:
 def _file_keys(deep: DeepData, block_size: int) -> list[str]:
     from cachecore.blocks import file_key
 
-    return [file_key(deep.repos[alias], relpath, (size, mtime), block_size)
-            for (alias, relpath), (size, mtime, _) in deep.files.items()]
+    return [file_key(deep.repos[alias], relpath, identity, block_size)
+            for (alias, relpath), (identity, _) in deep.files.items()]
 
 
 # -- seeding ------------------------------------------------------------------
@@ -296,10 +297,11 @@ def seed_context(ctx_path: str, settings: Settings) -> tuple[int, int]:
                 cache.index.put_listing(store, relpath, decode_listing(blob)[0], 0.0)
                 added_listings += 1
         bs = cache.blocks.block_size
-        for (alias, relpath), (size, mtime, data) in deep.files.items():
+        for (alias, relpath), (identity, data) in deep.files.items():
+            size = identity[0]
             if len(data) != size:
                 raise UserError(f"{ctx_path}: embedded {os.fsdecode(relpath)} is damaged")
-            key = file_key(deep.repos[alias], relpath, (size, mtime), bs)
+            key = file_key(deep.repos[alias], relpath, identity, bs)
             for index, offset in enumerate(range(0, size, bs)):
                 if cache.blocks.read(key, index, min(bs, size - offset)) is None:
                     cache.blocks.write(key, index, data[offset:offset + bs])

@@ -499,12 +499,13 @@ def primed_cache(tmp_path, lazyfs_mount):
 def cache_files_of(m, rel: str) -> list[Path]:
     """The cache file(s) holding *rel*'s blocks, block 0's first. Found by the
     documented key rule (cachecore.blocks.file_key: store, path, size, mtime,
-    block size); CACHE/blocks/<2 hex>/<key>[-<block index>]."""
+    ctime, inode, block size); CACHE/blocks/<2 hex>/<key>[-<block index>]."""
     from cachecore.blocks import file_key
+    from cachecore.model import identity_of_stat
 
     store = m.options.repos["main"]
     st = os.stat(store / rel)
-    key = file_key(str(store), rel.encode(), (st.st_size, st.st_mtime_ns), BLOCK)
+    key = file_key(str(store), rel.encode(), identity_of_stat(st), BLOCK)
     found = sorted((m.cache / "blocks" / key[:2]).glob(key + "*"), key=lambda p: (len(p.name), p.name))
     assert found, f"no cache file for {rel} (key {key}) under {m.cache / 'blocks'}"
     return found

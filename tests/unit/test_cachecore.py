@@ -13,7 +13,7 @@ from cachecore.blocks import BlockCache, file_key
 from cachecore.errors import LazyFSError, NotFound, StoreFileChanged, StoreUnavailable, UnsafeValue
 from cachecore.fetcher import Fetcher
 from cachecore.index import MetadataIndex
-from cachecore.model import Attr, decode_listing, encode_listing
+from cachecore.model import Attr, decode_listing, encode_listing, identity_of_stat
 from cachecore.plaindisk import PlainDisk
 from cachecore.repository import RepoPolicy, Repository
 from cachecore.stats import Counters
@@ -253,7 +253,7 @@ def test_store_never_follows_symlinks(tmp_path, store_root):
     os.symlink(tmp_path / "bin-moved", store_root / "fam" / "1.0" / "bin")
     tool = (tmp_path / "bin-moved" / "tool").stat()
     with pytest.raises(LazyFSError):
-        store.read(b"fam/1.0/bin/tool", (tool.st_size, tool.st_mtime_ns), 0, 10)
+        store.read(b"fam/1.0/bin/tool", identity_of_stat(tool), 0, 10)
 
 
 def test_read_fetches_each_block_once_even_when_concurrent(tmp_path, store_root):
@@ -478,7 +478,7 @@ def test_store_keeps_a_file_open_across_blocks_and_closes_it_when_idle(store_roo
     store = OpenCountingStore(str(store_root))
     tool = store_root / "fam/1.0/bin/tool"
     st = tool.stat()
-    identity = (st.st_size, st.st_mtime_ns)
+    identity = identity_of_stat(st)
     fds_before = len(os.listdir("/proc/self/fd"))
     data = b"".join(store.read(b"fam/1.0/bin/tool", identity, off, min(BS, st.st_size - off))
                     for off in range(0, st.st_size, BS))
