@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import trio
 
-from .blocks import BlockCache
+from .blocks import BlockCache, BlockMac
+from .cachedir import cache_secret, check_tree
 from .clean import clean_cache, scan_cache
 from .fetcher import Fetcher
 from .index import MetadataIndex
@@ -37,12 +38,25 @@ class RepoSpec:
     mutable: bool = False
 
 
+# The directories of a cache, checked (cachedir.py) before anything in them is read.
+CACHE_SUBDIRS = ("index", os.path.join("index", "ledger"), "blocks")
+
+
+def open_blocks(directory: str, block_size: int, *, create: bool = True,
+                kind: type[BlockCache] = BlockCache, **extra) -> BlockCache:
+    """The block cache (of `kind`) of a checked cache directory, keyed with its secret."""
+    return kind(directory, block_size, BlockMac(cache_secret(directory, create=create)),
+                create=create, **extra)
+
+
 class LocalCache:
     def __init__(self, directory: str, block_size: int | None = None):
         """block_size None: the size the cache was created with (else the default).
         A cache keeps one block size for life: blocks of another size would
-        all miss, so asking for a different one is an error, not a silent miss."""
+        all miss, so asking for a different one is an error, not a silent miss.
+        A directory that others could have written is refused (UntrustedCache)."""
         self.directory = directory
+        check_tree(directory, CACHE_SUBDIRS, create=True)
         self.index = MetadataIndex(os.path.join(directory, "index"))
         recorded = self.index.get_text("block_size")
         if recorded is None:
@@ -53,13 +67,14 @@ class LocalCache:
             raise BlockSizeMismatch(f"the cache {directory} uses {int(recorded) // 1024}K blocks, "
                                     f"not {block_size // 1024}K (use another cache directory "
                                     "for another block size)")
-        self.blocks = BlockCache(directory, int(recorded))
+        self.blocks = open_blocks(directory, int(recorded))
         self.counters = Counters()
         self.fetcher: Fetcher | None = None
         self._stores: list[FilesystemStore] = []
 
     def close(self) -> None:
         self.index.close()
+        self.blocks.close()
 
     # -- totals kept across restarts -------------------------------------------
     def stored_totals(self) -> dict[str, dict]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from .blocks import BlockCache
+from .cachedir import UntrustedCache
 from .errors import LazyFSError, NotFound, StoreUnavailable
 from .model import display_path
 from .singleflight import SingleFlight
@@ -277,6 +278,9 @@ class Fetcher:
         try:
             self.blocks.write(f.key, index, data)
             self._cache_writable = True
+        except UntrustedCache as e:
+            log.warning("not writing to the block cache (%s); serving %s from the store",
+                        e, f.display)
         except OSError as e:
             # A full or broken cache disk must not fail the read: serve from the store.
             if self._cache_writable or e.errno != errno.ENOSPC:

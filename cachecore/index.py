@@ -7,9 +7,13 @@ process-safe SQLite index; PlainDisk keeps it free of pickles.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sqlite3
+import time
+from urllib.parse import quote
 
 import diskcache
 
@@ -17,20 +21,36 @@ from .model import Attr, OutdatedListing, decode_listing, display_path, encode_l
 from .plaindisk import PlainDisk
 
 log = logging.getLogger(__name__)
+DB_NAME = "cache.db"  # diskcache's database file in a Cache directory
 
 
 class MetadataIndex:
-    """Blocking (SQLite); callers run it in worker threads."""
+    """Blocking (SQLite); callers run it in worker threads. `directory` is
+    a checked cache directory (cachedir.check_tree)."""
 
-    def __init__(self, directory: str):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        # eviction 'none': metadata is small and must never vanish behind our
-        # back; the block cache is what gets evicted.
+    def __init__(self, directory: str, *, create: bool = True):
         self._db = self._open(directory)
         # The ledger: small records that get enumerated (file versions with
         # blocks and when each was last used, pins, per-mount totals). Kept
         # apart from the listings so walking them does not walk every listing.
-        self._ledger = self._open(os.path.join(directory, "ledger"))
+        ledger = os.path.join(directory, "ledger")
+        try:
+            self._ledger = self._open(ledger)
+        except sqlite3.DatabaseError as e:
+            if not create:
+                raise
+            self._ledger = self._open(self._set_aside(ledger, e))
+
+    @staticmethod
+    def _set_aside(ledger: str, error: Exception) -> str:
+        """A damaged ledger holds bookkeeping only (when files were used, pins,
+        totals), nothing the mount serves: keep it aside for a look, start afresh."""
+        aside = f"{ledger}.damaged-{int(time.time())}"
+        os.rename(ledger, aside)
+        os.mkdir(ledger, 0o700)
+        log.warning("the index's ledger %s is damaged (%s): moved to %s and started afresh "
+                    "(usage times, pins and totals are lost; cached data is not)", ledger, error, aside)
+        return ledger
 
     @staticmethod
     def _open(directory: str) -> diskcache.Cache:
@@ -119,3 +139,62 @@ class MetadataIndex:
 
     def knows_store(self, store_id: str) -> bool:
         return self._db.get(self._listing_key(store_id, b"\0root")) is not None
+
+
+class ReadOnlyDiskcache:
+    """The read side of a diskcache.Cache directory that cannot be written.
+
+    diskcache itself cannot open one: it writes its settings and switches the
+    database to WAL on every open. Values go through PlainDisk, so a pickle is
+    refused here exactly as in the daemon's own index.
+    """
+
+    @staticmethod
+    def exists(directory: str) -> bool:
+        return os.path.isfile(os.path.join(directory, DB_NAME))
+
+    def __init__(self, directory: str):
+        self._disk = PlainDisk(directory)
+        self._path = os.path.join(directory, DB_NAME)
+        self._warned = False
+
+    def _connect(self) -> sqlite3.Connection:
+        # While a writer (the host's daemon) has it open, the database is in
+        # WAL mode and SQLite reads it read-only through the existing WAL
+        # files. With no writer they are gone, cannot be created on a
+        # read-only mount, and not needed: the main file is then complete.
+        how = "mode=ro" if os.path.exists(self._path + "-wal") else "immutable=1"
+        return sqlite3.connect(f"file:{quote(self._path)}?{how}", uri=True, timeout=10)
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        if not os.path.exists(self._path):
+            return []  # a cache older than this part of the index
+        # One connection per query: queries come from several worker threads,
+        # and only a fresh one picks the right mode if the writer came or went.
+        try:
+            with contextlib.closing(self._connect()) as db:
+                return db.execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            if not self._warned:
+                log.warning("shared cache index %s is unreadable (%s); using the other layers",
+                            self._path, e)
+                self._warned = True
+            return []
+
+    def get(self, key, default=None):
+        db_key, raw = self._disk.put(key)
+        rows = self._query("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = ? "
+                           "AND (expire_time IS NULL OR expire_time > ?)", (db_key, raw, time.time()))
+        if not rows:
+            return default
+        try:
+            return self._disk.fetch(*rows[0], False)
+        except OSError:  # a large value's file, replaced by its writer meanwhile
+            return default
+
+    def iterkeys(self):
+        for db_key, raw in self._query("SELECT key, raw FROM Cache ORDER BY rowid"):
+            yield self._disk.get(db_key, raw)
+
+    def close(self) -> None:
+        pass

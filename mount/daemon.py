@@ -82,16 +82,36 @@ def check_mountpoint(path: str) -> None:
 
 
 def prepare_cache_dir(path: str) -> None:
+    """The cache directory exists, is trusted (cachecore/cachedir.py) and writable."""
+    from cachecore.cachedir import UntrustedCache, check_tree, open_owned
+
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        _make_private_dirs(path)
+        check_tree(path, (), create=False)
         probe = os.path.join(path, f".probe-{os.getpid()}")
-        with open(probe, "wb"):
-            pass
+        os.close(open_owned(probe, os.O_WRONLY | os.O_CREAT))
         os.unlink(probe)
+    except UntrustedCache as e:
+        raise UserError(f"refusing the cache directory: {e}") from None
     except OSError as e:
         hint = (" (to use a read-only cache, mount with a writable --cache and "
                 f"--shared-cache {path})") if e.errno == errno.EROFS else ""
         raise UserError(f"cache directory {path} is not usable: {e.strerror}{hint}") from None
+
+
+def _make_private_dirs(path: str) -> None:
+    """mkdir -p with every directory made mode 0700 (os.makedirs gives only
+    the last one its mode; a group-writable parent would be refused)."""
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.lexists(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
 
 
 def _isdir_within(path: str, seconds: float) -> bool | None:
@@ -124,8 +144,8 @@ def check_stores(settings: Settings, specs, index) -> None:
 # -- serving ------------------------------------------------------------------
 def setup_logging(settings: Settings, to_stderr: bool) -> None:
     _open_log(settings.log_file).close()  # created owner-only, or a clear error
-    handlers: list[logging.Handler] = [logging.handlers.RotatingFileHandler(
-        settings.log_file, maxBytes=10 * 2**20, backupCount=5)]
+    handlers: list[logging.Handler] = [_OwnedLog(settings.log_file, maxBytes=10 * 2**20,
+                                                 backupCount=5)]
     if to_stderr:
         handlers.append(logging.StreamHandler(sys.stderr))
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
@@ -136,21 +156,33 @@ def setup_logging(settings: Settings, to_stderr: bool) -> None:
     root.setLevel(logging.DEBUG if settings.debug else logging.INFO)
 
 
+class _OwnedLog(logging.handlers.RotatingFileHandler):
+    """A rotated log that is (re)opened like every file of the cache: never
+    through a symlink, only if it is ours (a log replaced by a link to another
+    file must not make the daemon append there)."""
+
+    def _open(self):
+        return _open_log(self.baseFilename, text=True)
+
+
 def open_cache(settings: Settings):
     """The cache directory, with clear errors instead of SQLite tracebacks."""
     from cachecore.cache import BlockSizeMismatch, LocalCache
+    from cachecore.cachedir import UntrustedCache
     from cachecore.errors import UnsafeValue
 
     prepare_cache_dir(settings.cache_dir)
     try:
         if settings.shared_caches:
-            from .layered import LayeredCache
+            from cachecore.layered import LayeredCache
 
             return LayeredCache(settings.cache_dir, settings.block_size or None,
                                 settings.shared_caches)
         return LocalCache(settings.cache_dir, settings.block_size or None)
     except BlockSizeMismatch as e:
         raise UserError(str(e)) from None
+    except UntrustedCache as e:
+        raise UserError(f"refusing the cache: {e}") from None
     except (OSError, sqlite3.Error, UnsafeValue) as e:
         raise UserError(f"cache index in {settings.cache_dir} is unusable: {e}") from None
 
@@ -284,14 +316,19 @@ def mount_fs(settings: Settings, foreground: bool = False) -> None:
     os.stat(settings.mountpoint)  # answered by the daemon: it is serving
 
 
-def _open_log(path: str):
-    """The log file for appending, owner-only like the rest of the cache."""
+def _open_log(path: str, text: bool = False):
+    """The log file for appending, owner-only like the rest of the cache,
+    never opened through a symlink nor if someone else owns it."""
+    from cachecore.cachedir import UntrustedCache, open_owned
+
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                                 0o600), "ab")
+        _make_private_dirs(os.path.dirname(path))
+        fd = open_owned(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except UntrustedCache as e:
+        raise UserError(f"refusing the log file: {e}") from None
     except OSError as e:
         raise UserError(f"cannot write the log file {path}: {e.strerror}") from None
+    return os.fdopen(fd, "a", encoding="utf-8") if text else os.fdopen(fd, "ab")
 
 
 def _package_root() -> str:

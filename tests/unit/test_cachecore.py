@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from cachecore.blocks import BlockCache, file_key
+from cachecore.cache import open_blocks
 from cachecore.errors import LazyFSError, NotFound, StoreFileChanged, StoreUnavailable, UnsafeValue
 from cachecore.fetcher import Fetcher
 from cachecore.index import MetadataIndex
@@ -57,10 +58,16 @@ def store_root(tmp_path):
     return root
 
 
+def blocks_in(directory) -> BlockCache:
+    """A block cache in `directory` (made if missing), keyed with its own secret."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    return open_blocks(str(directory), BS)
+
+
 def make_repo(tmp_path, store, *, mutable=False, ttl=60.0, clock=None, timeout=5.0):
     counters = Counters()
     index = MetadataIndex(str(tmp_path / "cache" / "index"))
-    blocks = BlockCache(str(tmp_path / "cache"), BS)
+    blocks = blocks_in(str(tmp_path / "cache"))
     fetcher = Fetcher(blocks, counters, store_limiter=trio.CapacityLimiter(4),
                       local_limiter=trio.CapacityLimiter(4), store_timeout=timeout)
     repo = Repository("main", store, index, fetcher, RepoPolicy(ttl, mutable),
@@ -109,7 +116,7 @@ def test_index_refuses_pickles_and_never_runs_them(tmp_path):
 def test_block_cache_detects_damage_and_absence(tmp_path):
     from cachecore.blocks import TRAILER_SIZE
 
-    blocks = BlockCache(str(tmp_path), BS)
+    blocks = blocks_in(str(tmp_path))
     key = file_key("/s", b"f", (BS + 10, 1), BS)
     assert blocks.read(key, 0, BS) is None          # no cache file yet
     blocks.write(key, 1, b"0123456789")
@@ -140,7 +147,7 @@ def test_kept_cache_file_never_hides_a_replacement(tmp_path):
     """Reads keep the cache file open; a file evicted and fetched again (by this
     process or another sharing the cache) must be read from its new copy."""
     key = file_key("/s", b"f", (3 * BS, 1), BS)
-    ours, other = BlockCache(str(tmp_path), BS), BlockCache(str(tmp_path), BS)
+    ours, other = blocks_in(str(tmp_path)), blocks_in(str(tmp_path))
     ours.write(key, 0, b"a" * BS)
     assert ours.read(key, 0, BS) == b"a" * BS        # its descriptor is now kept
     os.unlink(ours.path(key))                        # evicted by a clean elsewhere
@@ -153,16 +160,20 @@ def test_kept_cache_file_never_hides_a_replacement(tmp_path):
     assert ours.read(key, 1, BS) is None
 
 
-def test_a_shared_cache_that_cannot_be_created_reads_as_empty():
-    from mount.layered import SharedBlocks
+def test_a_shared_cache_that_never_held_a_block_reads_as_empty(tmp_path):
+    from cachecore.cache import open_blocks
+    from cachecore.layered import SharedBlocks
 
     # A read-only cache that never held a block has no blocks/ directory, and
-    # none can be made (here: in /proc, where mkdir fails on any kernel).
-    shared = SharedBlocks("/proc/self/no-such-cache", BS)
+    # none is made in it.
+    (tmp_path / "shared").mkdir(mode=0o700)
+    open_blocks(str(tmp_path / "shared"), BS).close()  # made its secret, as a mount would
+    shared = open_blocks(str(tmp_path / "shared"), BS, create=False, kind=SharedBlocks)
     key = file_key("/s", b"f", (BS, 1), BS)
     assert shared.read(key, 0, BS) is None
     assert shared.present(key, BS) == []
     shared.close_idle()
+    assert not (tmp_path / "shared" / "blocks").exists()
 
 
 def test_open_files_close_only_unused_descriptors(tmp_path):
@@ -201,7 +212,7 @@ def test_a_stream_from_the_store_is_fetched_ahead_once_and_scattered_reads_are_n
     (store_dir / "fam" / "1.0" / "scatter.bin").write_bytes(data)
     store = CountingStore(str(store_dir))
     counters = Counters()
-    fetcher = Fetcher(BlockCache(str(tmp_path / "cache"), BS), counters,
+    fetcher = Fetcher(blocks_in(str(tmp_path / "cache")), counters,
                       store_limiter=trio.CapacityLimiter(4), local_limiter=trio.CapacityLimiter(4),
                       store_timeout=5.0, stream_after=8 * BS, stream_window=4 * BS)
     repo = Repository("main", store, MetadataIndex(str(tmp_path / "cache" / "index")), fetcher,
