@@ -111,6 +111,18 @@ class BlockCache:
                 self._shards[name] = fd
             return fd
 
+    def check_shards(self) -> None:
+        """Check every shard directory there is now (UntrustedCache if one is
+        not ours), so a tampered cache is refused when it is opened, not
+        block by block later; shards made afterwards are checked as they come."""
+        try:
+            names = os.listdir(self.blocks_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if len(name) == 2:
+                self._shard(name, create=False)
+
     def _open(self, key: str, flags: int) -> int:
         return open_owned(key, flags, dir_fd=self._shard(key, bool(flags & os.O_CREAT)))
 

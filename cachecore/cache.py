@@ -68,6 +68,11 @@ class LocalCache:
                                     f"not {block_size // 1024}K (use another cache directory "
                                     "for another block size)")
         self.blocks = open_blocks(directory, int(recorded))
+        try:
+            self.blocks.check_shards()
+        except BaseException:
+            self.close()
+            raise
         self.counters = Counters()
         self.fetcher: Fetcher | None = None
         self._stores: list[FilesystemStore] = []

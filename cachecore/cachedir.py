@@ -103,18 +103,18 @@ def open_owned(path: str, flags: int, *, dir_fd: int | None = None, mode: int = 
     """Open a regular file of ours without following a symlink; O_CREAT
     creates it exclusively or opens the one another process just created."""
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC
-    if flags & os.O_CREAT:
-        try:
-            fd = os.open(path, flags | os.O_EXCL, mode, dir_fd=dir_fd)
-        except FileExistsError:
-            fd = os.open(path, flags & ~os.O_CREAT, dir_fd=dir_fd)
-    else:
-        try:
+    try:
+        if flags & os.O_CREAT:
+            try:
+                fd = os.open(path, flags | os.O_EXCL, mode, dir_fd=dir_fd)
+            except FileExistsError:
+                fd = os.open(path, flags & ~os.O_CREAT, dir_fd=dir_fd)
+        else:
             fd = os.open(path, flags, dir_fd=dir_fd)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UntrustedCache(f"{path} in the cache is a symlink; refusing it") from None
-            raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UntrustedCache(f"{path} in the cache is a symlink; refusing it") from None
+        raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

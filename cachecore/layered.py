@@ -9,9 +9,10 @@ cache of its own and reads the host's through it:
 * blocks: the private cache, then each shared one, then the store (when
   reachable); fetched blocks are written to the private cache;
 * metadata: the private index first; a shared index only for what the
-  private one does not hold, with its times clamped to the present, so a
-  shared layer can fill gaps but never outrank what this mount saw itself
-  nor claim a listing fresh forever; every write goes to the private index;
+  private one does not hold, and a shared record dated in the future is
+  taken as of unknown age, so a shared layer can fill gaps but never outrank
+  what this mount saw itself nor claim a listing fresh for ever; every write
+  goes to the private index;
 * usage records, pins, totals and eviction concern the private cache alone:
   a shared cache is never written, evicted or repaired from here (and is
   best mounted read-only besides).
@@ -62,12 +63,13 @@ class SharedBlocks(BlockCache):
 
 
 def _clamped(found, now: float):
-    """A shared record, its time no later than now."""
-    return None if found is None else (found[0], min(found[1], now))
+    """A shared record; one dated in the future is taken as of unknown age
+    (time 0: revalidated at first use), never as fresh for ever."""
+    return None if found is None else (found[0], found[1] if found[1] <= now else 0.0)
 
 
 class LayeredIndex:
-    """Reads: the private index, else the newest shared record (time clamped).
+    """Reads: the private index, else the newest shared record (times in the future: 0).
     Everything else (writes, usage records, pins, totals): the private index alone."""
 
     def __init__(self, private: MetadataIndex, shared: list[SharedIndex], clock=time.time):
