@@ -39,6 +39,9 @@ class Attr:
     gid: int
     target: bytes = b""  # symlink target, verbatim; empty for anything else
     ino: int = 0  # the store's inode number: part of a file's identity
+    # A published file's content id (cachecore/image/catalog.py: 32 bytes
+    # naming its chunks); empty for files of a filesystem store.
+    content: bytes = b""
 
     @classmethod
     def from_stat(cls, st, target: bytes = b"") -> Attr:
@@ -72,8 +75,10 @@ def identity_of_stat(st) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-# mode, size, mtime, ctime, atime, nlink, uid, gid, ino, name length, target length
-_ENTRY = struct.Struct("<IQqqqIIIQHI")
+# mode, size, mtime, ctime, atime, nlink, uid, gid, ino, name length, target length,
+# content id length (0 or CONTENT_ID_SIZE)
+_ENTRY = struct.Struct("<IQqqqIIIQHIB")
+CONTENT_ID_SIZE = 32
 _HEADER = struct.Struct("<4sdI")  # magic, fetched_at (unix time), entry count
 _MAGIC = b"RLL2"
 _OLDER_MAGICS = (b"RLL1",)
@@ -84,9 +89,11 @@ def encode_listing(entries: dict[bytes, Attr], fetched_at: float) -> bytes:
     parts = [_HEADER.pack(_MAGIC, fetched_at, len(entries))]
     for name, a in entries.items():
         parts.append(_ENTRY.pack(a.mode, a.size, a.mtime_ns, a.ctime_ns, a.atime_ns,
-                                 a.nlink, a.uid, a.gid, a.ino, len(name), len(a.target)))
+                                 a.nlink, a.uid, a.gid, a.ino, len(name), len(a.target),
+                                 len(a.content)))
         parts.append(name)
         parts.append(a.target)
+        parts.append(a.content)
     return b"".join(parts)
 
 
@@ -110,13 +117,16 @@ def decode_listing(blob: bytes) -> tuple[dict[bytes, Attr], float]:
         pos = _HEADER.size
         entries = {}
         for _ in range(count):
-            *fields, ino, name_len, target_len = _ENTRY.unpack_from(blob, pos)
+            *fields, ino, name_len, target_len, content_len = _ENTRY.unpack_from(blob, pos)
             pos += _ENTRY.size
             name = blob[pos:pos + name_len]
             target = blob[pos + name_len:pos + name_len + target_len]
-            pos += name_len + target_len
-            if len(name) != name_len or len(target) != target_len:
+            content = blob[pos + name_len + target_len:pos + name_len + target_len + content_len]
+            pos += name_len + target_len + content_len
+            if len(name) != name_len or len(target) != target_len or len(content) != content_len:
                 raise ValueError("truncated listing record")
+            if content_len not in (0, CONTENT_ID_SIZE):
+                raise ValueError(f"listing record with a content id of {content_len} bytes")
             try:
                 if not (name == ROOT_NAME and count == 1):  # a root record (index.put_root)
                     check_name(name)
@@ -124,7 +134,7 @@ def decode_listing(blob: bytes) -> tuple[dict[bytes, Attr], float]:
                 raise ValueError(f"listing record with an impossible name: {e}") from None
             if name in entries:
                 raise ValueError("listing record names an entry twice")
-            entries[name] = Attr(*fields, target=target, ino=ino)
+            entries[name] = Attr(*fields, target=target, ino=ino, content=content)
     except struct.error as e:
         raise ValueError(f"truncated listing record: {e}") from None
     if pos != len(blob):
