@@ -45,6 +45,13 @@ def file_key(store_id: str, relpath: bytes, identity: tuple[int, ...], block_siz
     return h.hexdigest()
 
 
+def content_key(content: bytes, size: int, block_size: int) -> str:
+    """Names the cache file of a published file by its content id
+    (image/catalog.py), whatever its path or repository: a file that two
+    versions or two repositories share is fetched and stored once."""
+    return hashlib.sha256(b"content\0" + content + b"\0%d\0%d" % (size, block_size)).hexdigest()
+
+
 class BlockMac:
     """The trailer of a slot: a MAC only the holder of the cache's secret can
     compute, bound to the file version and the slot, so whole, valid-looking

@@ -19,7 +19,7 @@ from .fetcher import Fetcher
 from .index import MetadataIndex
 from .repository import RepoPolicy, Repository
 from .stats import Counters
-from .store import FilesystemStore
+from .stores import Store, open_store
 
 log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 128 * 1024  # measured: tests/bench/results/block_size.md
@@ -34,8 +34,10 @@ class BlockSizeMismatch(ValueError):
 @dataclass(frozen=True)
 class RepoSpec:
     alias: str
-    path: str
+    path: str              # a store directory or a published image's URL (stores/__init__.py)
     mutable: bool = False
+    public_key: str = ""   # published images
+    proxy: str = ""
 
 
 # The directories of a cache, checked (cachedir.py) before anything in them is read.
@@ -75,7 +77,7 @@ class LocalCache:
             raise
         self.counters = Counters()
         self.fetcher: Fetcher | None = None
-        self._stores: list[FilesystemStore] = []
+        self._stores: list[Store] = []
 
     def close(self) -> None:
         self.index.close()
@@ -139,9 +141,11 @@ class LocalCache:
                           store_limiter=trio.CapacityLimiter(store_threads),
                           local_limiter=trio.CapacityLimiter(8),
                           store_timeout=store_timeout)
-        repos = {s.alias: Repository(s.alias, FilesystemStore(s.path, offline=offline), self.index,
-                                     fetcher, RepoPolicy(metadata_ttl, s.mutable,
-                                                         prefetch_max_size=prefetch_max_size))
+        repos = {s.alias: Repository(s.alias, open_store(s, offline=offline, index=self.index,
+                                                         timeout=store_timeout),
+                                     self.index, fetcher,
+                                     RepoPolicy(metadata_ttl, s.mutable,
+                                                prefetch_max_size=prefetch_max_size))
                  for s in specs}
         self._stores = [r.store for r in repos.values()]
         return repos

@@ -47,7 +47,7 @@ class _Stream:
 class FileVersion:
     """One exact version of one store file: what a block belongs to."""
 
-    store: object          # a FilesystemStore
+    store: object          # a Store (stores/__init__.py)
     relpath: bytes
     size: int
     identity: tuple[int, ...]  # Attr.identity

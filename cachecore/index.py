@@ -103,6 +103,15 @@ class MetadataIndex:
     def set_text(self, key: str, value: str) -> None:
         self._db.set(b"T\0" + key.encode(), value)
 
+    def get_object(self, name: str) -> bytes | None:
+        """A published image's object kept here (catalogs): its encoded bytes,
+        which the reader verifies against the name again."""
+        value = self._db.get(b"O\0" + name.encode())
+        return value if isinstance(value, bytes) else None
+
+    def put_object(self, name: str, blob: bytes) -> None:
+        self._db.set(b"O\0" + name.encode(), blob)
+
     def set_record(self, kind: str, name: str, text: str) -> None:
         self._ledger.set(f"{kind}:{name}", text)
 

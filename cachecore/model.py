@@ -66,8 +66,10 @@ class Attr:
 
         Size and mtime alone can be restored after an in-place rewrite
         (`touch -d`); the change time and the inode number cannot, so a file
-        rewritten in place or replaced by another never passes for the old one."""
-        return self.size, self.mtime_ns, self.ctime_ns, self.ino
+        rewritten in place or replaced by another never passes for the old one.
+        A published file's content id is part of it too."""
+        base = (self.size, self.mtime_ns, self.ctime_ns, self.ino)
+        return base + (int.from_bytes(self.content, "big"),) if self.content else base
 
 
 def identity_of_stat(st) -> tuple[int, int, int, int]:

@@ -16,14 +16,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .blocks import file_key
 from .errors import NotADirectory, NotFound, StoreUnavailable
 from .fetcher import Fetcher, FileVersion
 from .index import MetadataIndex
 from .model import Attr, display_path
 from .singleflight import SingleFlight
 from .paths import split_path
-from .store import FilesystemStore
+from .stores import Store
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ def parent_and_name(relpath: bytes) -> tuple[bytes, bytes]:
 
 
 class Repository:
-    def __init__(self, alias: str, store: FilesystemStore, index: MetadataIndex,
+    def __init__(self, alias: str, store: Store, index: MetadataIndex,
                  fetcher: Fetcher, policy: RepoPolicy, *, memory_entries: int = 200_000,
                  clock=time.time):
         self.alias = alias
@@ -230,8 +229,7 @@ class Repository:
 
     def _version(self, relpath: bytes, attr: Attr) -> FileVersion:
         return FileVersion(self.store, relpath, attr.size, attr.identity,
-                           file_key(self.store_id, relpath, attr.identity,
-                                    self.fetcher.blocks.block_size))
+                           self.store.file_key(relpath, attr, self.fetcher.blocks.block_size))
 
     async def read(self, f: FileVersion, offset: int, size: int) -> bytes:
         return await self.fetcher.read(f, offset, size)

@@ -12,6 +12,7 @@ import errno
 import os
 from contextlib import contextmanager
 
+from .blocks import file_key
 from .errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
 from .model import Attr, display_path, identity_of_stat
 from .openfiles import OpenFiles
@@ -106,6 +107,9 @@ class FilesystemStore:
         with self._open_dir(b"", for_listing=True) as fd:
             with os.scandir(fd) as entries:
                 return next(entries, None) is None
+
+    def file_key(self, relpath: bytes, attr: Attr, block_size: int) -> str:
+        return file_key(self.root, relpath, attr.identity, block_size)
 
     def read(self, relpath: bytes, identity: tuple[int, ...], offset: int, size: int) -> bytes:
         """`size` bytes at `offset` of the file, which must still have `identity`

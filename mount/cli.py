@@ -44,11 +44,17 @@ def cache_options(f):
 
 
 def repo_options(f):
-    """--repo (and --mutable): the repositories mirrored."""
+    """--repo (and --mutable, --public-key, --proxy): the repositories mirrored."""
+    f = click.option("--proxy", metavar="PROXIES",
+                     help='HTTP proxies for published images: "http://p1:3128|http://p2:3128;DIRECT" '
+                          "(| balances within a group, ; orders fallback groups).")(f)
+    f = click.option("--public-key", type=click.Path(dir_okay=False),
+                     help="The public key (keygen's .pub) published images given by --repo verify with.")(f)
     f = click.option("--mutable", multiple=True, metavar="ALIAS",
                      help="Revalidate everything in this repository by size/mtime (dev packages).")(f)
-    return click.option("--repo", "repos", multiple=True, metavar="ALIAS=PATH",
-                        help="Mirror the store directory PATH at MOUNTPOINT/ALIAS (repeatable).")(f)
+    return click.option("--repo", "repos", multiple=True, metavar="ALIAS=PATH|URL",
+                        help="Mirror the store directory PATH, or the image published at URL, "
+                             "at MOUNTPOINT/ALIAS (repeatable).")(f)
 
 
 @main.command()

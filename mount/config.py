@@ -52,8 +52,10 @@ def parse_size(text: str | int) -> int:
 @dataclass
 class RepoConfig:
     alias: str
-    path: str
+    path: str                # a store directory, or the URL of a published image
     mutable: bool = False
+    public_key: str = ""     # published images: the key their manifests verify with
+    proxy: str = ""          # published images: "p1|p2;p3" (CernVM-FS syntax), "" = direct
 
 
 @dataclass
@@ -133,21 +135,51 @@ def _check_types(conf: dict, path) -> None:
             raise UserError(f"{path}: store_threads must be at least 1")
 
 
-def _repos_from_config(table, path) -> list[RepoConfig]:
+def _repos_from_config(table, path, from_config) -> list[RepoConfig]:
+    """[repos]: alias = "PATH", { path = ..., mutable = ... } or
+    { url = ..., public_key = ..., proxy = ... }; relative paths are the file's."""
     repos = []
     for alias, value in table.items():
         if isinstance(value, str):
-            repos.append(RepoConfig(alias, value))
+            repos.append(RepoConfig(alias, value if is_url(value) else from_config(value)))
             continue
-        if not isinstance(value, dict) or not isinstance(value.get("path"), str):
-            raise UserError(f"{path}: repos.{alias} must be a path or {{ path = ..., mutable = ... }}")
-        unknown = set(value) - {"path", "mutable"}
+        if not isinstance(value, dict) or not (isinstance(value.get("path"), str)
+                                               ^ isinstance(value.get("url"), str)):
+            raise UserError(f"{path}: repos.{alias} must be a path, {{ path = ..., mutable = ... }} "
+                            "or {{ url = ..., public_key = ..., proxy = ... }}")
+        allowed = {"path", "mutable"} if "path" in value else {"url", "public_key", "proxy"}
+        unknown = set(value) - allowed
         if unknown:
             raise UserError(f"{path}: repos.{alias}: unknown setting(s): {', '.join(sorted(unknown))}")
-        if not isinstance(value.get("mutable", False), bool):
-            raise UserError(f"{path}: repos.{alias}.mutable must be true or false")
-        repos.append(RepoConfig(alias, value["path"], value.get("mutable", False)))
+        for key, kind in (("mutable", bool), ("public_key", str), ("proxy", str)):
+            if key in value and not isinstance(value[key], kind):
+                raise UserError(f"{path}: repos.{alias}.{key} must be {_TYPE_NAMES[kind]}")
+        if "path" in value:
+            repos.append(RepoConfig(alias, from_config(value["path"]), value.get("mutable", False)))
+        else:
+            key = value.get("public_key", "")
+            repos.append(RepoConfig(alias, value["url"], public_key=from_config(key) if key else "",
+                                    proxy=value.get("proxy", "")))
     return repos
+
+
+def is_url(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
+
+
+def _check_published(r: RepoConfig) -> None:
+    """A published image needs a public key that loads and proxies that parse."""
+    from cachecore.image.manifest import BadKey, load_public_key
+    from cachecore.stores.download import parse_proxies
+
+    if not r.public_key:
+        raise UserError(f"repository {r.alias!r} is a published image ({r.path}): give "
+                        "--public-key FILE (or public_key in the config)")
+    try:
+        load_public_key(r.public_key)
+        parse_proxies(r.proxy)
+    except (BadKey, ValueError) as e:
+        raise UserError(f"repository {r.alias!r}: {e}") from None
 
 
 def parse_repo_option(text: str) -> RepoConfig:
@@ -159,6 +191,7 @@ def parse_repo_option(text: str) -> RepoConfig:
 
 def load_settings(mountpoint: str | None = None, *, config: str | None = None,
                   repos: tuple[str, ...] = (), mutable: tuple[str, ...] = (),
+                  public_key: str | None = None, proxy: str | None = None,
                   need_repos: bool = True, **overrides) -> Settings:
     """Settings from the config file, overridden by command-line values (None = unset).
 
@@ -176,12 +209,17 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
     def from_config(value) -> str:
         return os.path.join(base, os.path.expanduser(str(value)))
 
-    repo_list = _repos_from_config(conf.get("repos", {}), path)
-    for r in repo_list:
-        r.path = from_config(r.path)
+    repo_list = _repos_from_config(conf.get("repos", {}), path, from_config)
     for text in repos:
         option = parse_repo_option(text)
+        if is_url(option.path):
+            option.public_key = os.path.abspath(public_key) if public_key else ""
+            option.proxy = proxy or ""
         repo_list = [r for r in repo_list if r.alias != option.alias] + [option]
+    if proxy is not None:
+        for r in repo_list:
+            if is_url(r.path):
+                r.proxy = proxy
     for alias in mutable:
         matching = [r for r in repo_list if r.alias == alias]
         if not matching:
@@ -199,7 +237,10 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
         if r.alias in seen:
             raise UserError(f"repository alias {r.alias!r} is given twice")
         seen.add(r.alias)
-        r.path = os.path.abspath(os.path.expanduser(r.path))
+        if is_url(r.path):
+            _check_published(r)
+        else:
+            r.path = os.path.abspath(os.path.expanduser(r.path))
 
     values = {k: v for k, v in conf.items() if k not in ("repos", "cache")}
     values["cache_dir"] = from_config(conf["cache"]) if "cache" in conf else str(default_cache_dir())

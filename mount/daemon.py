@@ -192,7 +192,7 @@ def repo_specs(settings: Settings, cache) -> list:
     from cachecore.cache import RepoSpec
 
     if settings.repos:
-        specs = [RepoSpec(r.alias, r.path, r.mutable) for r in settings.repos]
+        specs = [RepoSpec(r.alias, r.path, r.mutable, r.public_key, r.proxy) for r in settings.repos]
         cache.record_repos(specs)
         return specs
     specs = cache.recorded_repos()

@@ -1,0 +1,227 @@
+"""A store that is a published image (cachecore/image) read over HTTP,
+through proxy caches, verified at every step.
+
+Trust runs down one chain: the manifest verifies with the repository's
+public key (and is refused if it expired or is older than a revision already
+seen here), it names the root catalog by hash, catalogs name catalogs and
+chunks by hash, and every object's bytes are checked against its name before
+use. A mismatch is fetched again once past the proxies' caches
+(`Cache-Control: no-cache`), then through another proxy, then reported (EIO,
+a log line naming the file, the URL and the proxy): a wrong byte is never
+served.
+
+Catalogs are kept (verified bytes) in the metadata index, so a remount does
+not fetch them again; chunks land in the block cache through the fetcher,
+keyed by the file's content id, so a file shared by two versions or two
+repositories is fetched once. The manifest is asked for again after its TTL,
+which is how new revisions appear without a remount.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+from ..blocks import content_key
+from ..errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
+from ..image.catalog import Catalog, DamagedCatalog
+from ..image.manifest import MANIFEST_PATH, BadManifest, Manifest, load_public_key
+from ..image.objects import DamagedObject, decode_object, object_path
+from ..model import Attr, display_path
+from ..paths import split_path
+
+log = logging.getLogger(__name__)
+_CATALOGS_IN_MEMORY = 256
+_CHUNKS_IN_MEMORY = 16  # decoded chunks kept for the neighbouring blocks of one chunk
+
+
+class HttpStore:
+    """Blocking and thread-safe, like every store (stores/__init__.py)."""
+
+    def __init__(self, url: str, public_key, downloader, index, *, offline: bool = False,
+                 clock=time.time):
+        self.root = url.rstrip("/")
+        self.offline = offline
+        self._key = public_key
+        self._download = downloader
+        self._index = index  # catalogs and the highest revision seen are kept there
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._manifest: Manifest | None = None
+        self._manifest_until = 0.0
+        self._catalogs: OrderedDict[str, Catalog] = OrderedDict()
+        self._chunks: OrderedDict[str, bytes] = OrderedDict()
+
+    @classmethod
+    def from_spec(cls, spec, *, offline: bool, index, timeout: float) -> HttpStore:
+        from .download import Downloader
+
+        return cls(spec.path, load_public_key(spec.public_key),
+                   Downloader(spec.path, spec.proxy, timeout=timeout), index, offline=offline)
+
+    def __repr__(self):
+        return f"HttpStore({self.root!r})"
+
+    def close_idle(self) -> None:
+        pass
+
+    def counters(self) -> dict:
+        return self._download.counters()
+
+    # -- the chain of trust ------------------------------------------------------
+    def _get(self, path: str, what: str, check):
+        """GET `path` and `check` its bytes; on a mismatch once more past the
+        caches, then through another proxy; then StoreUnavailable."""
+        if self.offline:
+            raise StoreUnavailable(f"{self.root}: offline mode, store not consulted")
+        url = f"{self.root}/{path}"
+        tried = []
+        for attempt in ({}, {"no_cache": True}, {"no_cache": True, "avoid": tried}):
+            data, via = self._download.get(path, **attempt)
+            try:
+                return check(data)
+            except (DamagedObject, DamagedCatalog, BadManifest) as e:
+                log.warning("%s: %s from %s via %s%s", what, e, url, via,
+                            "" if attempt else " (fetching it again past the caches)")
+                tried.append(via)
+                error = e
+        raise StoreUnavailable(f"{what}: {url} kept failing verification "
+                               f"(via {', '.join(tried)}): {error}")
+
+    def _current_manifest(self) -> Manifest:
+        with self._lock:
+            if self._manifest is not None and self._clock() < self._manifest_until:
+                return self._manifest
+        seen = self._highest_revision()
+
+        def check(blob: bytes) -> Manifest:
+            manifest = Manifest.decode(blob, self._key, now=self._clock())
+            if manifest.revision < seen:
+                raise BadManifest(f"revision {manifest.revision} is older than revision {seen}, "
+                                  "seen before: refusing to go back")
+            return manifest
+
+        manifest = self._get(MANIFEST_PATH, f"{self.root} (manifest)", check)
+        if manifest.revision > seen:
+            self._index.set_text(self._revision_key, str(manifest.revision))
+        with self._lock:
+            self._manifest = manifest
+            self._manifest_until = self._clock() + manifest.ttl
+        return manifest
+
+    @property
+    def _revision_key(self) -> str:
+        return "revision:" + self.root
+
+    def _highest_revision(self) -> int:
+        text = self._index.get_text(self._revision_key)
+        return int(text) if text and text.isdigit() else 0
+
+    def _catalog(self, name: str, what: str) -> Catalog:
+        with self._lock:
+            catalog = self._catalogs.get(name)
+            if catalog is not None:
+                self._catalogs.move_to_end(name)
+                return catalog
+        stored = self._index.get_object(name)
+        catalog = None
+        if stored is not None:
+            try:
+                catalog = Catalog.decode(decode_object(name, stored))
+            except (DamagedObject, DamagedCatalog) as e:
+                log.warning("kept catalog %s of %s is damaged (%s); fetching it again", name,
+                            self.root, e)
+        if catalog is None:
+            blobs = {}
+
+            def check(blob: bytes) -> Catalog:
+                decoded = Catalog.decode(decode_object(name, blob))
+                blobs[name] = blob
+                return decoded
+
+            catalog = self._get(object_path(name), what, check)
+            self._index.put_object(name, blobs[name])
+        with self._lock:
+            self._catalogs[name] = catalog
+            while len(self._catalogs) > _CATALOGS_IN_MEMORY:
+                self._catalogs.popitem(last=False)
+        return catalog
+
+    def _catalog_of(self, directory: bytes) -> Catalog:
+        """The catalog that lists `directory`: the root catalog for the root,
+        a family's catalog for the family and its versions, a version's
+        payload catalog for everything below it."""
+        parts = split_path(directory)
+        catalog = self._catalog(self._current_manifest().root, f"{self.root} (root catalog)")
+        if parts:
+            catalog = self._child(catalog, parts[0], directory)
+        if len(parts) > 2:
+            catalog = self._child(catalog, parts[0] + b"/" + parts[1], directory)
+        return catalog
+
+    def _child(self, catalog: Catalog, path: bytes, wanted: bytes) -> Catalog:
+        name = catalog.children.get(path)
+        if name is None:
+            raise self._missing(catalog, path, display_path(self.root, wanted))
+        return self._catalog(name, f"{display_path(self.root, path)} (catalog)")
+
+    def _missing(self, catalog: Catalog, relpath: bytes, where: str):
+        parent, _, leaf = relpath.rpartition(b"/")
+        attr = catalog.listings.get(parent, {}).get(leaf)
+        if attr is not None and not attr.is_dir:
+            return NotADirectory(f"{where}: not a directory in the image")
+        return NotFound(f"{where}: not in the image")
+
+    # -- the store interface -------------------------------------------------------
+    def stat_root(self) -> Attr:
+        root = self._catalog(self._current_manifest().root, f"{self.root} (root catalog)").root
+        if root is None:
+            raise StoreUnavailable(f"{self.root}: the root catalog has no root entry")
+        return root
+
+    def list_dir(self, relpath: bytes) -> dict[bytes, Attr]:
+        catalog = self._catalog_of(relpath)
+        entries = catalog.listings.get(relpath)
+        if entries is None:
+            raise self._missing(catalog, relpath, display_path(self.root, relpath))
+        return entries
+
+    def root_is_empty(self) -> bool:
+        return not self.list_dir(b"")
+
+    def file_key(self, relpath: bytes, attr: Attr, block_size: int) -> str:
+        return content_key(attr.content, attr.size, block_size)
+
+    def read(self, relpath: bytes, identity: tuple[int, ...], offset: int, size: int) -> bytes:
+        parent, _, name = relpath.rpartition(b"/")
+        catalog = self._catalog_of(parent)
+        where = display_path(self.root, relpath)
+        attr = catalog.listings.get(parent, {}).get(name)
+        chunks = catalog.files.get(relpath)
+        if attr is None or chunks is None:
+            raise NotFound(f"{where}: no longer in the image")
+        if attr.identity != identity:
+            raise StoreFileChanged(f"{where}: changed in the image since it was listed")
+        parts = []
+        for index in chunks.covering(offset, size):
+            data = self._chunk(chunks.chunks[index], where)
+            start = index * chunks.chunk_size
+            parts.append(data[max(offset - start, 0):offset + size - start])
+        data = b"".join(parts)
+        if len(data) != size:
+            raise StoreFileChanged(f"{where}: the image's chunks are shorter than the file")
+        return data
+
+    def _chunk(self, name: str, where: str) -> bytes:
+        with self._lock:
+            data = self._chunks.get(name)
+            if data is not None:
+                self._chunks.move_to_end(name)
+                return data
+        data = self._get(object_path(name), where, lambda blob: decode_object(name, blob))
+        with self._lock:
+            self._chunks[name] = data
+            while len(self._chunks) > _CHUNKS_IN_MEMORY:
+                self._chunks.popitem(last=False)
+        return data
