@@ -134,8 +134,9 @@ def _bytes(text, where: str) -> bytes:
 
 
 def _entries(text, where: str) -> dict[bytes, Attr]:
+    blob = _bytes(text, where)
     try:
-        return decode_listing(_bytes(text, where))[0]
+        return decode_listing(blob)[0]
     except ValueError as e:
         raise _Damaged(f"{where}: {e}") from None
 
