@@ -574,6 +574,8 @@ async def _gather(cache, deep: DeepData, settings: Settings, warn) -> list[_Seed
         embedded = _Seeding(path, False, deep.roots.get(alias),
                             {rel: e for (a, rel), e in deep.listings.items() if a == alias},
                             {rel: f for (a, rel), f in deep.files.items() if a == alias})
+        if not embedded.listings and not embedded.files:
+            continue  # a repository the baking machine had but the context does not use
         store = repos[alias].store
         try:
             root = await cache.fetcher.call_store(store, path, store.stat_root)
