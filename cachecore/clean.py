@@ -2,7 +2,9 @@
 
 The unit of eviction is one file version (all its blocks): last-used times are
 kept per file, and a DCC that used a file will want all of it again. Pinned
-file versions (definitions of baked contexts) are never evicted.
+file versions (definitions of baked contexts) are never evicted, but a pin
+lasts only while the file it is for does: one whose context file is gone, or
+is another file now, is released (release_orphaned_pins) before each clean.
 
 Eviction only unlinks cache files. A reader that already opened one still
 reads whole blocks from it; one that looks next finds it missing and fetches
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import filelock
 
@@ -21,6 +25,10 @@ from .blocks import BlockCache
 from .index import MetadataIndex
 
 log = logging.getLogger(__name__)
+# Seconds the files holding pins get, all together, to answer a stat: a
+# context file may live on a hung NFS, and clean (or status) must still finish.
+HOLDER_TIMEOUT = 5.0
+HOLDER_THREADS = 16
 
 
 @dataclass
@@ -41,10 +49,109 @@ class CleanReport:
     evicted_bytes: int
     pinned_bytes: int
     dry_run: bool
+    released_pins: int = 0    # pins whose context file is gone or replaced
+    unanswered_pins: int = 0  # kept: their context file did not answer in time
 
 
-def scan_cache(blocks: BlockCache, index: MetadataIndex) -> dict[str, CachedFile]:
-    """Every file version with blocks on disk, by key.
+@dataclass
+class HeldPins:
+    released: list[str] = field(default_factory=list)
+    unanswered: list[str] = field(default_factory=list)
+
+
+def holder_identity(st) -> tuple[int, int, int]:
+    """What makes a pin's holder the same file: size, mtime and inode.
+
+    Not the change time, nor the device: a chmod of a context does not make
+    it another context, and an NFS device number can change across
+    remounts; releasing such a pin would cost an offline context its
+    definitions. A rewrite (bake writes a new file and renames it) changes
+    the inode."""
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def release_orphaned_pins(index: MetadataIndex, *, dry_run: bool = False,
+                          timeout: float = HOLDER_TIMEOUT) -> HeldPins:
+    """Release every pin whose holder file is gone or is another file now.
+
+    A holder that does not answer within *timeout* (all together), or answers
+    with an error other than "no such file", keeps its pin: a cache may miss,
+    so a pin released wrongly costs a refetch, but an offline context
+    depends on it."""
+    holders = index.pin_holders()
+    answers = _stat_within({path for path, _ in holders.values()}, timeout)
+    held = HeldPins()
+    for name, (path, identity) in sorted(holders.items()):
+        if path not in answers:
+            held.unanswered.append(name)
+        elif answers[path] is _GONE or (identity is not None and answers[path] is not _UNKNOWN
+                                        and answers[path] != identity):
+            held.released.append(name)
+    if not dry_run:
+        for name in held.released:
+            index.unpin(name)
+    if held.released:
+        log.info("%s %d pin(s) whose context file is gone or replaced",
+                 "would release" if dry_run else "released", len(held.released))
+    if held.unanswered:
+        log.info("kept %d pin(s) whose context file did not answer within %gs",
+                 len(held.unanswered), timeout)
+    return held
+
+
+_GONE, _UNKNOWN = object(), object()
+# Holder paths whose stat has not returned, in this process: a path stuck on a
+# hung NFS is not asked again until it answers, so a mount that cleans every
+# few seconds leaves one thread behind per hung path, not one per clean.
+_asking: set[str] = set()
+_asking_lock = threading.Lock()
+
+
+def _stat_within(paths: set[str], timeout: float) -> dict:
+    """path -> holder_identity, _GONE or _UNKNOWN, for the paths that answered
+    within *timeout*. Daemon threads: one stuck in a hung NFS call cannot be
+    interrupted and is left behind; the others carry on with the rest."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    with _asking_lock:
+        for path in paths - _asking:
+            todo.put(path)
+    answers: dict = {}
+    deadline = time.monotonic() + timeout
+
+    def worker() -> None:
+        while time.monotonic() < deadline:
+            try:
+                path = todo.get_nowait()
+            except queue.Empty:
+                return
+            with _asking_lock:
+                if path in _asking:
+                    continue
+                _asking.add(path)
+            try:
+                answer = holder_identity(os.stat(path))
+            except (FileNotFoundError, NotADirectoryError):
+                answer = _GONE
+            except OSError:
+                answer = _UNKNOWN
+            with _asking_lock:
+                _asking.discard(path)
+                answers[path] = answer
+
+    threads = [threading.Thread(target=worker, daemon=True, name="pin-holder-stat")
+               for _ in range(min(HOLDER_THREADS, todo.qsize()))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    with _asking_lock:
+        return dict(answers)
+
+
+def scan_cache(blocks: BlockCache, index: MetadataIndex,
+               released: frozenset[str] = frozenset()) -> dict[str, CachedFile]:
+    """Every file version with blocks on disk, by key (pins named in
+    *released* count as gone: a dry run's).
 
     Last used is the later of the recorded use and the cache file's mtime
     (its last block written), so files nobody recorded (a daemon killed
@@ -65,7 +172,7 @@ def scan_cache(blocks: BlockCache, index: MetadataIndex) -> dict[str, CachedFile
         if key in files:
             files[key].info = info
             files[key].last_used = max(files[key].last_used, last_used)
-    pinned = set().union(*index.pins().values())
+    pinned = set().union(*(keys for name, keys in index.pins().items() if name not in released))
     for key in pinned & files.keys():
         files[key].pinned = True
     return files
@@ -83,10 +190,12 @@ def clean_cache(blocks: BlockCache, index: MetadataIndex, *, max_size: int | Non
                 progress=lambda n: None, now: float | None = None) -> CleanReport:
     """Evict least recently used file versions until the cache is at or under
     max_size bytes, and every one not used for max_days. One clean at a time
-    per cache directory (a file lock); mounts keep reading meanwhile."""
+    per cache directory (a file lock); mounts keep reading meanwhile. Pins
+    whose context file is gone or replaced are released first."""
     lock = filelock.FileLock(os.path.join(os.path.dirname(blocks.blocks_dir), "clean.lock"))
     with lock:
-        files = scan_cache(blocks, index)
+        held = release_orphaned_pins(index, dry_run=dry_run)
+        files = scan_cache(blocks, index, frozenset(held.released))
         size = sum(f.bytes for f in files.values())
         now = time.time() if now is None else now
         candidates = sorted((f for f in files.values() if not f.pinned), key=lambda f: f.last_used)
@@ -110,4 +219,5 @@ def clean_cache(blocks: BlockCache, index: MetadataIndex, *, max_size: int | Non
             log.info("cleaned %d file version(s), %d bytes; cache now %d bytes",
                      len(victims), evicted, size - evicted)
         return CleanReport(size, size - evicted, len(victims), evicted,
-                           sum(f.bytes for f in files.values() if f.pinned), dry_run)
+                           sum(f.bytes for f in files.values() if f.pinned), dry_run,
+                           len(held.released), len(held.unanswered))

@@ -22,6 +22,9 @@ from .plaindisk import PlainDisk
 
 log = logging.getLogger(__name__)
 DB_NAME = "cache.db"  # diskcache's database file in a Cache directory
+# Pins written as a bare list of keys (before pins named their holder) were
+# all made by bake and seed, named "context:" + the context file's real path.
+_LEGACY_CONTEXT_PIN = "context:"
 
 
 class MetadataIndex:
@@ -120,12 +123,40 @@ class MetadataIndex:
         return {key[len(prefix):]: value for key in self._ledger.iterkeys()
                 if key.startswith(prefix) and (value := self._ledger.get(key)) is not None}
 
-    def pin(self, name: str, file_keys: list[str]) -> None:
-        """Blocks of these file versions are never evicted while the pin exists."""
-        self.set_record("p", name, json.dumps(sorted(set(file_keys))))
+    def pin(self, name: str, file_keys: list[str],
+            holder: tuple[str, tuple[int, ...]] | None = None) -> None:
+        """Blocks of these file versions are never evicted while the pin exists.
+
+        *holder* is the file the pin is for (a baked context), by path and
+        identity (clean.holder_identity): the pin lasts only while that file
+        does (clean.release_orphaned_pins)."""
+        record: dict = {"keys": sorted(set(file_keys))}
+        if holder is not None:
+            record["holder"] = {"path": holder[0], "identity": list(holder[1])}
+        self.set_record("p", name, json.dumps(record))
+
+    def unpin(self, name: str) -> None:
+        self._ledger.delete("p:" + name)
 
     def pins(self) -> dict[str, set[str]]:
-        return {name: set(json.loads(text)) for name, text in self.records("p").items()}
+        """Pin name -> the file keys it keeps."""
+        return {name: set(record["keys"] if isinstance(record, dict) else record)
+                for name, record in self._pin_records().items()}
+
+    def pin_holders(self) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+        """Pin name -> (path, identity) of the file it is for; identity None
+        when only the path is known (a pin written before holders were)."""
+        holders = {}
+        for name, record in self._pin_records().items():
+            if isinstance(record, list):  # before pins named their holder: its list of keys
+                if name.startswith(_LEGACY_CONTEXT_PIN):
+                    holders[name] = (name[len(_LEGACY_CONTEXT_PIN):], None)
+            elif "holder" in record:
+                holders[name] = (record["holder"]["path"], tuple(record["holder"]["identity"]))
+        return holders
+
+    def _pin_records(self) -> dict[str, dict | list]:
+        return {name: json.loads(text) for name, text in self.records("p").items()}
 
     def record_uses(self, uses: list[tuple[str, dict, int]]) -> None:
         """(file key, file info, when used) for file versions read: one transaction."""

@@ -40,10 +40,11 @@ def _live_mounts() -> set[str]:
 
 # -- status -------------------------------------------------------------------
 def cache_status(settings: Settings) -> dict:
-    from cachecore.clean import scan_cache
+    from cachecore.clean import release_orphaned_pins, scan_cache
 
     cache = _open_existing(settings)
     try:
+        held = release_orphaned_pins(cache.index)  # so PINNED shows what is pinned
         files = scan_cache(cache.blocks, cache.index)
         repos = {r.path: r.alias for r in cache.recorded_repos()}
         mounts = sorted(((rec.get("updated", 0), name[len("mount:"):])
@@ -83,7 +84,8 @@ def cache_status(settings: Settings) -> dict:
             })
         return {"cache_dir": settings.cache_dir,
                 "size_bytes": sum(f.bytes for f in files.values()),
-                "limit_bytes": settings.cache_limit or None, "variants": out}
+                "limit_bytes": settings.cache_limit or None, "variants": out,
+                "released_pins": len(held.released), "unanswered_pins": len(held.unanswered)}
     finally:
         cache.close()
 

@@ -107,7 +107,7 @@ def bake(context, output, mountpoint, strict, populate, **options):
     deep = bake_context(context, output, settings, strict=strict, warn=_warn)
     click.echo(f"baked {len(deep.variants)} variant(s) onto {deep.mountpoint}: {output}")
     if populate:
-        _report_populate(populate_context(output, settings))
+        _report_populate(populate_context(output, settings, warn=_warn))
 
 
 def _report_populate(counts: dict) -> None:
@@ -115,28 +115,38 @@ def _report_populate(counts: dict) -> None:
                f"{counts['bytes_fetched']} bytes; {counts['blocks_already_cached']} already cached")
 
 
+def seed_options(f):
+    """What seed and populate take: the cache, and where this machine's stores are."""
+    f = click.option("--block-size", help="The block size of the mount that will use the cache.")(f)
+    f = cache_options(f)
+    return click.option("--repo", "repos", multiple=True, metavar="ALIAS=PATH",
+                        help="The store of ALIAS on this machine [the config, else what the "
+                             "cache records, else what the context names].")(f)
+
+
 @main.command()
 @click.argument("context", type=click.Path(dir_okay=False))
-@cache_options
-@click.option("--block-size", help="The block size of the mount that will use the cache.")
+@seed_options
 def populate(context, **options):
     """Fetch every payload block of every variant of a baked CONTEXT into the cache."""
     from .config import load_settings
     from .context import populate_context
 
-    _report_populate(populate_context(context, load_settings(need_repos=False, **options)))
+    _report_populate(populate_context(context, load_settings(need_repos=False, **options),
+                                      warn=_warn))
 
 
 @main.command()
 @click.argument("context", type=click.Path(dir_okay=False))
-@cache_options
-@click.option("--block-size", help="The block size of the mount that will use the cache.")
+@seed_options
 def seed(context, **options):
-    """Put the definitions embedded in a baked CONTEXT into the cache (no store needed)."""
+    """Put the definitions embedded in a baked CONTEXT into the cache (checked
+    against the store when it answers; taken from the file alone when not)."""
     from .config import load_settings
     from .context import seed_context
 
-    listings, files = seed_context(context, load_settings(need_repos=False, **options))
+    listings, files = seed_context(context, load_settings(need_repos=False, **options),
+                                   warn=_warn)
     click.echo(f"seeded {listings} directory listing(s) and {files} definition file(s)")
 
 
@@ -206,6 +216,7 @@ def status(as_json, **options):
     data = cache_status(load_settings(need_repos=False, **options))
     if as_json:
         return _emit_json(data)
+    _report_pins(data["released_pins"], data["unanswered_pins"], dry_run=False)
     click.echo(f"cache {data['cache_dir']}: {_human(data['size_bytes'])} on disk, "
                f"limit {_human(data['limit_bytes']) if data['limit_bytes'] else 'none'}")
     _table(["PACKAGE", "VERSION", "VARIANTS", "CACHED", "FILES", "LAST USED", "PINNED",
@@ -260,11 +271,23 @@ def clean(max_size, max_days, dry_run, as_json, **options):
     if as_json:
         return _emit_json(report)
     verb = "would evict" if dry_run else "evicted"
+    _report_pins(report["released_pins"], report["unanswered_pins"], dry_run)
     click.echo(f"{verb} {report['evicted_files']} file(s), {_human(report['evicted_bytes'])}; "
                f"cache {_human(report['size_before'])} -> {_human(report['size_after'])} "
                f"({_human(report['pinned_bytes'])} pinned)")
     if "warning" in report:
         _warn(report["warning"])
+
+
+def _report_pins(released: int, unanswered: int, dry_run: bool) -> None:
+    from cachecore.clean import HOLDER_TIMEOUT
+
+    if released:
+        click.echo(f"{'would release' if dry_run else 'released'} {released} pin(s) of "
+                   "baked contexts whose file is gone or replaced")
+    if unanswered:
+        _warn(f"{unanswered} baked context file(s) did not answer within {HOLDER_TIMEOUT:g}s; "
+              "their pins are kept")
 
 
 @main.command()

@@ -8,6 +8,24 @@ hashed variant's `_v` links) is in the local cache, pinned, and embedded in
 the baked file so another machine can seed its own cache from the file alone.
 Everything goes through cachecore, so the store is consulted only for what
 the cache lacks.
+
+A baked file is input like any other, and whoever seeds or populates it need
+not be whoever wrote it (a render node seeding the contexts users submit).
+So its embedded section is checked whole before anything is written (the
+type of every field, every path through cachecore/paths.py), and only what
+bake embeds is accepted: definition files in the version directories of the
+section's variants, location files at their repository locations, and
+listings on the variants' paths (the repository root down to the version
+directory, its `_v` directory, each variant root and the directories in it).
+When the store answers, those listings and files are taken from the store
+instead (the section names what to take) and differences are reported; only
+when it does not answer is the section's own data used, unchecked, and the
+command says so. Seeding never changes what the cache records as the store
+path of an alias: --repo or the config decide, then the cache's record, and
+the section's path only when neither names the alias.
+
+A pin lasts as long as its context file (cachecore/clean.py); a context that
+embeds what not everyone may read in the store is written mode 0600.
 """
 from __future__ import annotations
 
@@ -15,9 +33,14 @@ import base64
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
+
+from cachecore.model import ROOT_NAME, Attr, decode_listing, display_path, encode_listing
+from cachecore.paths import BadPath, check_name, relpath_from_text
 
 from .config import Settings
 from .errors import UserError
@@ -39,8 +62,8 @@ class DeepData:
 
     mountpoint: str
     repos: dict[str, str]                                   # alias -> store path
-    roots: dict[str, bytes] = field(default_factory=dict)   # alias -> encoded root attr
-    listings: dict[tuple[str, bytes], bytes] = field(default_factory=dict)  # encoded entries
+    roots: dict[str, Attr] = field(default_factory=dict)    # alias -> repository root
+    listings: dict[tuple[str, bytes], dict[bytes, Attr]] = field(default_factory=dict)
     # (alias, path) -> (Attr.identity, bytes)
     files: dict[tuple[str, bytes], tuple[tuple[int, ...], bytes]] = field(default_factory=dict)
     variants: list[dict] = field(default_factory=list)      # repo, name, version, root
@@ -49,9 +72,11 @@ class DeepData:
         b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
         return {
             "format": EMBED_FORMAT, "mountpoint": self.mountpoint, "repos": self.repos,
-            "roots": {alias: b64(blob) for alias, blob in self.roots.items()},
-            "listings": [{"repo": a, "path": os.fsdecode(p), "entries": b64(blob)}
-                         for (a, p), blob in sorted(self.listings.items())],
+            "roots": {alias: b64(encode_listing({ROOT_NAME: attr}, 0.0))
+                      for alias, attr in self.roots.items()},
+            "listings": [{"repo": a, "path": os.fsdecode(p),
+                          "entries": b64(encode_listing(entries, 0.0))}
+                         for (a, p), entries in sorted(self.listings.items())],
             "files": [{"repo": a, "path": os.fsdecode(p), "identity": list(identity),
                        "data": b64(data)}
                       for (a, p), (identity, data) in sorted(self.files.items())],
@@ -60,25 +85,204 @@ class DeepData:
 
     @classmethod
     def from_context(cls, doc: dict, path: str) -> DeepData:
+        """The section of a baked context, every field checked: a UserError
+        names the first that is wrong, before anything is done with any."""
         raw = doc.get(EMBED_KEY)
         if not isinstance(raw, dict):
             raise UserError(f"{path} was not baked by rez-lazyfs (run rez-lazyfs bake first)")
         if raw.get("format") != EMBED_FORMAT:
             raise UserError(f"{path}: unsupported rez-lazyfs section format {raw.get('format')!r}")
         try:
-            dec = base64.b64decode
-            return cls(
-                mountpoint=raw["mountpoint"], repos=dict(raw["repos"]),
-                roots={a: dec(v) for a, v in raw["roots"].items()},
-                listings={(x["repo"], os.fsencode(x["path"])): dec(x["entries"])
-                          for x in raw["listings"]},
-                files={(x["repo"], os.fsencode(x["path"])): (tuple(x["identity"]), dec(x["data"]))
-                       for x in raw["files"]},
-                variants=list(raw["variants"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path}: damaged rez-lazyfs section ({e})") from None
+            return _parse_section(raw)
+        except _Damaged as e:
+            raise UserError(f"{path}: damaged rez-lazyfs section: {e}") from None
 
 
+# -- reading a section: nothing in it is used before all of it is checked ------
+class _Damaged(ValueError):
+    """What is wrong with one field of a section, and where."""
+
+
+_KINDS = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if value is None:
+        return "null"
+    return _KINDS.get(type(value), "a number" if isinstance(value, float) else type(value).__name__)
+
+
+def _want(value, kind: type, where: str):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _Damaged(f"{where} is {_kind(value)}, not {_KINDS[kind]}")
+    return value
+
+
+def _member(obj: dict, key: str, kind: type, where: str = ""):
+    if key not in obj:
+        raise _Damaged(f"{where or 'the section'} has no {key!r}")
+    return _want(obj[key], kind, f"{where}.{key}" if where else key)
+
+
+def _bytes(text, where: str) -> bytes:
+    try:
+        return base64.b64decode(_want(text, str, where), validate=True)
+    except ValueError:
+        raise _Damaged(f"{where} is not base64") from None
+
+
+def _entries(text, where: str) -> dict[bytes, Attr]:
+    blob = _bytes(text, where)
+    try:
+        return decode_listing(blob)[0]
+    except ValueError as e:
+        raise _Damaged(f"{where}: {e}") from None
+
+
+def _relpath(text, where: str) -> bytes:
+    try:
+        return relpath_from_text(text)
+    except BadPath as e:
+        raise _Damaged(f"{where}: {e}") from None
+
+
+def _parse_section(raw: dict) -> DeepData:
+    repos = {}
+    for alias, store in _member(raw, "repos", dict).items():
+        where = f"repos[{alias!r}]"
+        try:
+            check_name(os.fsencode(alias))
+        except BadPath as e:
+            raise _Damaged(f"{where}: the alias is not a plain name ({e})") from None
+        if not os.path.isabs(_want(store, str, where)) or "\0" in store:
+            raise _Damaged(f"{where} is not an absolute path")
+        repos[alias] = store
+    deep = DeepData(_member(raw, "mountpoint", str), repos)
+
+    def known(alias, where: str) -> str:
+        if alias not in repos:
+            raise _Damaged(f"{where} names repository {alias!r}, which repos lacks")
+        return alias
+
+    for alias, text in _member(raw, "roots", dict).items():
+        where = f"roots[{alias!r}]"
+        entries = _entries(text, where)
+        if list(entries) != [ROOT_NAME] or not entries[ROOT_NAME].is_dir:
+            raise _Damaged(f"{where} is not the record of a repository root")
+        deep.roots[known(alias, where)] = entries[ROOT_NAME]
+    for i, x in enumerate(_member(raw, "listings", list)):
+        where = f"listings[{i}]"
+        key = (known(_member(_want(x, dict, where), "repo", str, where), f"{where}.repo"),
+               _relpath(_member(x, "path", str, where), f"{where}.path"))
+        entries = _entries(_member(x, "entries", str, where), f"{where}.entries")
+        if ROOT_NAME in entries:
+            raise _Damaged(f"{where}.entries holds an entry named '.'")
+        if key in deep.listings:
+            raise _Damaged(f"{where} lists {display_path(*key)} a second time")
+        deep.listings[key] = entries
+    for i, x in enumerate(_member(raw, "files", list)):
+        where = f"files[{i}]"
+        key = (known(_member(_want(x, dict, where), "repo", str, where), f"{where}.repo"),
+               _relpath(_member(x, "path", str, where), f"{where}.path"))
+        identity = _member(x, "identity", list, where)
+        if len(identity) != 4:
+            raise _Damaged(f"{where}.identity holds {len(identity)} numbers, not 4 "
+                           "(size, mtime, ctime, inode)")
+        for n, number in enumerate(identity):
+            _want(number, int, f"{where}.identity[{n}]")
+        data = _bytes(_member(x, "data", str, where), f"{where}.data")
+        if len(data) != identity[0]:
+            raise _Damaged(f"{where}.data holds {len(data)} bytes, its identity says {identity[0]}")
+        parent, _, name = key[1].rpartition(b"/")
+        entry = deep.listings.get((key[0], parent), {}).get(name)
+        if entry is None or not entry.is_file or entry.identity != tuple(identity):
+            raise _Damaged(f"{where} ({display_path(*key)}) is not the file its directory's "
+                           "listing in the section names")
+        if key in deep.files:
+            raise _Damaged(f"{where} embeds {display_path(*key)} a second time")
+        deep.files[key] = (tuple(identity), data)
+    for i, v in enumerate(_member(raw, "variants", list)):
+        where = f"variants[{i}]"
+        _want(v, dict, where)
+        record = {"repo": known(_member(v, "repo", str, where), f"{where}.repo")}
+        record.update((k, _member(v, k, str, where)) for k in ("name", "version", "root"))
+        _relpath(record["root"], f"{where}.root")
+        if _layout(record) is None:
+            raise _Damaged(f"{where}.root {record['root']!r} is not in a directory "
+                           f"{record['name']}/{record['version']}".rstrip("/"))
+        deep.variants.append(record)
+    return deep
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where one variant's package lives in its repository."""
+
+    location: bytes      # the repository location: the directory of its family
+    version_dir: bytes   # where rez reads its definition
+    root: bytes          # the variant root: the version directory or below it
+
+
+def _layout(variant: dict) -> _Layout | None:
+    """'loc/maya/2024.2/python-3' (maya, 2024.2) -> loc, loc/maya/2024.2, the root;
+    None if the root is not in a NAME/VERSION directory."""
+    parts = variant["root"].split("/") if variant["root"] else []
+    head = [variant["name"], variant["version"]] if variant["version"] else [variant["name"]]
+    for i in range(len(parts) - len(head), -1, -1):
+        if parts[i:i + len(head)] == head:
+            return _Layout(os.fsencode("/".join(parts[:i])),
+                           os.fsencode("/".join(parts[:i + len(head)])),
+                           os.fsencode(variant["root"]))
+    return None
+
+
+def _check_embedded_paths(deep: DeepData, path: str) -> None:
+    """Refuse whatever bake would not have embedded (the module docstring)."""
+    listable, definition_dirs, locations = set(), set(), set()
+    roots: dict[str, set[bytes]] = {}
+    for v in deep.variants:
+        alias, layout = v["repo"], _layout(v)
+        parts = layout.version_dir.split(b"/")
+        listable.update((alias, b"/".join(parts[:n])) for n in range(len(parts) + 1))
+        listable.add((alias, layout.version_dir + b"/" + HASHED_VARIANTS_DIR))
+        definition_dirs.add((alias, layout.version_dir))
+        locations.add((alias, layout.location))
+        roots.setdefault(alias, set()).add(layout.root)
+
+    for alias, relpath in deep.listings:
+        if (alias, relpath) not in listable and not any(
+                relpath == root or relpath.startswith(root + b"/") for root in roots.get(alias, ())):
+            raise UserError(f"{path}: the rez-lazyfs section embeds a listing of "
+                            f"{display_path(alias, relpath)}, which is not on the path of any "
+                            "of its variants: refused")
+    for alias, relpath in deep.files:
+        parent, _, name = relpath.rpartition(b"/")
+        if not ((alias, parent) in definition_dirs and name in DEFINITION_FILES
+                or (alias, parent) in locations and name in LOCATION_FILES):
+            raise UserError(f"{path}: the rez-lazyfs section embeds {display_path(alias, relpath)}, "
+                            "which is not a definition file of any of its variants: refused")
+
+
+def _load_baked(ctx_path: str) -> tuple[DeepData, tuple[str, tuple[int, ...]]]:
+    """The checked section of a baked context, and the context file as a pin holder."""
+    deep = DeepData.from_context(load_context(ctx_path), ctx_path)
+    _check_embedded_paths(deep, ctx_path)
+    return deep, _holder(ctx_path)
+
+
+def _holder(ctx_path: str) -> tuple[str, tuple[int, ...]]:
+    from cachecore.clean import holder_identity
+
+    real = os.path.realpath(ctx_path)
+    try:
+        return real, holder_identity(os.stat(real))
+    except OSError as e:
+        raise UserError(f"cannot stat {ctx_path}: {e.strerror}") from None
+
+
+# -- baking -------------------------------------------------------------------
 def _repo_relative(location: str, mount_root: str) -> tuple[str, bytes]:
     """(alias, path inside the repository) of a location under the mount; alias
     is '' for a location elsewhere."""
@@ -92,11 +296,9 @@ def _repo_relative(location: str, mount_root: str) -> tuple[str, bytes]:
 async def _collect(repos, handles, mount_root: str, deep: DeepData) -> None:
     """Read through the cache everything rez reads to source these variants."""
     from cachecore.errors import LazyFSError, NotFound
-    from cachecore.model import encode_listing
 
     async def listing(alias: str, relpath: bytes) -> dict:
-        entries = await repos[alias].listing(relpath)
-        deep.listings[(alias, relpath)] = encode_listing(entries, 0.0)
+        entries = deep.listings[(alias, relpath)] = await repos[alias].listing(relpath)
         return entries
 
     async def whole_file(alias: str, relpath: bytes) -> None:
@@ -106,7 +308,7 @@ async def _collect(repos, handles, mount_root: str, deep: DeepData) -> None:
         deep.files[(alias, relpath)] = (version.identity, data)
 
     for alias, repo in repos.items():
-        deep.roots[alias] = encode_listing({b".": await repo.root_attr()}, 0.0)
+        deep.roots[alias] = await repo.root_attr()
     for handle in handles:
         v = handle["variables"]
         alias, location = _repo_relative(v["location"], mount_root)
@@ -139,22 +341,54 @@ async def _collect(repos, handles, mount_root: str, deep: DeepData) -> None:
 async def _collect_trees(repos, deep: DeepData) -> None:
     """The listings of every directory of every variant: with them, a context
     sourced offline from an unpopulated cache finds every file and fails on
-    content alone, with an EIO naming the file, rather than on lookups."""
+    content alone, with an EIO naming the file, rather than on lookups.
+    Walked with a stack, not recursion: a tree may be deeper than Python's stack."""
     from cachecore.errors import LazyFSError
-    from cachecore.model import encode_listing
-
-    async def walk(alias: str, relpath: bytes) -> None:
-        entries = await repos[alias].listing(relpath)
-        deep.listings[(alias, relpath)] = encode_listing(entries, 0.0)
-        for name, attr in entries.items():
-            if attr.is_dir:
-                await walk(alias, relpath + b"/" + name if relpath else name)
 
     for v in deep.variants:
+        alias, pending = v["repo"], [os.fsencode(v["root"])]
         try:
-            await walk(v["repo"], os.fsencode(v["root"]))
+            while pending:
+                relpath = pending.pop()
+                entries = deep.listings[(alias, relpath)] = await repos[alias].listing(relpath)
+                pending.extend(relpath + b"/" + name if relpath else name
+                               for name, attr in entries.items() if attr.is_dir)
         except LazyFSError as e:
             raise UserError(f"cannot list {v['name']}-{v['version']}: {e}") from None
+
+
+async def _first_private(repos, deep: DeepData) -> str | None:
+    """An embedded listing or file that not everyone may read in the store,
+    or None: the baked file then must not be readable by everyone either.
+
+    A directory's listing is readable by everyone if it and every directory
+    above it are searchable by others and it is readable by others; a file
+    if its directory is searchable that way and it is readable by others."""
+    searchable: dict[tuple[str, bytes], bool] = {}
+
+    async def attr(alias: str, relpath: bytes) -> Attr:
+        return await repos[alias].getattr(relpath)
+
+    async def everyone_searches(alias: str, relpath: bytes) -> bool:
+        chain = [relpath]
+        while chain[-1] and (alias, chain[-1]) not in searchable:
+            chain.append(chain[-1].rpartition(b"/")[0])
+        for directory in reversed(chain):
+            if (alias, directory) not in searchable:
+                above = not directory or searchable[(alias, directory.rpartition(b"/")[0])]
+                searchable[(alias, directory)] = above and bool(
+                    (await attr(alias, directory)).mode & stat.S_IXOTH)
+        return searchable[(alias, relpath)]
+
+    for alias, relpath in deep.listings:
+        if not (await everyone_searches(alias, relpath)
+                and (await attr(alias, relpath)).mode & stat.S_IROTH):
+            return display_path(deep.repos[alias], relpath)
+    for alias, relpath in deep.files:
+        if not (await everyone_searches(alias, relpath.rpartition(b"/")[0])
+                and (await attr(alias, relpath)).mode & stat.S_IROTH):
+            return display_path(deep.repos[alias], relpath)
+    return None
 
 
 def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict]) -> list[dict]:
@@ -171,12 +405,11 @@ def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict]) -> list[di
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(data)
-        from cachecore.model import decode_listing
-        for (alias, relpath), blob in deep.listings.items():
+        for (alias, relpath), entries in deep.listings.items():
             if relpath.endswith(b"/" + HASHED_VARIANTS_DIR):
                 directory = os.path.join(os.fsencode(replica), os.fsencode(alias), relpath)
                 os.makedirs(directory, exist_ok=True)
-                for name, attr in decode_listing(blob)[0].items():
+                for name, attr in entries.items():
                     if attr.is_link:
                         os.symlink(attr.target, os.path.join(directory, name))
         local = {**baked, "resolved_packages": []}
@@ -221,19 +454,25 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
     try:
         specs = repo_specs(settings, cache)
 
-        async def collect():
+        async def collect() -> str | None:
             live = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
                                       store_timeout=settings.store_timeout)
             await _collect(live, mirrored, mount_root, deep)
             # rez evaluates package.py files: a thread, not the event loop.
             deep.variants = await trio.to_thread.run_sync(_variant_roots, baked, deep, mirrored)
             await _collect_trees(live, deep)
+            private = await _first_private(live, deep)
             await cache.flush("bake", cache.totals_of("bake"))
+            return private
 
-        trio.run(collect)
+        private = trio.run(collect)
         baked[EMBED_KEY] = deep.to_json()
-        write_context(baked, out_path)
-        cache.index.pin(_pin_name(out_path), _file_keys(deep, cache.blocks.block_size))
+        if private:
+            warn(f"{private} is not readable by everyone, and {out_path} embeds it: "
+                 "written mode 0600")
+        write_context(baked, out_path, mode=0o600 if private else 0o644)
+        holder = _holder(out_path)
+        cache.index.pin(_pin_name(holder[0]), _file_keys(deep, cache.blocks.block_size), holder)
         _record_variants(cache.index, deep)
     finally:
         cache.close()
@@ -243,19 +482,13 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
 def _record_variants(index, deep: DeepData) -> None:
     """Which subdirectory of a version is a variant: status shows it."""
     for v in deep.variants:
-        version_dir, subpath = _split_variant_root(v["root"], v["name"], v["version"])
+        layout = _layout(v)
+        if layout is None:  # not where rez-build puts variants: nothing to show
+            continue
+        version_dir = os.fsdecode(layout.version_dir)
         index.set_record("v", f"{deep.repos[v['repo']]}:{v['root']}", json.dumps(
-            {"store": deep.repos[v["repo"]], "version_dir": version_dir, "subpath": subpath}))
-
-
-def _split_variant_root(root: str, name: str, version: str) -> tuple[str, str]:
-    """'loc/maya/2024.2/python-3' -> ('loc/maya/2024.2', 'python-3')."""
-    parts = root.split("/")
-    head = [name, version] if version else [name]
-    for i in range(len(parts) - len(head), -1, -1):
-        if parts[i:i + len(head)] == head:
-            return "/".join(parts[:i + len(head)]), "/".join(parts[i + len(head):])
-    return root, ""
+            {"store": deep.repos[v["repo"]], "version_dir": version_dir,
+             "subpath": v["root"][len(version_dir) + 1:]}))
 
 
 def _pin_name(ctx_path: str) -> str:
@@ -270,64 +503,215 @@ def _file_keys(deep: DeepData, block_size: int) -> list[str]:
 
 
 # -- seeding ------------------------------------------------------------------
-def seed_context(ctx_path: str, settings: Settings) -> tuple[int, int]:
-    """Put a baked context's embedded definitions into the cache.
+@dataclass
+class _Seeding:
+    """What seeding writes for one repository, and whether its store vouched for it."""
 
-    Listings already in the cache are kept (they may be newer); blocks are
-    keyed by file identity, so a seeded block can never stand for other bytes.
-    Returns (listings added, files added).
-    """
-    from cachecore.blocks import file_key
-    from cachecore.cache import RepoSpec
-    from cachecore.model import decode_listing
+    store: str
+    verified: bool
+    root: Attr | None
+    listings: dict[bytes, dict[bytes, Attr]]
+    files: dict[bytes, tuple[tuple[int, ...], bytes]]
 
+
+def seed_context(ctx_path: str, settings: Settings, *, warn=lambda message: None) -> tuple[int, int]:
+    """Put a baked context's definitions and listings into the cache, checked
+    against the store when it answers (the module docstring).
+
+    Blocks are keyed by file identity, so a seeded block can never stand for
+    other bytes. Returns (listings written, files written)."""
     from .daemon import open_cache
 
-    deep = DeepData.from_context(load_context(ctx_path), ctx_path)
+    deep, holder = _load_baked(ctx_path)
     cache = open_cache(settings)
-    added_listings = added_files = 0
     try:
-        cache.record_repos([RepoSpec(a, p) for a, p in deep.repos.items()])
-        for alias, blob in deep.roots.items():
-            if cache.index.get_root(deep.repos[alias]) is None:
-                cache.index.put_root(deep.repos[alias], decode_listing(blob)[0][b"."], 0.0)
-        for (alias, relpath), blob in deep.listings.items():
-            store = deep.repos[alias]
-            if cache.index.get_listing(store, relpath) is None:
-                cache.index.put_listing(store, relpath, decode_listing(blob)[0], 0.0)
-                added_listings += 1
-        bs = cache.blocks.block_size
-        for (alias, relpath), (identity, data) in deep.files.items():
-            size = identity[0]
-            if len(data) != size:
-                raise UserError(f"{ctx_path}: embedded {os.fsdecode(relpath)} is damaged")
-            key = file_key(deep.repos[alias], relpath, identity, bs)
-            for index, offset in enumerate(range(0, size, bs)):
-                if cache.blocks.read(key, index, min(bs, size - offset)) is None:
-                    cache.blocks.write(key, index, data[offset:offset + bs])
-            added_files += 1
-        cache.index.pin(_pin_name(ctx_path), _file_keys(deep, bs))
+        return _seed(cache, deep, holder, settings, warn)[1]
     finally:
         cache.close()
-    return added_listings, added_files
+
+
+def _seed(cache, deep: DeepData, holder, settings: Settings, warn) -> tuple[DeepData, tuple[int, int]]:
+    """Seed the cache; returns the section with this machine's store paths, and counts."""
+    import trio
+
+    deep = replace(deep, repos=_store_paths(deep, settings, cache, warn))
+    seedings = trio.run(_gather, cache, deep, settings, warn)
+    listings, keys = _write_seedings(cache, seedings)
+    cache.index.pin(_pin_name(holder[0]), keys, holder)
+    return deep, (listings, len(keys))
+
+
+def _store_paths(deep: DeepData, settings: Settings, cache, warn) -> dict[str, str]:
+    """alias -> the store path seeding files the section's data under.
+
+    What this machine says (--repo, the config, then what the cache records)
+    outranks what the section names: the section cannot repoint an alias the
+    cache knows, and is never recorded as the cache's repositories."""
+    given = {r.alias: (r.path, "--repo/the config") for r in settings.repos}
+    recorded = {s.alias: (s.path, "this cache's record") for s in cache.recorded_repos()}
+    chosen = {}
+    for alias, named in deep.repos.items():
+        path, source = given.get(alias) or recorded.get(alias) or (named, "")
+        if path != named:
+            warn(f"repository {alias!r}: the context was baked against {named}; "
+                 f"using {path} ({source})")
+        chosen[alias] = path
+    return chosen
+
+
+async def _gather(cache, deep: DeepData, settings: Settings, warn) -> list[_Seeding]:
+    """Per repository, what to seed: what its store holds of what the section
+    names if the store answers, else the section's own data."""
+    from cachecore.cache import RepoSpec
+    from cachecore.errors import LazyFSError
+
+    repos = cache.repositories([RepoSpec(a, p) for a, p in deep.repos.items()],
+                               metadata_ttl=settings.metadata_ttl,
+                               store_timeout=settings.store_timeout,
+                               store_threads=settings.store_threads)
+    seedings = []
+    for alias, path in deep.repos.items():
+        embedded = _Seeding(path, False, deep.roots.get(alias),
+                            {rel: e for (a, rel), e in deep.listings.items() if a == alias},
+                            {rel: f for (a, rel), f in deep.files.items() if a == alias})
+        if not embedded.listings and not embedded.files:
+            continue  # a repository the baking machine had but the context does not use
+        store = repos[alias].store
+        try:
+            root = await cache.fetcher.call_store(store, path, store.stat_root)
+            if await cache.fetcher.call_store(store, path, store.root_is_empty):
+                raise LazyFSError(f"{path} is empty: its filesystem is probably not mounted")
+        except LazyFSError as e:
+            warn(f"repository {alias!r}: {e}; seeded what the context embeds, unchecked")
+            seedings.append(embedded)
+            continue
+        seedings.append(await _from_store(cache.fetcher, store, root, embedded,
+                                          settings.store_threads, warn))
+    return seedings
+
+
+async def _from_store(fetcher, store, root: Attr, embedded: _Seeding, workers: int,
+                      warn) -> _Seeding:
+    """The store's own versions of the listings and files *embedded* names."""
+    from cachecore.errors import LazyFSError, NotADirectory, NotFound
+
+    checked = _Seeding(embedded.store, True, root, {}, {})
+    differ, gone = [], []
+
+    async def list_dir(relpath: bytes) -> None:
+        try:
+            entries = await fetcher.call_store(store, display_path(store.root, relpath),
+                                               store.list_dir, relpath)
+        except (NotFound, NotADirectory):
+            gone.append(relpath)
+            return
+        checked.listings[relpath] = entries
+        if _without_atimes(entries) != _without_atimes(embedded.listings[relpath]):
+            differ.append(relpath)
+
+    async def read_file(relpath: bytes) -> None:
+        parent, _, name = relpath.rpartition(b"/")
+        attr = checked.listings.get(parent, {}).get(name)
+        if attr is None or not attr.is_file:
+            gone.append(relpath)
+            return
+        data = await fetcher.call_store(store, display_path(store.root, relpath),
+                                        store.read, relpath, attr.identity, 0, attr.size)
+        checked.files[relpath] = (attr.identity, data)
+        if checked.files[relpath] != embedded.files[relpath]:
+            differ.append(relpath)
+
+    try:
+        await _each(embedded.listings, list_dir, workers)
+        await _each(embedded.files, read_file, workers)  # after: they need the listings
+    except LazyFSError as e:
+        raise UserError(f"the store failed while seeding from it, so nothing was written "
+                        f"(run the command again): {e}") from None
+    if differ or gone:
+        first = display_path(store.root, sorted(differ or gone)[0])
+        warn(f"{len(differ)} listing(s) or file(s) the context embeds differ from the store "
+             f"{store.root} and {len(gone)} are no longer in it (first: {first}); "
+             "seeded what the store holds")
+    return checked
+
+
+def _without_atimes(entries: dict[bytes, Attr]) -> dict[bytes, Attr]:
+    # Reading a file or listing a directory may move its atime (bake itself
+    # reads the definitions): not a difference in what the store holds.
+    return {name: replace(attr, atime_ns=0) for name, attr in entries.items()}
+
+
+async def _each(items, work, workers: int) -> None:
+    """await work(item) for each item, *workers* at a time; the first
+    LazyFSError stops the rest and is raised."""
+    import trio
+
+    from cachecore.errors import LazyFSError
+
+    pending = iter(list(items))
+    failed: list[LazyFSError] = []
+
+    async def worker() -> None:
+        for item in pending:
+            try:
+                await work(item)
+            except LazyFSError as e:
+                failed.append(e)
+            if failed:
+                return
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(workers):
+            nursery.start_soon(worker)
+    if failed:
+        raise failed[0]
+
+
+def _write_seedings(cache, seedings: list[_Seeding]) -> tuple[int, list[str]]:
+    """Write what was gathered; returns (listings written, file keys written).
+
+    What a store vouched for replaces what the index holds; a section's own
+    data only fills gaps, with a time of 0 so that directories revalidated
+    by metadata_ttl are relisted as soon as the store answers."""
+    from cachecore.blocks import file_key
+
+    index, blocks, bs = cache.index, cache.blocks, cache.blocks.block_size
+    now = time.time()
+    listings, keys = 0, []
+    for s in seedings:
+        fetched_at = now if s.verified else 0.0
+        if s.root is not None and (s.verified or index.get_root(s.store) is None):
+            index.put_root(s.store, s.root, fetched_at)
+        for relpath, entries in s.listings.items():
+            if s.verified or index.get_listing(s.store, relpath) is None:
+                index.put_listing(s.store, relpath, entries, fetched_at)
+                listings += 1
+        for relpath, (identity, data) in s.files.items():
+            key = file_key(s.store, relpath, identity, bs)
+            for n, offset in enumerate(range(0, len(data), bs)):
+                if blocks.read(key, n, min(bs, len(data) - offset)) is None:
+                    blocks.write(key, n, data[offset:offset + bs])
+            keys.append(key)
+    return listings, keys
 
 
 # -- populating ---------------------------------------------------------------
-def populate_context(ctx_path: str, settings: Settings, *, progress: bool | None = None) -> dict:
-    """Fetch every payload block of every variant of a baked context. Resumable:
-    blocks already cached are skipped. Returns counts."""
+def populate_context(ctx_path: str, settings: Settings, *, progress: bool | None = None,
+                     warn=lambda message: None) -> dict:
+    """Seed, then fetch every payload block of every variant of a baked context.
+    Resumable: blocks already cached are skipped. Returns counts."""
     import trio
 
     from cachecore.cache import RepoSpec
 
     from .daemon import open_cache
 
-    seed_context(ctx_path, settings)
-    deep = DeepData.from_context(load_context(ctx_path), ctx_path)
-    specs = [RepoSpec(a, p) for a, p in deep.repos.items()]
+    deep, holder = _load_baked(ctx_path)
     cache = open_cache(settings)
     show = sys.stderr.isatty() if progress is None else progress
     try:
+        deep, _ = _seed(cache, deep, holder, settings, warn)
+        specs = [RepoSpec(a, p) for a, p in deep.repos.items()]
         return trio.run(_populate, cache, specs, deep, settings, show)
     finally:
         cache.close()
@@ -343,22 +727,18 @@ async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool
                                store_timeout=settings.store_timeout,
                                store_threads=settings.store_threads)
     files = []  # (repo, FileVersion)
-    seen = set()
-
-    async def walk(repo, relpath: bytes):
-        for name, attr in (await repo.readdir(relpath)).items():
-            child = relpath + b"/" + name if relpath else name
-            if attr.is_dir:
-                await walk(repo, child)
-            elif attr.is_file:
-                files.append((repo, await repo.open(child)))
-
+    roots = {(v["repo"], os.fsencode(v["root"])) for v in deep.variants}
     try:
-        for v in deep.variants:
-            root = (v["repo"], v["root"])
-            if root not in seen:
-                seen.add(root)
-                await walk(repos[v["repo"]], os.fsencode(v["root"]))
+        for alias, root in sorted(roots):
+            repo, pending = repos[alias], [root]
+            while pending:  # a stack, not recursion: a tree may be deeper than Python's stack
+                relpath = pending.pop()
+                for name, attr in (await repo.readdir(relpath)).items():
+                    child = relpath + b"/" + name if relpath else name
+                    if attr.is_dir:
+                        pending.append(child)
+                    elif attr.is_file:
+                        files.append((repo, await repo.open(child)))
     except LazyFSError as e:
         raise UserError(f"cannot list the context's variants: {e}") from None
 
@@ -442,7 +822,7 @@ def export_context(in_path: str, out_dir: str, settings: Settings, *, warn=lambd
     context = os.path.join(out_dir, "context.rxt")
     try:
         bake_context(in_path, context, own, warn=warn)
-        counts = populate_context(context, own)
+        counts = populate_context(context, own, warn=warn)
         with open(os.path.join(out_dir, "rez-lazyfs.toml"), "w") as f:
             f.write(f"# Mount this standalone context with no store and no network:\n"
                     f"#   rez-lazyfs mount {own.mountpoint} --config {out_dir}/rez-lazyfs.toml\n"

@@ -131,9 +131,10 @@ def rebase_context(doc: dict, repos: dict[str, str], mountpoint: str) -> tuple[d
     return rebased, unmapped
 
 
-def write_context(doc: dict, out_path: str) -> None:
+def write_context(doc: dict, out_path: str, mode: int = 0o644) -> None:
     """Write *doc* to *out_path* as rez does, replacing any old file atomically:
-    readers see the old file or the complete new one, never a partial one."""
+    readers see the old file or the complete new one, never a partial one.
+    *mode* 0600 for a context that embeds what not everyone may read."""
     content = json.dumps(doc, indent=4, separators=(",", ": "), sort_keys=True)
     out_path = os.path.abspath(out_path)
     directory = os.path.dirname(out_path)
@@ -148,7 +149,7 @@ def write_context(doc: dict, out_path: str) -> None:
             f.flush()
             # mkstemp creates 0600; a baked context is meant to be sourced by
             # other users too, like one rez writes under the usual umask.
-            os.fchmod(f.fileno(), 0o644)
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp_path, out_path)
         _fsync_directory(directory)

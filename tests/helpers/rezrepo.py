@@ -88,6 +88,18 @@ class Rez:
         )
         return env
 
+    def lazyfs(self, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+        """One non-daemon `rez-lazyfs` command, with this rez config (bake uses
+        rez's API) and no user configuration of either tool."""
+        from helpers.mounts import LAZYFS
+
+        env = self.environ([self.workdir / "no-packages-here"])
+        xdg = self.workdir / "xdg"
+        env.update(XDG_CONFIG_HOME=str(xdg / "config"), XDG_CACHE_HOME=str(xdg / "cache"),
+                   XDG_DATA_HOME=str(xdg / "data"), XDG_STATE_HOME=str(xdg / "state"))
+        return subprocess.run([str(LAZYFS), *map(str, args)], env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+
     def resolve(self, request: list[str], packages_path: list[Path], out: Path) -> Path:
         self._run(["rez-env", *request, "--output", str(out)], packages_path)
         return out

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.mounts import LAZYFS, PROBLEM_LEVEL, LazyMount
+from helpers.mounts import PROBLEM_LEVEL, LazyMount
 from helpers.rezrepo import Rez, build_store
 from helpers.trees import KiB, deterministic_bytes
 from helpers.walk import sha256_file
@@ -145,20 +145,7 @@ def roots_under(mountpoint: Path) -> dict[str, str]:
 
 
 def lazyfs_cli(rez: Rez, *args) -> subprocess.CompletedProcess:
-    """One non-daemon `rez-lazyfs` command, with rez's test config (bake may
-    use rez's API) and no user configuration of either tool."""
-    env = rez.environ([rez.workdir / "no-packages-here"])
-    xdg = rez.workdir / "xdg"
-    env.update(
-        XDG_CONFIG_HOME=str(xdg / "config"),
-        XDG_CACHE_HOME=str(xdg / "cache"),
-        XDG_DATA_HOME=str(xdg / "data"),
-        XDG_STATE_HOME=str(xdg / "state"),
-    )
-    return subprocess.run(
-        [str(LAZYFS), *map(str, args)], env=env, stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=120,
-    )
+    return rez.lazyfs(*args)
 
 
 def describe(result: subprocess.CompletedProcess) -> str:

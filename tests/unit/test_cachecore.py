@@ -467,6 +467,35 @@ def test_clean_evicts_least_recently_used_keeps_pins(tmp_path):
     cache.close()
 
 
+def test_pins_last_while_their_holder_file_does(tmp_path):
+    from cachecore.cache import LocalCache
+    from cachecore.clean import holder_identity, release_orphaned_pins
+
+    cache = LocalCache(str(tmp_path / "cache"), BS)
+    files = {name: tmp_path / f"{name}.rxt" for name in ("kept", "gone", "replaced", "legacy")}
+    for path in files.values():
+        path.write_text("{}")
+    for name in ("kept", "gone", "replaced"):
+        path = str(files[name])
+        cache.index.pin(f"context:{path}", [name], (path, holder_identity(os.stat(path))))
+    cache.index.pin("no-holder", ["always"])
+    # As written before pins named their holder: a bare list, named for the file.
+    cache.index.set_record("p", f"context:{files['legacy']}", '["legacy"]')
+    files["gone"].unlink()
+    other = tmp_path / "other"
+    other.write_text("{}")
+    other.replace(files["replaced"])  # another file at the same path
+
+    assert release_orphaned_pins(cache.index, dry_run=True).released == sorted(
+        f"context:{files[n]}" for n in ("gone", "replaced"))
+    assert len(cache.index.pins()) == 5  # a dry run releases nothing
+    files["legacy"].unlink()
+    held = release_orphaned_pins(cache.index)
+    assert len(held.released) == 3 and not held.unanswered
+    assert set().union(*cache.index.pins().values()) == {"kept", "always"}
+    cache.close()
+
+
 def test_cache_keeps_its_block_size(tmp_path):
     from cachecore.cache import BlockSizeMismatch, LocalCache
 
