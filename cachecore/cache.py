@@ -15,6 +15,7 @@ import trio
 from .blocks import BlockCache, BlockMac
 from .cachedir import cache_secret, check_tree
 from .clean import clean_cache, scan_cache
+from .errors import CacheUnavailable
 from .fetcher import Fetcher
 from .index import MetadataIndex
 from .repository import RepoPolicy, Repository
@@ -102,7 +103,11 @@ class LocalCache:
         try:
             if self.fetcher is not None:
                 await self.fetcher.flush_uses(self.index)
-            await trio.to_thread.run_sync(self.index.set_record, "s", name, record)
+                await self.fetcher.call_local(self.index.set_record, "s", name, record)
+            else:
+                await trio.to_thread.run_sync(self.index.set_record, "s", name, record)
+        except CacheUnavailable:
+            pass  # said once by the fetcher; written by a later flush
         except (OSError, sqlite3.Error) as e:
             log.warning("cannot record usage and totals in the index: %s", e)
 
@@ -117,7 +122,8 @@ class LocalCache:
             await trio.sleep(interval)
             await self.flush(name, base)
             for holder in (*self._stores, self.blocks):
-                await trio.to_thread.run_sync(holder.close_idle)
+                # Abandoned at unmount: a close can wait on a stalled store or cache disk.
+                await trio.to_thread.run_sync(holder.close_idle, abandon_on_cancel=True)
             if not cache_limit:
                 continue
             if size is None:
@@ -135,12 +141,14 @@ class LocalCache:
 
     def repositories(self, specs: list[RepoSpec], *, metadata_ttl: float, store_timeout: float,
                      store_threads: int = 16, offline: bool = False,
-                     prefetch_max_size: int = 0) -> dict[str, Repository]:
-        """One Repository per spec, sharing one fetcher. Call inside trio.run."""
+                     prefetch_max_size: int = 0,
+                     cache_may_stall: bool = False) -> dict[str, Repository]:
+        """One Repository per spec, sharing one fetcher. Call inside trio.run.
+        cache_may_stall: see Fetcher."""
         fetcher = self.fetcher = Fetcher(self.blocks, self.counters,
                           store_limiter=trio.CapacityLimiter(store_threads),
                           local_limiter=trio.CapacityLimiter(8),
-                          store_timeout=store_timeout)
+                          store_timeout=store_timeout, cache_may_stall=cache_may_stall)
         repos = {s.alias: Repository(s.alias, open_store(s, offline=offline, index=self.index,
                                                          timeout=store_timeout),
                                      self.index, fetcher,

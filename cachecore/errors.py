@@ -28,3 +28,8 @@ class StoreFileChanged(StoreUnavailable):
 
 class UnsafeValue(LazyFSError):
     """The index holds a value of a kind it never writes (e.g. a pickle)."""
+
+
+class CacheUnavailable(LazyFSError):
+    """The cache disk did not answer in time (a stalled NFS or FUSE filesystem
+    under the cache directory): callers read from the store instead."""

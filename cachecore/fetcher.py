@@ -1,9 +1,10 @@
 """Reads byte ranges of store files through the block cache.
 
 Present blocks come from local disk; missing blocks are fetched from the store
-once (single-flight), written to the cache, then returned. All blocking work
-runs in worker threads under our own capacity limiters; store calls are
-bounded by a timeout so an unreachable store fails a read, never hangs it.
+once (single-flight), written to the cache, then returned. Blocking work runs
+in worker threads under our own capacity limiters, bounded in time: an
+unreachable store fails a read, never hangs it, and a cache disk that does
+not answer is treated as a cache that misses (CONCURRENCY.md, rules 1 and 2).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import trio
 
 from .blocks import BlockCache
 from .cachedir import UntrustedCache
-from .errors import LazyFSError, NotFound, StoreUnavailable
+from .errors import CacheUnavailable, LazyFSError, NotFound, StoreUnavailable
 from .model import display_path
 from .singleflight import SingleFlight
 from .stats import Counters
@@ -43,6 +44,31 @@ class _Stream:
     ahead: int        # blocks before this one are fetched or being fetched
 
 
+class _Heartbeat:
+    """Given to a store call that reports progress (a listing, entry by entry):
+    each call from its worker thread moves the call's deadline to `wait`
+    seconds from now, so only a stretch without progress times out. The
+    deadline is the event loop's, so it is moved there (run_sync_soon), at
+    most every wait/16 seconds: a step may take 15/16 of `wait` at least."""
+
+    def __init__(self, scope: trio.CancelScope, wait: float):
+        self._token = trio.lowlevel.current_trio_token()
+        self._scope, self._wait = scope, wait
+        self._sent = time.monotonic()  # touched by the worker thread only
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self._sent >= self._wait / 16:
+            self._sent = now
+            try:
+                self._token.run_sync_soon(self._push)
+            except trio.RunFinishedError:
+                pass  # an abandoned call outliving the loop
+
+    def _push(self) -> None:
+        self._scope.deadline = max(self._scope.deadline, trio.current_time() + self._wait)
+
+
 @dataclass(frozen=True)
 class FileVersion:
     """One exact version of one store file: what a block belongs to."""
@@ -61,8 +87,14 @@ class FileVersion:
 class Fetcher:
     def __init__(self, blocks: BlockCache, counters: Counters, *,
                  store_limiter: trio.CapacityLimiter, local_limiter: trio.CapacityLimiter,
-                 store_timeout: float, stream_after: int = STREAM_AFTER,
+                 store_timeout: float, cache_may_stall: bool = False,
+                 local_timeout: float | None = None, stream_after: int = STREAM_AFTER,
                  stream_window: int = STREAM_WINDOW):
+        """cache_may_stall: the cache directory is on a filesystem whose calls can
+        wait on another machine or process (NFS, FUSE, ...): then no cache-disk
+        call runs on the event loop, not even a one-block read, and blocks are
+        written in local calls of their own (CONCURRENCY.md, rule 1).
+        local_timeout (default: store_timeout) bounds every local call."""
         self.blocks = blocks
         self.stream_after = stream_after
         self.stream_window = stream_window
@@ -70,6 +102,9 @@ class Fetcher:
         self.store_limiter = store_limiter
         self.local_limiter = local_limiter
         self.store_timeout = store_timeout
+        self.cache_may_stall = cache_may_stall
+        self.local_timeout = local_timeout or store_timeout
+        self._cache_silent_since: float | None = None  # when the cache disk last timed out
         self._flights = SingleFlight()
         self._cache_writable = True
         self._unresponsive: dict[str, float] = {}  # store root -> when it last timed out
@@ -95,8 +130,11 @@ class Fetcher:
     async def _prefetch_files(self, files: list[FileVersion]) -> None:
         # Which blocks are here already (a look at each cache file, which also
         # brings a warm one into the page cache ahead of its reader).
-        present = await self.call_local(
-            lambda: {f.key: set(self.blocks.present(f.key, f.size)) for f in files})
+        try:
+            present = await self.call_local(
+                lambda: {f.key: set(self.blocks.present(f.key, f.size)) for f in files})
+        except CacheUnavailable:
+            return  # nowhere to keep what would be fetched
 
         async with trio.open_nursery() as nursery:
             for f in files:
@@ -152,10 +190,15 @@ class Fetcher:
         if not self._uses:
             return
         batch, self._uses = self._uses, {}
-        await self.call_local(index.record_uses, [
-            (key, {"store": f.store.root, "path": os.fsdecode(f.relpath), "size": f.size,
-                   "mtime_ns": f.identity[1], "block_size": self.blocks.block_size}, int(when))
-            for key, (f, when) in batch.items()])
+        try:
+            await self.call_local(index.record_uses, [
+                (key, {"store": f.store.root, "path": os.fsdecode(f.relpath), "size": f.size,
+                       "mtime_ns": f.identity[1], "block_size": self.blocks.block_size},
+                 int(when))
+                for key, (f, when) in batch.items()])
+        except CacheUnavailable:
+            self._uses = {**batch, **self._uses}  # kept for the next flush
+            raise
 
     async def read(self, f: FileVersion, offset: int, size: int) -> bytes | memoryview:
         """The bytes at [offset, offset + size) of `f`, clipped to its end (a view:
@@ -166,13 +209,16 @@ class Fetcher:
             return b""
         bs = self.blocks.block_size
         indices = range(offset // bs, (end - 1) // bs + 1)
-        if len(indices) == 1:
+        if len(indices) == 1 and not self.cache_may_stall:
             # One local pread: cheaper than the two thread wake-ups of a hop,
             # which a start-up's thousands of small sequential reads each
             # pay in full (CONCURRENCY.md, rule 1).
             found = self._read_local(f, indices)
         else:
-            found = await self.call_local(self._read_local, f, indices)
+            try:
+                found = await self.call_local(self._read_local, f, indices)
+            except CacheUnavailable:
+                found = dict.fromkeys(indices)  # a miss: the store answers instead
         missing = [i for i in indices if found[i] is None]
         self.counters.cache_hits += len(indices) - len(missing)
         self._follow(f, indices, bool(missing))
@@ -216,8 +262,11 @@ class Fetcher:
 
     async def _fetch(self, f: FileVersion, index: int, prefetch: bool = False) -> bytes:
         # Another process sharing the cache may have fetched it meanwhile.
-        data = await self.call_local(self.blocks.read, f.key, index,
-                                     self._block_length(f, index))
+        try:
+            data = await self.call_local(self.blocks.read, f.key, index,
+                                         self._block_length(f, index))
+        except CacheUnavailable:
+            data = None
         if data is not None:
             if not prefetch:
                 self.counters.cache_hits += 1
@@ -237,12 +286,19 @@ class Fetcher:
             # a read error (EIO), not "no such file" for a file just listed.
             raise StoreUnavailable(f"{e.args[0]} (it is in the index)") from None
         self.counters.record_latency(trio.current_time() - started)
+        if self.cache_may_stall:
+            # Written in a bounded call of its own: a stalled cache disk must
+            # not hold a store thread or fail a read the store has answered.
+            try:
+                await self.call_local(self._keep, f, index, data)
+            except CacheUnavailable:
+                pass
         # Counted here, on the event loop, so no two threads race on a counter.
         self.counters.store_reads += 1
         self.counters.store_bytes += len(data)
         return data
 
-    async def call_store(self, store, what: str, fn, *args):
+    async def call_store(self, store, what: str, fn, *args, progress: bool = False):
         """Run a blocking store call in a worker thread, bounded in time.
 
         On timeout the thread is abandoned (a hung NFS call cannot be
@@ -251,6 +307,10 @@ class Fetcher:
         just timed out fails further calls at once until `store_timeout` has
         passed, so a reader whose request the kernel retries (readahead) waits
         one timeout, not several; the next call after that tries again.
+        With `progress`, fn gets a callable as its last argument and calls it
+        whenever it makes progress: then the limit applies to each stretch
+        without progress, so a long listing that keeps answering finishes
+        (and never marks the store as silent).
         `what` names the file or directory in errors and logs.
         """
         silent_since = self._unresponsive.get(store.root)
@@ -260,21 +320,67 @@ class Fetcher:
                                        f"{self.store_timeout:g}s moments ago")
             del self._unresponsive[store.root]
         try:
-            with trio.move_on_after(self.store_timeout):
-                return await trio.to_thread.run_sync(fn, *args, limiter=self.store_limiter,
-                                                     abandon_on_cancel=True)
+            done, result = await self._in_thread(fn, args, self.store_limiter,
+                                                 self.store_timeout, progress)
         except LazyFSError as e:
             raise type(e)(e.args[0] if what in e.args[0] else f"{what}: {e.args[0]}") from None
+        if done:
+            return result
         self._unresponsive[store.root] = trio.current_time()
         raise StoreUnavailable(f"{what}: no answer from the store within {self.store_timeout:g}s")
 
     async def call_local(self, fn, *args):
-        """Run blocking local work (index, block files) in a worker thread."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.local_limiter)
+        """Run blocking local work (index, block files) in a worker thread,
+        bounded by `local_timeout`.
+
+        A cache disk that does not answer in time (NFS or FUSE under the cache
+        directory, stalled) raises CacheUnavailable, and keeps raising it at
+        once for `local_timeout`, then one call tries again: callers treat it
+        as a miss (read from the store), a lost write or lost bookkeeping.
+        Said once in the log when it starts, once when it ends.
+        """
+        silent_since = self._cache_silent_since
+        if silent_since is not None and trio.current_time() - silent_since < self.local_timeout:
+            raise CacheUnavailable(f"the cache disk did not answer within "
+                                   f"{self.local_timeout:g}s moments ago")
+        done, result = await self._in_thread(fn, args, self.local_limiter, self.local_timeout)
+        if done:
+            if self._cache_silent_since is not None:
+                self._cache_silent_since = None
+                log.info("the cache disk at %s answers again", self._cache_dir)
+            return result
+        if self._cache_silent_since is None:
+            log.warning("the cache disk at %s did not answer within %gs; serving from the "
+                        "store until it does", self._cache_dir, self.local_timeout)
+        self._cache_silent_since = trio.current_time()
+        raise CacheUnavailable(f"the cache disk did not answer within {self.local_timeout:g}s")
+
+    @property
+    def _cache_dir(self) -> str:
+        return os.path.dirname(self.blocks.blocks_dir)
+
+    @staticmethod
+    async def _in_thread(fn, args, limiter: trio.CapacityLimiter, wait: float,
+                         progress: bool = False) -> tuple[bool, object]:
+        """(True, fn(*args)) from a worker thread, or (False, None) once it has
+        taken `wait` seconds (without progress, with `progress`): the thread
+        is abandoned then, and keeps its limiter slot until it returns."""
+        with trio.CancelScope(deadline=trio.current_time() + wait) as scope:
+            if progress:
+                args = (*args, _Heartbeat(scope, wait))
+            return True, await trio.to_thread.run_sync(fn, *args, limiter=limiter,
+                                                       abandon_on_cancel=True)
+        return False, None
 
     def _fetch_sync(self, f: FileVersion, index: int) -> bytes:
         offset = index * self.blocks.block_size
         data = f.store.read(f.relpath, f.identity, offset, self._block_length(f, index))
+        if not self.cache_may_stall:
+            self._keep(f, index, data)  # in the same hop: a local disk answers
+        return data
+
+    def _keep(self, f: FileVersion, index: int, data: bytes) -> None:
+        """Write a fetched block to the cache (blocking)."""
         try:
             self.blocks.write(f.key, index, data)
             self._cache_writable = True
@@ -287,4 +393,3 @@ class Fetcher:
                 log.warning("cannot write to the block cache (%s); serving %s from the store",
                             e.strerror, f.display)
             self._cache_writable = False
-        return data

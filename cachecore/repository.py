@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .errors import NotADirectory, NotFound, StoreUnavailable
+from .errors import CacheUnavailable, NotADirectory, NotFound, StoreUnavailable
 from .fetcher import Fetcher, FileVersion
 from .index import MetadataIndex
 from .model import Attr, display_path
@@ -99,7 +99,7 @@ class Repository:
     async def _load_root(self) -> _Listing:
         known = self._root
         if known is None:
-            found = await self.fetcher.call_local(self.index.get_root, self.store_id)
+            found = await self._from_index(self.index.get_root, self.store_id)
             if found:
                 known = _Listing({b".": found[0]}, found[1] + self.policy.metadata_ttl)
                 if known.valid_until > self._clock():
@@ -116,11 +116,21 @@ class Repository:
         await self._save(self.index.put_root, self.store_id, attr, now)
         return _Listing({b".": attr}, now + self.policy.metadata_ttl)
 
+    async def _from_index(self, lookup, *args):
+        """An index lookup; None (not cached) while the cache disk does not answer."""
+        try:
+            return await self.fetcher.call_local(lookup, *args)
+        except CacheUnavailable:
+            return None
+
     async def _save(self, write, *args) -> None:
         """Write to the index; on a full or broken cache disk, serve from memory
-        and say so once (and once more when writing works again)."""
+        and say so once (and once more when writing works again). A cache disk
+        that does not answer is said once by the fetcher."""
         try:
             await self.fetcher.call_local(write, *args)
+        except CacheUnavailable:
+            return
         except (OSError, sqlite3.Error) as e:
             if self._index_writable:
                 log.warning("cannot save metadata in the index (%s); serving it from memory", e)
@@ -142,7 +152,7 @@ class Repository:
 
     async def _load_listing(self, relpath: bytes, known: _Listing | None) -> _Listing:
         if known is None:
-            found = await self.fetcher.call_local(self.index.get_listing, self.store_id, relpath)
+            found = await self._from_index(self.index.get_listing, self.store_id, relpath)
             if found is not None:
                 entries, fetched_at = found
                 known = _Listing(entries, self._valid_until(relpath, fetched_at))
@@ -150,7 +160,7 @@ class Repository:
                     return known
         try:
             entries = await self.fetcher.call_store(self.store, self._display(relpath),
-                                                    self.store.list_dir, relpath)
+                                                    self.store.list_dir, relpath, progress=True)
             if known is not None and known.entries and (
                     not entries if relpath == b"" else False):
                 raise StoreUnavailable(f"{self.store.root} is empty: its filesystem is "

@@ -84,19 +84,29 @@ class FilesystemStore:
         except OSError as e:
             raise StoreUnavailable(f"store {self.root} unavailable: {e.strerror}") from None
 
-    def list_dir(self, relpath: bytes) -> dict[bytes, Attr]:
-        """Every entry of a store directory with its lstat attributes, sorted by name."""
+    def list_dir(self, relpath: bytes, progress=lambda: None) -> dict[bytes, Attr]:
+        """Every entry of a store directory with its lstat attributes, sorted by name.
+
+        `progress()` is called after each name read and each entry stat'd: a
+        big or slow directory takes long as a whole, each step does not
+        (Fetcher.call_store bounds the steps)."""
         with self._open_dir(relpath, for_listing=True) as fd:
+            progress()
             try:
-                names = sorted(os.fsencode(n) for n in os.listdir(fd))
+                names = []
+                with os.scandir(fd) as found:
+                    for entry in found:
+                        names.append(os.fsencode(entry.name))
+                        progress()
                 entries = {}
-                for name in names:
+                for name in sorted(names):
                     try:
                         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                         target = os.readlink(name, dir_fd=fd) if _is_link(st) else b""
                     except FileNotFoundError:
                         continue  # removed between listdir and stat
                     entries[name] = Attr.from_stat(st, target)
+                    progress()
                 return entries
             except OSError as e:
                 raise self._error(relpath, e) from None

@@ -12,6 +12,7 @@ import time
 
 from .config import Settings, parse_size
 from .errors import UserError
+from .mounts import PROBE_TIMEOUT, NoAnswer, ask, mount_table, silence
 
 TOTALS_XATTR = "user.rezlazyfs.stats.total"
 
@@ -25,17 +26,8 @@ def _open_existing(settings: Settings):
 
 
 def _live_mounts() -> set[str]:
-    """Mount points of running rez-lazyfs mounts, from /proc/self/mountinfo."""
-    live = set()
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "fuse.rez-lazyfs":
-                    live.add(left.split(" ")[4].encode().decode("unicode_escape"))
-    except OSError:
-        pass
-    return live
+    """Mount points of running rez-lazyfs mounts (from the mount table: asks no mount)."""
+    return {m.path for m in mount_table() if m.fstype == "fuse.rez-lazyfs"}
 
 
 # -- status -------------------------------------------------------------------
@@ -133,13 +125,18 @@ def cache_stats(settings: Settings) -> dict:
         cache.close()
     live = _live_mounts()
     sources = {}
+    warnings = []
     for name, record in sorted(stored.items()):
         counters = Counters.from_record(record["counters"])
         running = False
-        if name.startswith("mount:") and name[len("mount:"):] in live:
+        mountpoint = name[len("mount:"):]
+        if name.startswith("mount:") and mountpoint in live:
             try:
-                raw = os.getxattr(name[len("mount:"):], TOTALS_XATTR)
+                raw = ask(PROBE_TIMEOUT, os.getxattr, mountpoint, TOTALS_XATTR)
                 counters, running = Counters.from_record(json.loads(raw)), True
+            except NoAnswer:
+                warnings.append(f"{silence(mountpoint, PROBE_TIMEOUT)}; its figures are "
+                                "from its last save")
             except OSError:
                 pass  # another mount at that path, or it just went away
         sources[name] = (counters, running, record.get("updated"))
@@ -149,7 +146,7 @@ def cache_stats(settings: Settings) -> dict:
     return {"cache_dir": settings.cache_dir,
             "sources": [{"name": name, "running": running, "updated": updated, **c.summary()}
                         for name, (c, running, updated) in sources.items()],
-            "total": total.summary()}
+            "total": total.summary(), "warnings": warnings}
 
 
 # -- clean --------------------------------------------------------------------

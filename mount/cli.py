@@ -57,8 +57,10 @@ def repo_options(f):
                              "at MOUNTPOINT/ALIAS (repeatable).")(f)
 
 
+# Mount points are plain strings, never click.Path: its check stats the path,
+# which hangs on a mount whose daemon is stopped (mount/mounts.py).
 @main.command()
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @repo_options
 @cache_options
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted or signalled.")
@@ -92,7 +94,7 @@ def _warn(message: str) -> None:
 @click.argument("context", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the baked context.")
-@click.option("--mount", "mountpoint", type=click.Path(file_okay=False),
+@click.option("--mount", "mountpoint", metavar="DIRECTORY",
               help="The mount point the baked context points at [config mountpoint].")
 @repo_options
 @cache_options
@@ -153,7 +155,7 @@ def seed(context, **options):
 @main.command()
 @click.argument("context", type=click.Path(dir_okay=False))
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--mount", "mountpoint", type=click.Path(file_okay=False),
+@click.option("--mount", "mountpoint", metavar="DIRECTORY",
               help="The mount point the exported context will be mounted at [config mountpoint].")
 @repo_options
 @cache_options
@@ -238,6 +240,8 @@ def stats(as_json, **options):
     from .config import load_settings
 
     data = cache_stats(load_settings(need_repos=False, **options))
+    for warning in data["warnings"]:
+        _warn(warning)
     if as_json:
         return _emit_json(data)
 
@@ -302,13 +306,15 @@ def logs(follow, **options):
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @click.option("--lazy", "-z", is_flag=True, help="Detach now even if files are open.")
 def umount(mountpoint, lazy):
     """Unmount a rez-lazyfs mount."""
     from .daemon import unmount
 
-    unmount(mountpoint, lazy=lazy)
+    note = unmount(mountpoint, lazy=lazy)
+    if note:
+        _warn(note)
 
 
 @main.command()

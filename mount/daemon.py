@@ -15,51 +15,80 @@ import select
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
-import threading
 import time
 
 from .config import Settings
 from .errors import UserError
+from .mounts import PROBE_TIMEOUT, NoAnswer, ask, mount_at, may_stall, silence
 
 log = logging.getLogger("rez_lazyfs")
 READY_TIMEOUT = 60.0
 
 
 # -- checks -------------------------------------------------------------------
+# Every question to a mount point, a store or the cache directory is asked with
+# a time limit (mounts.ask): a stopped daemon or a hung filer must give a clear
+# error, never a command that hangs with it.
+
 # What a FUSE mount whose daemon is gone answers (ECONNABORTED: a request in flight).
 _DEAD_MOUNT = (errno.ENOTCONN, errno.ECONNABORTED)
+FUSERMOUNT_TIMEOUT = 30.0
+
+
+def _canonical(path: str) -> str:
+    """`path` absolute, its parent's symlinks resolved (not the path itself: if
+    it is a mount point, resolving it would ask the mount), as mountinfo has it."""
+    path = os.path.abspath(path)
+    try:
+        parent = ask(PROBE_TIMEOUT, os.path.realpath, os.path.dirname(path))
+    except NoAnswer:
+        return path
+    return os.path.join(parent, os.path.basename(path))
 
 
 def _mount_state(path: str) -> str:
-    """'missing', 'notdir', 'stale', 'mounted' or 'free'."""
+    """'missing', 'notdir', 'stale', 'silent', 'mounted' or 'free', within
+    PROBE_TIMEOUT: whether something is mounted there comes from the mount
+    table; whether it answers, from a statfs, which always reaches the
+    filesystem (stat may be answered from the kernel's attribute cache long
+    after a daemon died)."""
     try:
-        os.stat(path)
-        if not os.path.isdir(path):
+        if mount_at(path) is not None:
+            ask(PROBE_TIMEOUT, os.statvfs, path)
+            return "mounted"
+        if not stat.S_ISDIR(ask(PROBE_TIMEOUT, os.stat, path).st_mode):
             return "notdir"
-        if not os.path.ismount(path):
-            return "free"
-        # stat() may be answered from the kernel's attribute cache long after
-        # the daemon died; statfs always reaches the filesystem.
-        os.statvfs(path)
+    except NoAnswer:
+        if mount_at(path) is not None:
+            return "silent"
+        raise UserError(f"cannot use mountpoint {path}: its filesystem does not answer "
+                        f"within {PROBE_TIMEOUT:g}s") from None
     except FileNotFoundError:
         return "missing"
     except OSError as e:
         if e.errno in _DEAD_MOUNT:
             return "stale"
         raise UserError(f"cannot use mountpoint {path}: {e.strerror}") from None
-    return "mounted"
+    return "free"
 
 
 def _fusermount(*args: str) -> subprocess.CompletedProcess:
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         raise UserError("fusermount3 not found: install the fuse3 package")
-    return subprocess.run([tool, *args], capture_output=True, text=True)
+    try:
+        return subprocess.run([tool, *args], capture_output=True, text=True,
+                              timeout=FUSERMOUNT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"`{os.path.basename(tool)} {' '.join(args)}` did not return within "
+                        f"{FUSERMOUNT_TIMEOUT:g}s") from None
 
 
 def check_mountpoint(path: str) -> None:
+    path = _canonical(path)
     state = _mount_state(path)
     if state == "stale":
         # A daemon that died leaves "Transport endpoint is not connected".
@@ -72,13 +101,19 @@ def check_mountpoint(path: str) -> None:
         raise UserError(f"mountpoint {path} does not exist")
     if state == "notdir":
         raise UserError(f"mountpoint {path} is not a directory")
+    if state == "silent":
+        raise UserError(f"{silence(path, PROBE_TIMEOUT)}: it is mounted already "
+                        f"(rez-lazyfs umount {path} first)")
     if state == "mounted":
         raise UserError(f"{path} is already a mount point (rez-lazyfs umount {path} first)")
     try:
-        if os.listdir(path):
+        if ask(PROBE_TIMEOUT, os.listdir, path):
             raise UserError(f"mountpoint {path} is not empty")
     except PermissionError:
         raise UserError(f"mountpoint {path} is not readable") from None
+    except (OSError, NoAnswer) as e:
+        raise UserError(f"cannot use mountpoint {path}: "
+                        f"{getattr(e, 'strerror', None) or e}") from None
 
 
 def prepare_cache_dir(path: str) -> None:
@@ -116,15 +151,38 @@ def _make_private_dirs(path: str) -> None:
 
 def _isdir_within(path: str, seconds: float) -> bool | None:
     """os.path.isdir, or None if the (network) filesystem does not answer in time."""
-    answer: list[bool] = []
-    t = threading.Thread(target=lambda: answer.append(os.path.isdir(path)), daemon=True)
-    t.start()
-    t.join(seconds)
-    return answer[0] if answer else None
+    try:
+        return ask(seconds, os.path.isdir, path)
+    except NoAnswer:
+        return None
+
+
+def _contains(outer: str, inner: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_store_paths(settings: Settings, specs) -> None:
+    """A store at or below the mount point would be served by the mount itself
+    (a tree without end, and a daemon asking itself); a mount point below a
+    store would appear inside its own tree. Compared with symlinks resolved."""
+    mountpoint = _canonical(settings.mountpoint)
+    for repo in specs:
+        try:
+            store = ask(settings.store_timeout, os.path.realpath, repo.path)
+        except (NoAnswer, OSError):
+            continue  # check_stores says what is wrong with it
+        if _contains(mountpoint, store):
+            where = "is the mount point" if store == mountpoint else "is inside the mount point"
+            raise UserError(f"store path {repo.path} for repository {repo.alias!r} {where} "
+                            f"{mountpoint}: the mount would serve itself")
+        if _contains(store, mountpoint):
+            raise UserError(f"mountpoint {mountpoint} is inside the store path {repo.path} of "
+                            f"repository {repo.alias!r}: the mount would appear in its own tree")
 
 
 def check_stores(settings: Settings, specs, index) -> None:
     """A store path never seen is a typo: refuse it. One seen before may just be away."""
+    check_store_paths(settings, specs)
     for repo in specs:
         if settings.offline:
             if not index.knows_store(repo.path):
@@ -139,6 +197,20 @@ def check_stores(settings: Settings, specs, index) -> None:
             raise UserError(f"store path {repo.path} for repository {repo.alias!r} {why}")
         log.warning("store %s for repository %r is unreachable; serving what is cached",
                     repo.path, repo.alias)
+
+
+def cache_may_stall(settings: Settings) -> bool:
+    """Whether the cache directory (or a shared one) is on a filesystem whose
+    calls can wait on another machine or process (NFS, SMB, FUSE, ...): then
+    the daemon makes no cache-disk call on its event loop (CONCURRENCY.md, rule 1)."""
+    for directory in (settings.cache_dir, *settings.shared_caches):
+        real = os.path.realpath(directory)
+        if may_stall(real):
+            log.info("the cache directory %s is on a filesystem that can stall; every "
+                     "cache-disk call runs in a worker thread, bounded by %gs", real,
+                     settings.store_timeout)
+            return True
+    return False
 
 
 # -- serving ------------------------------------------------------------------
@@ -220,7 +292,8 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
         repos = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
                                    store_timeout=settings.store_timeout,
                                    store_threads=settings.store_threads, offline=settings.offline,
-                                   prefetch_max_size=settings.prefetch)
+                                   prefetch_max_size=settings.prefetch,
+                                   cache_may_stall=cache_may_stall(settings))
         ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
                              totals=lambda: base + cache.counters)
         options = set(pyfuse3.default_options) | {
@@ -277,13 +350,8 @@ def _set_read_ahead(mountpoint: str, size: int) -> None:
     """
     if not size:
         return
-    device = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == mountpoint.replace(" ", "\\040"):
-                device = fields[2]
-    path = f"/sys/class/bdi/{device}/read_ahead_kb"
+    entry = mount_at(mountpoint)
+    path = f"/sys/class/bdi/{entry.device if entry else None}/read_ahead_kb"
     try:
         with open(path, "w") as f:
             f.write(str(max(size // 1024, 4)))
@@ -298,11 +366,14 @@ def mount_fs(settings: Settings, foreground: bool = False) -> None:
         serve(settings)
         return
     check_mountpoint(settings.mountpoint)  # fail fast, in the caller's terminal
+    check_store_paths(settings, settings.repos)
     prepare_cache_dir(settings.cache_dir)
     read_end, write_end = os.pipe()
     with _open_log(settings.log_file) as stderr:
         child = subprocess.Popen(
-            [sys.executable, "-m", "mount.daemon", str(write_end)],
+            # The mount point last, so `ps` (and mounts.serving_process) can tell
+            # which mount a daemon serves.
+            [sys.executable, "-m", "mount.daemon", str(write_end), settings.mountpoint],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
             pass_fds=(write_end,), start_new_session=True, cwd="/",
             env={**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -388,18 +459,26 @@ def _daemon_main(ready_fd: int) -> int:
     return 0
 
 
-def unmount(mountpoint: str, lazy: bool = False) -> None:
-    path = os.path.abspath(mountpoint)
+def unmount(mountpoint: str, lazy: bool = False) -> str | None:
+    """Unmount with fusermount3 (-u, or -u -z if lazy). A mount that does not
+    answer is unmounted all the same (the kernel does not need its daemon for
+    that): the returned line says what was found."""
+    path = _canonical(mountpoint)
     state = _mount_state(path)
-    if state not in ("mounted", "stale"):
+    if state not in ("mounted", "stale", "silent"):
         raise UserError(f"{path} is not mounted")
+    note = silence(path, PROBE_TIMEOUT) if state == "silent" else None
     result = _fusermount("-u", *(["-z"] if lazy else []), path)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         hint = " (files are in use; --lazy detaches it now and finishes when they close)" \
             if "busy" in reason.lower() else ""
-        raise UserError(f"cannot unmount {path}: {reason}{hint}")
+        raise UserError(f"cannot unmount {path}: {reason}{hint}"
+                        + (f"; {note}" if note else ""))
+    if note:
+        return f"{note}; unmounted it{' lazily' if lazy else ''} anyway"
+    return None
 
 
 if __name__ == "__main__":
-    sys.exit(_daemon_main(int(sys.argv[1])))
+    sys.exit(_daemon_main(int(sys.argv[1])))  # argv[2], the mount point, is for ps

@@ -122,7 +122,7 @@ def settings_from_mount_options(mountpoint: str, text: str):
 
 @click.command(COMMAND, hidden=True)
 @click.argument("source")
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")  # not click.Path: see cli.mount
 @click.option("-o", "options", default="", help="Comma-separated mount options.")
 def fstab_mount(source, mountpoint, options):
     """mount(8)'s calling form: `rez-lazyfs SOURCE MOUNTPOINT -o OPTIONS`."""

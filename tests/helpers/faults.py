@@ -7,7 +7,8 @@ tests/integration/test_faults.py and tests/integration/test_bad_input.py.
   It runs as its own process (``python tests/helpers/faults.py faultfs
   SOURCE MOUNTPOINT CONTROL``); the test switches faults by rewriting the
   JSON CONTROL file (``FaultStore.set``) and freezes it with SIGSTOP
-  (``FaultStore.freeze``) to make a store that hangs.
+  (``FaultStore.freeze``) to make a store that hangs. ``FaultDisk``
+  (``faultdisk``) is the same, writable: a cache disk that can stall.
 * ``ScratchMounts`` -- tmpfs and bind mounts a test makes (a tiny cache
   disk, a store that can be unmounted, a read-only filesystem); teardown
   always undoes them.
@@ -443,9 +444,119 @@ class FaultFS(pyfuse3.Operations):
         pass
 
 
-def _faultfs_main(source: str, mountpoint: str, control: str) -> int:
-    ops = FaultFS(source, control)
-    pyfuse3.init(ops, mountpoint, {"fsname=faultfs", "subtype=faultfs", "ro"})
+class FaultDisk(FaultFS):
+    """FaultFS, writable: a *cache disk* on a filesystem served by a process
+    that can stall, as NFS or sshfs do (freeze it with FaultStore.freeze).
+    Its files are not direct_io, so SQLite can map its WAL index; attribute
+    timeouts stay 0, so every stat and fstat of the daemon reaches it."""
+
+    def _child(self, parent_inode: int, name: bytes) -> bytes:
+        parent = self._rel(parent_inode)
+        return os.path.join(parent, name) if parent else name
+
+    def _forget_path(self, rel: bytes) -> None:
+        # A new file at this path gets a new inode number (the kernel may still
+        # hold the old one, open); open handles keep the old number's path.
+        for known in [k for k in self.inodes if k == rel or k.startswith(rel + b"/")]:
+            del self.inodes[known]
+
+    @staticmethod
+    def _call(fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def open(self, inode, flags, ctx=None):
+        await self._fault("open")
+        fd = self._call(os.open, self._real(self._rel(inode)), (flags & ~os.O_CREAT) | os.O_NOFOLLOW)
+        return pyfuse3.FileInfo(fh=fd)
+
+    async def create(self, parent_inode, name, mode, flags, ctx=None):
+        await self._fault("create")
+        rel = self._child(parent_inode, name)
+        fd = self._call(os.open, self._real(rel), flags | os.O_CREAT | os.O_NOFOLLOW, mode)
+        return pyfuse3.FileInfo(fh=fd), self._attr(rel)
+
+    async def write(self, fh, off, buf):
+        await self._fault("write")
+        return self._call(os.pwrite, fh, buf, off)
+
+    async def flush(self, fh):
+        pass
+
+    async def fsync(self, fh, datasync):
+        await self._fault("fsync")
+        self._call(os.fdatasync if datasync else os.fsync, fh)
+
+    async def setattr(self, inode, attr, fields, fh, ctx=None):
+        await self._fault("setattr")
+        rel = self._rel(inode)
+        real = self._real(rel)
+        if fields.update_size:
+            if fh is not None:
+                self._call(os.ftruncate, fh, attr.st_size)
+            else:
+                self._call(os.truncate, real, attr.st_size)
+        if fields.update_mode:
+            self._call(os.chmod, real, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            self._call(os.lchown, real, attr.st_uid if fields.update_uid else -1,
+                       attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            now = self._call(os.lstat, real)
+            self._call(lambda: os.utime(real, ns=(
+                attr.st_atime_ns if fields.update_atime else now.st_atime_ns,
+                attr.st_mtime_ns if fields.update_mtime else now.st_mtime_ns), follow_symlinks=False))
+        return self._attr(rel)
+
+    async def mkdir(self, parent_inode, name, mode, ctx=None):
+        await self._fault("mkdir")
+        rel = self._child(parent_inode, name)
+        self._call(os.mkdir, self._real(rel), mode)
+        return self._attr(rel)
+
+    async def unlink(self, parent_inode, name, ctx=None):
+        await self._fault("unlink")
+        rel = self._child(parent_inode, name)
+        self._call(os.unlink, self._real(rel))
+        self._forget_path(rel)
+
+    async def rmdir(self, parent_inode, name, ctx=None):
+        await self._fault("rmdir")
+        rel = self._child(parent_inode, name)
+        self._call(os.rmdir, self._real(rel))
+        self._forget_path(rel)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx=None):
+        await self._fault("link")
+        rel = self._child(new_parent_inode, new_name)
+        self._call(lambda: os.link(self._real(self._rel(inode)), self._real(rel), follow_symlinks=False))
+        return self._attr(rel)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx=None):
+        await self._fault("rename")
+        old, new = self._child(parent_inode_old, name_old), self._child(parent_inode_new, name_new)
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            raise FUSEError(errno.EINVAL)
+        if flags and os.path.lexists(self._real(new)):
+            raise FUSEError(errno.EEXIST)
+        self._call(os.rename, self._real(old), self._real(new))
+        self._forget_path(new)
+        for known in [k for k in self.inodes if k == old or k.startswith(old + b"/")]:
+            inode = self.inodes.pop(known)
+            self.inodes[new + known[len(old):]] = inode
+            self.paths[inode] = new + known[len(old):]
+
+
+_KINDS = {"faultfs": (FaultFS, {"fsname=faultfs", "subtype=faultfs", "ro"}),
+          "faultdisk": (FaultDisk, {"fsname=faultdisk", "subtype=faultdisk"})}
+
+
+def _faultfs_main(kind: str, source: str, mountpoint: str, control: str) -> int:
+    cls, options = _KINDS[kind]
+    ops = cls(source, control)
+    pyfuse3.init(ops, mountpoint, options)
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -466,9 +577,11 @@ def _faultfs_main(source: str, mountpoint: str, control: str) -> int:
 
 
 class FaultStore:
-    """One FaultFS process over *source*, mounted at *mountpoint*."""
+    """One FaultFS process over *source*, mounted at *mountpoint* (a FaultDisk
+    if *writable*)."""
 
-    def __init__(self, source: Path, mountpoint: Path, work_dir: Path):
+    def __init__(self, source: Path, mountpoint: Path, work_dir: Path, writable: bool = False):
+        self.kind = "faultdisk" if writable else "faultfs"
         self.source = source
         self.path = mountpoint
         self.control = work_dir / f"{mountpoint.name}.control.json"
@@ -481,7 +594,7 @@ class FaultStore:
         self.set()
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, __file__, "faultfs", str(self.source), str(self.path), str(self.control)],
+                [sys.executable, __file__, self.kind, str(self.source), str(self.path), str(self.control)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd="/",
                 start_new_session=True)
         deadline = time.monotonic() + 15
@@ -542,14 +655,15 @@ class FaultStore:
 @pytest.fixture(name="fault_store")
 def fault_store_fixture(tmp_path):
     """Factory: ``fs = fault_store(source_dir)`` mounts a FaultFS over it and
-    returns the FaultStore (``fs.path`` is the store to give rez-lazyfs).
+    returns the FaultStore (``fs.path`` is the store to give rez-lazyfs);
+    ``fault_store(source_dir, writable=True)`` a FaultDisk (a cache directory).
     Request it *before* lazyfs_mount, so the daemon using it is unmounted first."""
     stores: list[FaultStore] = []
     work = tmp_path / "faultfs"
     work.mkdir(exist_ok=True)
 
-    def start(source: Path) -> FaultStore:
-        store = FaultStore(Path(source), work / f"store{len(stores)}", work)
+    def start(source: Path, writable: bool = False) -> FaultStore:
+        store = FaultStore(Path(source), work / f"store{len(stores)}", work, writable)
         stores.append(store)
         return store.start()
 
@@ -787,6 +901,9 @@ try:
             outcome = hashlib.sha256(f.read()).hexdigest()
     elif op == "list":
         outcome = ",".join(sorted(os.fsdecode(n) for n in os.listdir(path)))
+    elif op == "statfs":
+        os.statvfs(path)
+        outcome = "ok"
     else:
         os.stat(path)
         outcome = "ok"
@@ -797,7 +914,7 @@ print(outcome or "-", time.monotonic() - start)
 
 
 def in_child(op: str, path, timeout: float) -> tuple[str, float]:
-    """("read" -> sha256 | "list" -> comma-joined names | "stat" -> "ok"), or
+    """("read" -> sha256 | "list" -> comma-joined names | "stat"/"statfs" -> "ok"), or
     the errno name, and the seconds it took, done in a child process so a
     hang only hangs the child: outcome "HUNG" after *timeout*."""
     start = time.monotonic()
@@ -865,8 +982,8 @@ def _run_report() -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["faultfs"] and len(sys.argv) == 5:
-        sys.exit(_faultfs_main(*sys.argv[2:5]))
+    if sys.argv[1:2] and sys.argv[1] in _KINDS and len(sys.argv) == 5:
+        sys.exit(_faultfs_main(*sys.argv[1:5]))
     if sys.argv[1:] == ["--report"]:
         sys.exit(_run_report())
-    sys.exit("usage: faults.py --report | faults.py faultfs SOURCE MOUNTPOINT CONTROL")
+    sys.exit("usage: faults.py --report | faults.py faultfs|faultdisk SOURCE MOUNTPOINT CONTROL")

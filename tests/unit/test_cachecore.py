@@ -35,9 +35,9 @@ class CountingStore(FilesystemStore):
         self.reads += 1
         return super().read(*args)
 
-    def list_dir(self, relpath):
+    def list_dir(self, relpath, *progress):
         self.listings += 1
-        return super().list_dir(relpath)
+        return super().list_dir(relpath, *progress)
 
 
 class Clock:
