@@ -113,7 +113,8 @@ class LocalCache:
 
     def repositories(self, specs: list[RepoSpec], *, metadata_ttl: float, store_timeout: float,
                      store_threads: int = 16, offline: bool = False,
-                     prefetch_max_size: int = 0) -> dict[str, Repository]:
+                     prefetch_max_size: int = 0,
+                     permission_ttl: float = 0.0) -> dict[str, Repository]:
         """One Repository per spec, sharing one fetcher. Call inside trio.run."""
         fetcher = self.fetcher = Fetcher(self.blocks, self.counters,
                           store_limiter=trio.CapacityLimiter(store_threads),
@@ -121,7 +122,8 @@ class LocalCache:
                           store_timeout=store_timeout)
         repos = {s.alias: Repository(s.alias, FilesystemStore(s.path, offline=offline), self.index,
                                      fetcher, RepoPolicy(metadata_ttl, s.mutable,
-                                                         prefetch_max_size=prefetch_max_size))
+                                                         prefetch_max_size=prefetch_max_size,
+                                                         permission_ttl=permission_ttl))
                  for s in specs}
         self._stores = [r.store for r in repos.values()]
         return repos

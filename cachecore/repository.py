@@ -6,6 +6,19 @@ forever. The repository root, family and version directories can gain entries
 (new versions, new variants), and package definition files live in them, so
 those listings are revalidated after `metadata_ttl`. A mutable repository
 revalidates everything that way.
+
+Two things reopen a payload listing. On a mount other users reach, the
+kernel checks their access against the modes and owners listed, so payload
+listings are revalidated after `permission_ttl` (a `chmod` in the store then
+takes effect). And a payload directory listed while a release was still
+being copied holds files that later grew: a read that finds its file
+changed relists the directory, so a reopen reads the whole file and new
+files appear. Whoever shows listings (fusefs: the kernel's caches) hears of
+every relisting that changed something through `on_change`, and `forget`
+drops what is known of a tree on request.
+
+Listings are replaced, never changed in place: readers (open directory
+handles) hold a listing's dict while they walk it.
 """
 from __future__ import annotations
 
@@ -15,9 +28,10 @@ import sqlite3
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from .blocks import file_key
-from .errors import NotADirectory, NotFound, StoreUnavailable
+from .errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
 from .fetcher import Fetcher, FileVersion
 from .index import MetadataIndex
 from .model import Attr, display_path
@@ -43,6 +57,10 @@ class RepoPolicy:
     # fetches nothing. 0 turns it off.
     prefetch_max_size: int = 0
     prefetch_max_files: int = 2000
+    # Payload listings are kept forever unless this is set (seconds): then
+    # they are revalidated after it, for the modes and owners other users'
+    # access is checked against (allow_other mounts; SECURITY.md).
+    permission_ttl: float = 0.0
 
 
 @dataclass
@@ -54,6 +72,21 @@ class _Listing:
 def parent_and_name(relpath: bytes) -> tuple[bytes, bytes]:
     head, _, tail = relpath.rpartition(b"/")
     return head, tail
+
+
+# Told (directory, names whose entries changed) after a relisting changed
+# something, or (directory, None) when everything at and below it was forgotten.
+ChangeListener = Callable[[bytes, "set[bytes] | None"], None]
+
+
+def _shown(attr: Attr) -> tuple:
+    """What a kernel may have cached of an entry (atime aside: it moves on reads)."""
+    return attr.mode, attr.uid, attr.gid, attr.nlink, attr.target, attr.identity
+
+
+def changed_names(old: dict[bytes, Attr], new: dict[bytes, Attr]) -> set[bytes]:
+    return {name for name in old.keys() | new.keys()
+            if name not in old or name not in new or _shown(old[name]) != _shown(new[name])}
 
 
 class Repository:
@@ -74,6 +107,14 @@ class Repository:
         self._flights = SingleFlight()
         self._index_writable = True
         self._prefetched: set[bytes] = set()  # directories whose siblings were prefetched
+        self._listeners: list[ChangeListener] = []
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self, relpath: bytes, names: set[bytes] | None) -> None:
+        for listener in self._listeners:
+            listener(relpath, names)
 
     # -- policy -------------------------------------------------------------
     def is_volatile_dir(self, relpath: bytes) -> bool:
@@ -84,8 +125,13 @@ class Repository:
         return relpath == b"" or self.is_volatile_dir(parent_and_name(relpath)[0])
 
     def _valid_until(self, relpath: bytes, fetched_at: float) -> float:
+        # A record from the future (a clock that jumped, a forged shared
+        # index) is as old as the present, never valid for longer.
+        fetched_at = min(fetched_at, self._clock())
         if self.is_volatile_dir(relpath):
             return fetched_at + self.policy.metadata_ttl
+        if self.policy.permission_ttl and not self.store.offline:
+            return fetched_at + self.policy.permission_ttl
         return float("inf")
 
     def _display(self, relpath: bytes) -> str:
@@ -141,13 +187,15 @@ class Repository:
         self._remember(relpath, listing)
         return listing.entries
 
-    async def _load_listing(self, relpath: bytes, known: _Listing | None) -> _Listing:
+    async def _load_listing(self, relpath: bytes, known: _Listing | None,
+                            relist: bool = False) -> _Listing:
+        """From the index if it holds a valid listing (unless `relist`), else the store."""
         if known is None:
             found = await self.fetcher.call_local(self.index.get_listing, self.store_id, relpath)
             if found is not None:
                 entries, fetched_at = found
                 known = _Listing(entries, self._valid_until(relpath, fetched_at))
-                if known.valid_until > self._clock():
+                if known.valid_until > self._clock() and not relist:
                     return known
         try:
             entries = await self.fetcher.call_store(self.store, self._display(relpath),
@@ -174,7 +222,32 @@ class Repository:
         self.fetcher.counters.store_listings += 1
         now = self._clock()
         await self._save(self.index.put_listing, self.store_id, relpath, entries, now)
+        if known is not None and (changed := changed_names(known.entries, entries)):
+            self._changed(relpath, changed)
         return _Listing(entries, self._valid_until(relpath, now))
+
+    async def _relist(self, relpath: bytes) -> None:
+        """List the directory from the store now (joining a listing under way)."""
+        listing = await self._flights.run(
+            relpath, lambda: self._load_listing(relpath, self._memory.get(relpath), relist=True))
+        self._remember(relpath, listing)
+
+    async def forget(self, relpath: bytes) -> int:
+        """Drop every listing at and below `relpath`, in memory and in the index,
+        so they are listed from the store again when next used. Returns how
+        many directories were forgotten."""
+        below = relpath + b"/" if relpath else b""
+        dropped = {p for p in self._memory if p == relpath or p.startswith(below)}
+        for p in dropped:
+            self._memory_entries -= len(self._memory.pop(p).entries)
+        self._prefetched -= dropped
+        if relpath == b"":
+            self._root = None
+        dropped.update(await self.fetcher.call_local(self.index.forget_tree, self.store_id,
+                                                     relpath))
+        self._changed(relpath, None)
+        log.info("forgot %d listing(s) at and below %s", len(dropped), self._display(relpath))
+        return len(dropped)
 
     def _prefetch_siblings(self, relpath: bytes) -> None:
         parent, name = parent_and_name(relpath)
@@ -234,7 +307,25 @@ class Repository:
                                     self.fetcher.blocks.block_size))
 
     async def read(self, f: FileVersion, offset: int, size: int) -> bytes:
-        return await self.fetcher.read(f, offset, size)
+        try:
+            return await self.fetcher.read(f, offset, size)
+        except StoreFileChanged:
+            await self._relist_changed(f)
+            raise  # this version is gone; a reopen gets the one just listed
+
+    async def _relist_changed(self, f: FileVersion) -> None:
+        """The store holds another version of `f` than its directory's listing
+        says (a payload directory listed while a release was still being
+        copied): list it again, once however many readers found out."""
+        parent, name = parent_and_name(f.relpath)
+        known = self._memory.get(parent)
+        listed = known.entries.get(name) if known is not None else None
+        if known is not None and (listed is None or listed.identity != f.identity):
+            return  # relisted already; this reader holds an older version
+        try:
+            await self._relist(parent)
+        except StoreUnavailable as e:
+            log.info("cannot relist %s: %s", self._display(parent), e)
 
     async def cached_bytes(self, f: FileVersion) -> int:
         return await self.fetcher.call_local(self.fetcher.cached_bytes, f)

@@ -188,7 +188,10 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
         repos = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
                                    store_timeout=settings.store_timeout,
                                    store_threads=settings.store_threads, offline=settings.offline,
-                                   prefetch_max_size=settings.prefetch)
+                                   prefetch_max_size=settings.prefetch,
+                                   # others' access is checked against the modes we show
+                                   permission_ttl=settings.permission_ttl
+                                   if settings.allow_other else 0.0)
         ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
                              totals=lambda: base + cache.counters)
         options = set(pyfuse3.default_options) | {
@@ -206,6 +209,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                 nursery.start_soon(_terminate_on_signal)
                 nursery.start_soon(cache.maintain, totals_name, base, settings.cache_limit)
                 nursery.start_soon(_ready_when_answering)
+                nursery.start_soon(ops.invalidate_kernel_caches)
                 cache.fetcher.run_prefetches_in(nursery)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
