@@ -157,15 +157,19 @@ class FilesystemStore:
                          follow: bool = False) -> dict[bytes, Attr]:
         """`entries` (names in the directory `where`: a path, with a slash unless
         the name is empty), files' and directories' modes bounded by their
-        access ACLs. One getxattr per entry (~1.5 us on a local disk), none
-        once the filesystem has said it keeps no ACLs."""
+        access ACLs. A listxattr per entry (~4.5 us on a local disk, beside
+        ~3 us for its lstat; cheaper than a getxattr that fails), none once
+        the filesystem has said it keeps no xattrs."""
         for name, attr in entries.items():
             if not self._acls:
                 break
             if not (attr.is_file or attr.is_dir):
                 continue  # a symlink's own mode is never checked; devices are refused
+            path = where + name
             try:
-                acl = os.getxattr(where + name, ACL_XATTR, follow_symlinks=follow)
+                if ACL_XATTR not in os.listxattr(path, follow_symlinks=follow):
+                    continue
+                acl = os.getxattr(path, ACL_XATTR, follow_symlinks=follow)
             except OSError as e:
                 if e.errno in _NO_ACLS:
                     self._acls = False
