@@ -133,11 +133,9 @@ class LazyOperations(pyfuse3.Operations):
     # -- helpers ------------------------------------------------------------
     @staticmethod
     def _ttl(repo: Repository, volatile: bool) -> float:
-        """How long the kernel may keep an entry: a payload one for a day, or
-        until its permissions are revalidated (allow_other mounts)."""
-        if volatile:
-            return repo.policy.metadata_ttl
-        return min(repo.policy.permission_ttl or IMMUTABLE_TIMEOUT, IMMUTABLE_TIMEOUT)
+        """How long the kernel may keep an entry: as long as the repository
+        keeps its listing (a payload one for a day)."""
+        return min(repo.policy.listing_ttl(volatile), IMMUTABLE_TIMEOUT)
 
     def _entry(self, inode: int, attr: Attr, ttl: float) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

@@ -189,9 +189,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                                    store_timeout=settings.store_timeout,
                                    store_threads=settings.store_threads, offline=settings.offline,
                                    prefetch_max_size=settings.prefetch,
-                                   # others' access is checked against the modes we show
-                                   permission_ttl=settings.permission_ttl
-                                   if settings.allow_other else 0.0)
+                                   permission_ttl=_permission_ttl(settings))
         ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
                              totals=lambda: base + cache.counters)
         options = set(pyfuse3.default_options) | {
@@ -236,6 +234,17 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                 return
 
     trio.run(run)
+
+
+def _permission_ttl(settings: Settings) -> float:
+    """Other users' access is checked against the modes listed: on a mount they
+    reach, listings are revalidated after permission_ttl (SECURITY.md)."""
+    if not settings.allow_other:
+        return 0.0
+    if settings.offline:
+        log.info("offline: permissions are served as cached, not revalidated")
+        return 0.0
+    return settings.permission_ttl
 
 
 def _set_read_ahead(mountpoint: str, size: int) -> None:

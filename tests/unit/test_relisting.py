@@ -198,3 +198,22 @@ def test_acl_check_cost_per_entry(tmp_path):
     per_entry = (time.perf_counter() - start) / len(entries)
     print(f"ACL check: {per_entry * 1e6:.2f} us per entry")
     assert per_entry < 100e-6
+
+
+def test_a_listing_held_by_a_reader_is_shared_after_it_left_the_memory(tmp_path, store_root):
+    """#12: open directory handles share one copy of a listing, even one the
+    repository's memory no longer holds (it would otherwise be decoded anew
+    from the index for every handle)."""
+    store = CountingStore(str(store_root))
+    repo, _, _ = make_repo(tmp_path, store)
+    repo._memory_limit = 1  # every new listing evicts the others
+
+    async def main():
+        held = await repo.readdir(b"fam/1.0/bin")
+        await repo.listing(b"fam/1.0")
+        await repo.listing(b"fam")
+        assert b"fam/1.0/bin" not in repo._memory
+        assert await repo.readdir(b"fam/1.0/bin") is held
+        return id(held)
+
+    trio.run(main)
