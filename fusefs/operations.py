@@ -81,10 +81,10 @@ class _OpenDir:
     every other handle, never copied: 40 handles on a 100k-entry directory
     once took 1 GiB) and where the kernel is in it."""
 
-    __slots__ = ("inode", "entries", "volatile", "ttl", "position", "_items", "_next")
+    __slots__ = ("inode", "entries", "ttl", "position", "_items", "_next")
 
-    def __init__(self, inode: int, entries: dict, volatile: bool, ttl: float):
-        self.inode, self.entries, self.volatile, self.ttl = inode, entries, volatile, ttl
+    def __init__(self, inode: int, entries: dict, ttl: float):
+        self.inode, self.entries, self.ttl = inode, entries, ttl
         self.position = 0
         self._items = iter(entries.items())
         self._next = None  # taken from _items, not yet accepted by the kernel
@@ -281,7 +281,7 @@ class LazyOperations(pyfuse3.Operations):
         fh = next(self._handles)
         # The listing as it is now: a relisting replaces the repository's
         # dict, never changes this one, so offsets stay stable while listing.
-        self._open_dirs[fh] = _OpenDir(inode, entries, alias is None, ttl)
+        self._open_dirs[fh] = _OpenDir(inode, entries, ttl)
         return fh
 
     @error_boundary
@@ -351,7 +351,7 @@ class LazyOperations(pyfuse3.Operations):
         if not self._for_owner(ctx):
             raise FUSEError(errno.EACCES)
         if name == FORGET_XATTR:
-            return await self._forget(inode, alias, relpath)
+            return await self._forget(alias, relpath)
         if alias is None:
             if name == STATS_XATTR:
                 return json.dumps(self.counters.snapshot(), sort_keys=True).encode()
@@ -369,7 +369,7 @@ class LazyOperations(pyfuse3.Operations):
             return f"{cached}/{(await repo.getattr(relpath)).size}".encode()
         raise FUSEError(pyfuse3.ENOATTR)
 
-    async def _forget(self, inode: int, alias: str | None, relpath: bytes) -> bytes:
+    async def _forget(self, alias: str | None, relpath: bytes) -> bytes:
         if alias is None:
             repos = [(repo, b"") for repo in self.repos.values()]
         else:

@@ -46,10 +46,8 @@ def _within(seconds: float, fn, *args):
 
 def _in_a_mount(path: str) -> bool | None:
     """Whether `path` is served by a rez-lazyfs mount this user owns (None: no answer)."""
-    kind, value = _within(ASK_TIMEOUT, os.getxattr, path, STORE_PATH_XATTR)
-    if kind == "timeout":
-        return None
-    return kind == "ok"
+    kind, _ = _within(ASK_TIMEOUT, os.getxattr, path, STORE_PATH_XATTR)
+    return None if kind == "timeout" else kind == "ok"
 
 
 def _tell_mount(path: str) -> str:
@@ -101,6 +99,12 @@ def forget(settings: Settings, target: str, mountpoint: str | None = None) -> li
 
 
 def _forget_in_mount(mountpoint: str, target: str) -> list[str]:
+    running = _within(ASK_TIMEOUT, os.getxattr, mountpoint, "user.rezlazyfs.stats")
+    if running[0] == "timeout":
+        raise UserError(f"the mount {mountpoint} did not answer within {ASK_TIMEOUT:g}s "
+                        "(is its daemon stopped?)")
+    if running[0] != "ok":
+        raise UserError(f"{mountpoint} is not a running rez-lazyfs mount of yours")
     if "/" in target:
         path = os.path.abspath(target) if os.path.isabs(target) else os.path.join(mountpoint, target)
         if not (path + "/").startswith(mountpoint.rstrip("/") + "/"):

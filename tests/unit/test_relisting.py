@@ -214,6 +214,5 @@ def test_a_listing_held_by_a_reader_is_shared_after_it_left_the_memory(tmp_path,
         await repo.listing(b"fam")
         assert b"fam/1.0/bin" not in repo._memory
         assert await repo.readdir(b"fam/1.0/bin") is held
-        return id(held)
 
     trio.run(main)
