@@ -142,7 +142,8 @@ class LocalCache:
     def repositories(self, specs: list[RepoSpec], *, metadata_ttl: float, store_timeout: float,
                      store_threads: int = 16, offline: bool = False,
                      prefetch_max_size: int = 0,
-                     cache_may_stall: bool = False) -> dict[str, Repository]:
+                     cache_may_stall: bool = False,
+                     permission_ttl: float = 0.0) -> dict[str, Repository]:
         """One Repository per spec, sharing one fetcher. Call inside trio.run.
         cache_may_stall: see Fetcher."""
         fetcher = self.fetcher = Fetcher(self.blocks, self.counters,
@@ -153,7 +154,8 @@ class LocalCache:
                                                          timeout=store_timeout),
                                      self.index, fetcher,
                                      RepoPolicy(metadata_ttl, s.mutable,
-                                                prefetch_max_size=prefetch_max_size))
+                                                prefetch_max_size=prefetch_max_size,
+                                                permission_ttl=permission_ttl))
                  for s in specs}
         self._stores = [r.store for r in repos.values()]
         return repos

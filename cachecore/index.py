@@ -88,6 +88,21 @@ class MetadataIndex:
                     fetched_at: float) -> None:
         self._db.set(self._listing_key(store_id, relpath), encode_listing(entries, fetched_at))
 
+    def forget_tree(self, store_id: str, relpath: bytes) -> set[bytes]:
+        """Delete the listing records of `relpath` and of every directory below
+        it that the index knows (walked through the records themselves, so the
+        cost is the tree's, not the index's). Returns the directories dropped."""
+        dropped, stack = set(), [relpath]
+        while stack:
+            directory = stack.pop()
+            found = self.get_listing(store_id, directory)
+            if self._db.delete(self._listing_key(store_id, directory)):
+                dropped.add(directory)
+            prefix = directory + b"/" if directory else b""
+            stack.extend(prefix + name for name, attr in (found[0] if found else {}).items()
+                         if attr.is_dir)
+        return dropped
+
     def get_root(self, store_id: str) -> tuple[Attr, float] | None:
         found = self.get_listing(store_id, b"\0root")
         if not found:

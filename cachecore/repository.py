@@ -6,17 +6,33 @@ forever. The repository root, family and version directories can gain entries
 (new versions, new variants), and package definition files live in them, so
 those listings are revalidated after `metadata_ttl`. A mutable repository
 revalidates everything that way.
+
+Two things reopen a payload listing. On a mount other users reach, the
+kernel checks their access against the modes and owners listed, so payload
+listings are revalidated after `permission_ttl` (a `chmod` in the store then
+takes effect). And a payload directory listed while a release was still
+being copied holds files that later grew: a read that finds its file
+changed relists the directory, so a reopen reads the whole file and new
+files appear. Whoever shows listings (fusefs: the kernel's caches) hears of
+every relisting that changed something through `on_change`, and `forget`
+drops what is known of a tree on request.
+
+Listings are replaced, never changed in place: readers (open directory
+handles) hold a listing's dict while they walk it.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sqlite3
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
-from .errors import CacheUnavailable, NotADirectory, NotFound, StoreUnavailable
+from .errors import CacheUnavailable, NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
 from .fetcher import Fetcher, FileVersion
 from .index import MetadataIndex
 from .model import Attr, display_path
@@ -42,12 +58,30 @@ class RepoPolicy:
     # fetches nothing. 0 turns it off.
     prefetch_max_size: int = 0
     prefetch_max_files: int = 2000
+    # Payload listings are kept forever unless this is set (seconds): then
+    # every listing is revalidated after it at most, for the modes and owners
+    # other users' access is checked against (allow_other mounts; SECURITY.md).
+    permission_ttl: float = 0.0
+
+    def listing_ttl(self, volatile: bool) -> float:
+        """Seconds a listing of a volatile (or payload) directory is used for
+        before it is listed again; the kernel keeps its entries as long."""
+        ttl = self.metadata_ttl if volatile else math.inf
+        return min(ttl, self.permission_ttl) if self.permission_ttl else ttl
 
 
-@dataclass
-class _Listing:
-    entries: dict[bytes, Attr]
-    valid_until: float  # wall clock; +inf for immutable directories
+class _Listing(dict):
+    """A directory's entries (name -> Attr) and until when they are used.
+
+    Weakly referenceable: a listing still held by a reader (an open
+    directory handle) after it left the memory is found again rather than
+    decoded once more, so any number of handles share one copy."""
+
+    __slots__ = ("valid_until", "__weakref__")
+
+    def __init__(self, entries: dict[bytes, Attr], valid_until: float):
+        super().__init__(entries)
+        self.valid_until = valid_until  # wall clock; +inf for immutable directories
 
 
 def parent_and_name(relpath: bytes) -> tuple[bytes, bytes]:
@@ -55,9 +89,24 @@ def parent_and_name(relpath: bytes) -> tuple[bytes, bytes]:
     return head, tail
 
 
+# Told (directory, names whose entries changed) after a relisting changed
+# something, or (directory, None) when everything at and below it was forgotten.
+ChangeListener = Callable[[bytes, "set[bytes] | None"], None]
+
+
+def _shown(attr: Attr) -> tuple:
+    """What a kernel may have cached of an entry (atime aside: it moves on reads)."""
+    return attr.mode, attr.uid, attr.gid, attr.nlink, attr.target, attr.identity
+
+
+def changed_names(old: dict[bytes, Attr], new: dict[bytes, Attr]) -> set[bytes]:
+    return {name for name in old.keys() | new.keys()
+            if name not in old or name not in new or _shown(old[name]) != _shown(new[name])}
+
+
 class Repository:
     def __init__(self, alias: str, store: Store, index: MetadataIndex,
-                 fetcher: Fetcher, policy: RepoPolicy, *, memory_entries: int = 200_000,
+                 fetcher: Fetcher, policy: RepoPolicy, *, memory_entries: int = 100_000,
                  clock=time.time):
         self.alias = alias
         self.store = store
@@ -66,13 +115,25 @@ class Repository:
         self.fetcher = fetcher
         self.policy = policy
         self._clock = clock
+        # Decoded listings, most recently used last. An entry costs ~390 bytes
+        # (its Attr's ten fields are mostly big ints): 100k entries ~38 MiB,
+        # a sixth of the daemon's 256 MiB; the index answers the rest.
         self._memory: OrderedDict[bytes, _Listing] = OrderedDict()
+        self._held: weakref.WeakValueDictionary[bytes, _Listing] = weakref.WeakValueDictionary()
         self._memory_entries = 0
         self._memory_limit = memory_entries
         self._root: _Listing | None = None
         self._flights = SingleFlight()
         self._index_writable = True
         self._prefetched: set[bytes] = set()  # directories whose siblings were prefetched
+        self._listeners: list[ChangeListener] = []
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self, relpath: bytes, names: set[bytes] | None) -> None:
+        for listener in self._listeners:
+            listener(relpath, names)
 
     # -- policy -------------------------------------------------------------
     def is_volatile_dir(self, relpath: bytes) -> bool:
@@ -83,9 +144,10 @@ class Repository:
         return relpath == b"" or self.is_volatile_dir(parent_and_name(relpath)[0])
 
     def _valid_until(self, relpath: bytes, fetched_at: float) -> float:
-        if self.is_volatile_dir(relpath):
-            return fetched_at + self.policy.metadata_ttl
-        return float("inf")
+        # A record from the future (a clock that jumped, a forged shared
+        # index) is as old as the present, never valid for longer.
+        fetched_at = min(fetched_at, self._clock())
+        return fetched_at + self.policy.listing_ttl(self.is_volatile_dir(relpath))
 
     def _display(self, relpath: bytes) -> str:
         return display_path(self.store.root, relpath)
@@ -94,14 +156,14 @@ class Repository:
     async def root_attr(self) -> Attr:
         if self._root is None or self._root.valid_until <= self._clock():
             self._root = await self._flights.run(None, self._load_root)
-        return self._root.entries[b"."]
+        return self._root[b"."]
 
     async def _load_root(self) -> _Listing:
         known = self._root
         if known is None:
             found = await self._from_index(self.index.get_root, self.store_id)
             if found:
-                known = _Listing({b".": found[0]}, found[1] + self.policy.metadata_ttl)
+                known = _Listing({b".": found[0]}, self._valid_until(b"", found[1]))
                 if known.valid_until > self._clock():
                     return known
         try:
@@ -111,10 +173,11 @@ class Repository:
             if known is None:
                 raise
             log.info("serving cached attributes of %s: %s", self.store.root, e)
-            return _Listing(known.entries, self._clock() + self.policy.metadata_ttl)
+            known.valid_until = self._clock() + self.policy.metadata_ttl
+            return known
         now = self._clock()
         await self._save(self.index.put_root, self.store_id, attr, now)
-        return _Listing({b".": attr}, now + self.policy.metadata_ttl)
+        return _Listing({b".": attr}, self._valid_until(b"", now))
 
     async def _from_index(self, lookup, *args):
         """An index lookup; None (not cached) while the cache disk does not answer."""
@@ -140,28 +203,37 @@ class Repository:
             log.info("the index is writable again")
         self._index_writable = True
 
+    def _known(self, relpath: bytes) -> _Listing | None:
+        known = self._memory.get(relpath)
+        return known if known is not None else self._held.get(relpath)
+
     async def listing(self, relpath: bytes) -> dict[bytes, Attr]:
         """Every entry of a directory, from memory, the index or the store."""
-        known = self._memory.get(relpath)
+        known = self._known(relpath)
         if known is not None and known.valid_until > self._clock():
-            self._memory.move_to_end(relpath)
-            return known.entries
+            if relpath in self._memory:
+                self._memory.move_to_end(relpath)
+            else:
+                self._remember(relpath, known)
+            return known
         listing = await self._flights.run(relpath, lambda: self._load_listing(relpath, known))
         self._remember(relpath, listing)
-        return listing.entries
+        return listing
 
-    async def _load_listing(self, relpath: bytes, known: _Listing | None) -> _Listing:
+    async def _load_listing(self, relpath: bytes, known: _Listing | None,
+                            relist: bool = False) -> _Listing:
+        """From the index if it holds a valid listing (unless `relist`), else the store."""
         if known is None:
             found = await self._from_index(self.index.get_listing, self.store_id, relpath)
             if found is not None:
                 entries, fetched_at = found
                 known = _Listing(entries, self._valid_until(relpath, fetched_at))
-                if known.valid_until > self._clock():
+                if known.valid_until > self._clock() and not relist:
                     return known
         try:
             entries = await self.fetcher.call_store(self.store, self._display(relpath),
                                                     self.store.list_dir, relpath, progress=True)
-            if known is not None and known.entries and (
+            if known is not None and known and (
                     not entries if relpath == b"" else False):
                 raise StoreUnavailable(f"{self.store.root} is empty: its filesystem is "
                                        "probably not mounted")
@@ -172,18 +244,47 @@ class Repository:
             e = StoreUnavailable(f"{self.store.root} is empty: its filesystem is probably "
                                  "not mounted")
             log.info("serving cached listing of %s: %s", self._display(relpath), e)
-            return _Listing(known.entries, self._clock() + self.policy.metadata_ttl)
+            known.valid_until = self._clock() + self.policy.metadata_ttl
+            return known
         except StoreUnavailable as e:
             if known is None:
                 raise StoreUnavailable(f"{e} (and not cached)") from None
             # Stale beats nothing while the store is away; retry after one TTL
             # rather than on every request, which would make each one wait.
             log.info("serving cached listing of %s: %s", self._display(relpath), e)
-            return _Listing(known.entries, self._clock() + self.policy.metadata_ttl)
+            known.valid_until = self._clock() + self.policy.metadata_ttl
+            return known
         self.fetcher.counters.store_listings += 1
         now = self._clock()
         await self._save(self.index.put_listing, self.store_id, relpath, entries, now)
+        if known is not None and (changed := changed_names(known, entries)):
+            self._changed(relpath, changed)
         return _Listing(entries, self._valid_until(relpath, now))
+
+    async def _relist(self, relpath: bytes) -> None:
+        """List the directory from the store now (joining a listing under way)."""
+        listing = await self._flights.run(
+            relpath, lambda: self._load_listing(relpath, self._known(relpath), relist=True))
+        self._remember(relpath, listing)
+
+    async def forget(self, relpath: bytes) -> int:
+        """Drop every listing at and below `relpath`, in memory and in the index,
+        so they are listed from the store again when next used. Returns how
+        many directories were forgotten."""
+        below = relpath + b"/" if relpath else b""
+        dropped = {p for p in [*self._memory, *self._held] if p == relpath or p.startswith(below)}
+        for p in dropped:
+            self._held.pop(p, None)
+            if p in self._memory:
+                self._memory_entries -= len(self._memory.pop(p))
+        self._prefetched -= dropped
+        if relpath == b"":
+            self._root = None
+        dropped.update(await self.fetcher.call_local(self.index.forget_tree, self.store_id,
+                                                     relpath))
+        self._changed(relpath, None)
+        log.info("forgot %d listing(s) at and below %s", len(dropped), self._display(relpath))
+        return len(dropped)
 
     def _prefetch_siblings(self, relpath: bytes) -> None:
         parent, name = parent_and_name(relpath)
@@ -194,7 +295,7 @@ class Repository:
             self._prefetched.clear()
         self._prefetched.add(parent)
         suffix = os.path.splitext(name)[1]
-        siblings = [(n, a) for n, a in self._memory[parent].entries.items()
+        siblings = [(n, a) for n, a in self._memory[parent].items()
                     if n != name and a.is_file and 0 < a.size <= self.policy.prefetch_max_size
                     and os.path.splitext(n)[1] == suffix]
         if len(siblings) > self.policy.prefetch_max_files:
@@ -205,12 +306,12 @@ class Repository:
     def _remember(self, relpath: bytes, listing: _Listing) -> None:
         old = self._memory.pop(relpath, None)
         if old is not None:
-            self._memory_entries -= len(old.entries)
-        self._memory[relpath] = listing
-        self._memory_entries += len(listing.entries)
+            self._memory_entries -= len(old)
+        self._memory[relpath] = self._held[relpath] = listing
+        self._memory_entries += len(listing)
         while self._memory_entries > self._memory_limit and len(self._memory) > 1:
             _, evicted = self._memory.popitem(last=False)
-            self._memory_entries -= len(evicted.entries)
+            self._memory_entries -= len(evicted)
 
     async def getattr(self, relpath: bytes) -> Attr:
         if relpath == b"":
@@ -242,7 +343,25 @@ class Repository:
                            self.store.file_key(relpath, attr, self.fetcher.blocks.block_size))
 
     async def read(self, f: FileVersion, offset: int, size: int) -> bytes:
-        return await self.fetcher.read(f, offset, size)
+        try:
+            return await self.fetcher.read(f, offset, size)
+        except StoreFileChanged:
+            await self._relist_changed(f)
+            raise  # this version is gone; a reopen gets the one just listed
+
+    async def _relist_changed(self, f: FileVersion) -> None:
+        """The store holds another version of `f` than its directory's listing
+        says (a payload directory listed while a release was still being
+        copied): list it again, once however many readers found out."""
+        parent, name = parent_and_name(f.relpath)
+        known = self._known(parent)
+        listed = known.get(name) if known is not None else None
+        if known is not None and (listed is None or listed.identity != f.identity):
+            return  # relisted already; this reader holds an older version
+        try:
+            await self._relist(parent)
+        except StoreUnavailable as e:
+            log.info("cannot relist %s: %s", self._display(parent), e)
 
     async def cached_bytes(self, f: FileVersion) -> int:
         return await self.fetcher.call_local(self.fetcher.cached_bytes, f)

@@ -5,18 +5,31 @@ threads (several at once: the methods are thread-safe). Paths are walked one
 component at a time from a fresh open of the store root with O_NOFOLLOW, so
 nothing in the store (a symlink planted where a directory was) can make us
 read outside the store root.
+
+POSIX ACLs: the kernel checks access to the mount against the mode bits we
+list (default_permissions), and mode bits cannot say "everyone but carol".
+An entry with an access ACL is therefore listed with group and other bits
+that grant only what every class of user the ACL names is granted
+(`acl_bounded_mode`): through the mount nobody gets more than the store
+would give them; some users the ACL grants more get less (SECURITY.md).
 """
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import stat
+import struct
 from contextlib import contextmanager
+from dataclasses import replace
 
 from .blocks import file_key
 from .errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
 from .model import Attr, display_path, identity_of_stat
 from .openfiles import OpenFiles
 from .paths import split_path
+
+log = logging.getLogger(__name__)
 
 # Directories are walked with O_PATH: a lookup (served from the kernel's
 # dentry cache) rather than an open, which on NFS or sshfs costs a round trip
@@ -25,6 +38,42 @@ _WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
+ACL_XATTR = "system.posix_acl_access"
+# The xattr's binary form (linux/posix_acl_xattr.h): a version, then
+# (tag, permission, id) entries. Tags:
+_ACL_VERSION = 2
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = \
+    0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+# What a filesystem without ACLs (or without xattrs: NFSv4, many FUSE stores) answers.
+_NO_ACLS = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+
+
+def acl_bounded_mode(mode: int, acl: bytes) -> int:
+    """The mode to list for an entry whose access ACL is `acl`.
+
+    The owner's bits are the ACL's owner entry already. Group and other bits
+    become what every other entry grants (named users, groups and the owning
+    group through the mask, and others): whichever class the kernel puts a
+    user in, it grants no more than the ACL would. An ACL that cannot be read
+    grants nothing to group and others."""
+    body = acl[4:]
+    if len(acl) < 4 or struct.unpack_from("<I", acl)[0] != _ACL_VERSION or len(body) % 8:
+        return mode & ~0o077
+    mask, masked, other = 0o7, [], 0
+    for tag, perm, _ in struct.iter_unpack("<HHI", body):
+        if tag == _ACL_MASK:
+            mask = perm & 0o7
+        elif tag == _ACL_OTHER:
+            other = perm & 0o7
+        elif tag in (_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP):
+            masked.append(perm & 0o7)
+        elif tag != _ACL_USER_OBJ:
+            return mode & ~0o077
+    common = other
+    for perm in masked:
+        common &= perm & mask
+    return (mode & ~0o077) | common << 3 | common
+
 
 class FilesystemStore:
     """A store that is a directory on a (network) filesystem."""
@@ -32,6 +81,8 @@ class FilesystemStore:
     def __init__(self, root: str, offline: bool = False):
         self.root = root
         self.offline = offline
+        self._acls = True  # until the store's filesystem shows it has none
+        self._acl_noted = False
         # Scattered reads of one big file would otherwise open it for every
         # block, a round trip each; an open file keeps the store's filesystem
         # busy, so not for long.
@@ -80,9 +131,11 @@ class FilesystemStore:
         if self.offline:
             raise StoreUnavailable(f"{self.root}: offline mode, store not consulted")
         try:
-            return Attr.from_stat(os.stat(self.root))
+            attr = Attr.from_stat(os.stat(self.root))
         except OSError as e:
             raise StoreUnavailable(f"store {self.root} unavailable: {e.strerror}") from None
+        # (the root may be a symlink: its target's ACL is the one that counts)
+        return self._bounded_by_acls({b"": attr}, os.fsencode(self.root), b"", follow=True)[b""]
 
     def list_dir(self, relpath: bytes, progress=lambda: None) -> dict[bytes, Attr]:
         """Every entry of a store directory with its lstat attributes, sorted by name.
@@ -107,9 +160,47 @@ class FilesystemStore:
                         continue  # removed between listdir and stat
                     entries[name] = Attr.from_stat(st, target)
                     progress()
-                return entries
+                return self._bounded_by_acls(entries, b"/proc/self/fd/%d/" % fd, relpath)
             except OSError as e:
                 raise self._error(relpath, e) from None
+
+    def _bounded_by_acls(self, entries: dict[bytes, Attr], where: bytes, relpath: bytes,
+                         follow: bool = False) -> dict[bytes, Attr]:
+        """`entries` (names in the directory `where`: a path, with a slash unless
+        the name is empty), files' and directories' modes bounded by their
+        access ACLs. A listxattr per entry (~4.5 us on a local disk, beside
+        ~3 us for its lstat; cheaper than a getxattr that fails), none once
+        the filesystem has said it keeps no xattrs."""
+        for name, attr in entries.items():
+            if not self._acls:
+                break
+            if not (attr.is_file or attr.is_dir):
+                continue  # a symlink's own mode is never checked; devices are refused
+            path = where + name
+            try:
+                if ACL_XATTR not in os.listxattr(path, follow_symlinks=follow):
+                    continue
+                acl = os.getxattr(path, ACL_XATTR, follow_symlinks=follow)
+            except OSError as e:
+                if e.errno in _NO_ACLS:
+                    self._acls = False
+                if e.errno in (errno.ENODATA, errno.ENOENT, *_NO_ACLS):
+                    continue
+                acl = b""  # unreadable: grant group and others nothing
+            mode = acl_bounded_mode(attr.mode, acl)
+            if mode != attr.mode:
+                entries[name] = replace(attr, mode=mode)
+                self._note_acl(relpath + b"/" + name if relpath else name, attr.mode, mode)
+        return entries
+
+    def _note_acl(self, relpath: bytes, listed: int, shown: int) -> None:
+        if not self._acl_noted:
+            self._acl_noted = True
+            log.warning("%s has POSIX ACLs that its mode bits do not express (first: %s, "
+                        "%s shown as %s): such entries give group and others only what "
+                        "every user the ACL names is granted", display_path(self.root),
+                        display_path(self.root, relpath), stat.filemode(listed),
+                        stat.filemode(shown))
 
     def root_is_empty(self) -> bool:
         """An empty repository root means the store's filesystem is not mounted

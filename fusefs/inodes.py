@@ -3,10 +3,18 @@
 An inode lives while the kernel holds a reference: every successful lookup
 (and every readdirplus entry the kernel accepts) adds one, forget() removes
 what the kernel says it dropped. The mount root never goes away.
+
+A walk of a big tree leaves the kernel holding an inode for every entry it
+saw, so the table is kept small: a node holds a reference to its parent's
+node and its own name (the listing's own bytes object when it came from a
+readdir), not a full path, and its parent keeps it in a dict of children
+rather than a second table keyed by path (500k nodes: ~84 MB, where
+(alias, relpath) keys took ~177 MB). A node outlives its kernel reference
+while it still has children, so a path can always be rebuilt.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
 
 import pyfuse3
 
@@ -14,45 +22,98 @@ import pyfuse3
 NodeKey = tuple[str | None, bytes]
 
 
-@dataclass
-class Node:
-    key: NodeKey
-    lookups: int = 0
+class _Node:
+    __slots__ = ("inode", "parent", "name", "lookups", "children")
+
+    def __init__(self, inode: int, parent: _Node | None, name: bytes, lookups: int = 0):
+        self.inode = inode
+        self.parent = parent
+        self.name = name
+        self.lookups = lookups
+        self.children: dict[bytes, _Node] | None = None
 
 
 class InodeTable:
     def __init__(self):
-        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node((None, b""), 1)}
-        self._by_key: dict[NodeKey, int] = {(None, b""): pyfuse3.ROOT_INODE}
+        self._root = _Node(pyfuse3.ROOT_INODE, None, b"", 1)
+        self._nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: self._root}
         self._next = pyfuse3.ROOT_INODE + 1
+        self._peak = 1
 
     def __len__(self):
         return len(self._nodes)
 
     def key(self, inode: int) -> NodeKey:
-        return self._nodes[inode].key
+        """(alias, relpath) of a known inode; KeyError if the kernel has none."""
+        node = self._nodes[inode]
+        names = []
+        while node.parent is not None and node.parent.parent is not None:
+            names.append(node.name)
+            node = node.parent
+        if node.parent is None:
+            return None, b""
+        return os.fsdecode(node.name), b"/".join(reversed(names))
 
-    def inode_for(self, key: NodeKey) -> int:
-        """The inode of `key`, allocated with no lookup if new."""
-        inode = self._by_key.get(key)
-        if inode is None:
-            inode = self._next
-            self._next += 1
-            self._nodes[inode] = Node(key)
-            self._by_key[key] = inode
-        return inode
+    def parent(self, inode: int) -> int:
+        """The inode of the directory holding `inode` (the root's is the root)."""
+        node = self._nodes[inode]
+        return node.parent.inode if node.parent is not None else node.inode
 
-    def add_lookup(self, inode: int) -> None:
+    def name(self, inode: int) -> bytes:
+        """The name of `inode` in its directory (a repository's is its alias)."""
+        return self._nodes[inode].name
+
+    def child(self, parent: int, name: bytes) -> int | None:
+        """The inode of `name` in `parent` if the kernel may hold it; allocates nothing."""
+        node = (self._nodes[parent].children or {}).get(name)
+        return node.inode if node is not None else None
+
+    def find(self, alias: str | None, relpath: bytes) -> int | None:
+        """The inode of (alias, relpath) if the kernel may hold it; allocates nothing."""
+        node = self._root
+        for name in ([os.fsencode(alias)] if alias is not None else []) + \
+                (relpath.split(b"/") if relpath else []):
+            node = (node.children or {}).get(name)
+            if node is None:
+                return None
+        return node.inode
+
+    def acquire(self, inode: int) -> None:
+        """One more kernel reference to a known inode (lookup of "." or "..")."""
         self._nodes[inode].lookups += 1
 
-    def drop_if_unused(self, inode: int) -> None:
-        node = self._nodes.get(inode)
-        if node is not None and node.lookups <= 0 and inode != pyfuse3.ROOT_INODE:
-            del self._nodes[inode]
-            del self._by_key[node.key]
+    def acquire_child(self, parent: int, name: bytes) -> int:
+        """The inode of `name` in `parent`, allocated if new, with one more kernel
+        reference: taken before the caller awaits anything, so a FORGET of an
+        earlier reference arriving meanwhile cannot drop it. Undo with
+        forget(inode, 1) if the lookup fails or the entry is not handed over."""
+        node = self._nodes[parent]
+        if node.children is None:
+            node.children = {}
+        child = node.children.get(name)
+        if child is None:
+            inode = self._next
+            self._next += 1
+            child = node.children[name] = self._nodes[inode] = _Node(inode, node, name)
+            self._peak = max(self._peak, len(self._nodes))
+        child.lookups += 1
+        return child.inode
 
     def forget(self, inode: int, count: int) -> None:
         node = self._nodes.get(inode)
-        if node is not None:
-            node.lookups -= count
-            self.drop_if_unused(inode)
+        if node is None:
+            return
+        node.lookups -= count
+        # Dropping a node may leave its parent unreferenced and childless too.
+        while node.parent is not None and node.lookups <= 0 and not node.children:
+            del self._nodes[node.inode]
+            parent = node.parent
+            del parent.children[node.name]
+            if not parent.children:
+                parent.children = None
+            node = parent
+        # A dict never gives back the table it grew to; after the kernel
+        # forgot most of a big walk (memory pressure, drop_caches), copy it.
+        if self._peak > 4096 and len(self._nodes) < self._peak // 4:
+            self._nodes = dict(self._nodes)
+            self._peak = len(self._nodes)

@@ -1,20 +1,29 @@
 """The pyfuse3 Operations of rez-lazyfs: guard, delegate to cachecore, map errors.
 
 Every decision about data belongs to cachecore. Handlers here only translate
-between inodes/file handles and repository paths, and choose kernel cache
-timeouts from the repository's immutability policy.
+between inodes/file handles and repository paths, choose kernel cache
+timeouts from the repository's immutability policy, and tell the kernel to
+drop what it cached of entries a repository relisted or forgot.
+
+Other users (an allow_other mount) see the tree, not the mount's workings:
+the xattrs that say where an entry comes from, how much is cached and how
+the mount is doing answer only the mount's owner and root (EACCES for
+others, and listxattr lists none to them).
 """
 from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import json
 import logging
+import math
 import os
 import stat
 from itertools import count
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from cachecore.errors import LazyFSError, NotFound, StoreUnavailable
@@ -31,6 +40,9 @@ TOTALS_XATTR = b"user.rezlazyfs.stats.total"       # all runs of this mount, wit
 STORE_PATH_XATTR = b"user.rezlazyfs.store_path"    # where an entry comes from
 POLICY_XATTR = b"user.rezlazyfs.policy"            # immutable, or revalidated after N s
 CACHED_XATTR = b"user.rezlazyfs.cached"            # "cached_bytes/size" of a file
+# Reading it forgets every listing at and below the directory (`rez-lazyfs
+# forget`): a read, because a read-only mount refuses setxattr before we see it.
+FORGET_XATTR = b"user.rezlazyfs.forget"
 IMMUTABLE_TIMEOUT = 24 * 3600.0  # released payload never changes: let the kernel keep it
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -64,6 +76,36 @@ def _read_only(*_args):
     raise FUSEError(errno.EROFS)
 
 
+class _OpenDir:
+    """An open directory: its listing (the repository's own dict, shared with
+    every other handle, never copied: 40 handles on a 100k-entry directory
+    once took 1 GiB) and where the kernel is in it."""
+
+    __slots__ = ("inode", "entries", "ttl", "position", "_items", "_next")
+
+    def __init__(self, inode: int, entries: dict, ttl: float):
+        self.inode, self.entries, self.ttl = inode, entries, ttl
+        self.position = 0
+        self._items = iter(entries.items())
+        self._next = None  # taken from _items, not yet accepted by the kernel
+
+    def seek(self, position: int) -> None:
+        if position != self.position:  # rewinddir/seekdir: rare, so a walk from the start
+            self.position = position
+            self._items = itertools.islice(iter(self.entries.items()), position, None)
+            self._next = None
+
+    def peek(self):
+        """(name, attr) at `position`, or None at the end."""
+        if self._next is None:
+            self._next = next(self._items, None)
+        return self._next
+
+    def advance(self) -> None:
+        self._next = None
+        self.position += 1
+
+
 class LazyOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -80,14 +122,26 @@ class LazyOperations(pyfuse3.Operations):
         self._uid, self._gid = os.getuid(), os.getgid()
         self._handles = count(1)
         self._open_files = {}
-        self._open_dirs = {}
+        self._open_dirs: dict[int, _OpenDir] = {}
+        # Kernel cache invalidations, sent from a task of their own
+        # (invalidate_kernel_caches): a handler must not wait for them, as the
+        # kernel may wait for that very request to finish first.
+        self._to_invalidate, self._invalidations = trio.open_memory_channel(math.inf)
+        for alias, repo in repositories.items():
+            repo.on_change(functools.partial(self._entries_changed, alias))
 
     # -- helpers ------------------------------------------------------------
-    def _entry(self, inode: int, attr: Attr, volatile: bool, ttl: float) -> pyfuse3.EntryAttributes:
+    @staticmethod
+    def _ttl(repo: Repository, volatile: bool) -> float:
+        """How long the kernel may keep an entry: as long as the repository
+        keeps its listing (a payload one for a day)."""
+        return min(repo.policy.listing_ttl(volatile), IMMUTABLE_TIMEOUT)
+
+    def _entry(self, inode: int, attr: Attr, ttl: float) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = inode
         e.generation = 0
-        e.entry_timeout = e.attr_timeout = ttl if volatile else IMMUTABLE_TIMEOUT
+        e.entry_timeout = e.attr_timeout = ttl
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
@@ -103,7 +157,7 @@ class LazyOperations(pyfuse3.Operations):
 
     def _mount_root_entry(self) -> pyfuse3.EntryAttributes:
         attr = Attr(stat.S_IFDIR | 0o555, 0, 0, 0, 0, 2 + len(self.repos), self._uid, self._gid)
-        return self._entry(pyfuse3.ROOT_INODE, attr, True, 1.0)
+        return self._entry(pyfuse3.ROOT_INODE, attr, 1.0)
 
     async def _attr_of(self, inode: int) -> pyfuse3.EntryAttributes:
         alias, relpath = self.inodes.key(inode)
@@ -111,7 +165,7 @@ class LazyOperations(pyfuse3.Operations):
             return self._mount_root_entry()
         repo = self.repos[alias]
         attr = await repo.getattr(relpath)
-        return self._entry(inode, attr, repo.is_volatile(relpath), repo.policy.metadata_ttl)
+        return self._entry(inode, attr, self._ttl(repo, repo.is_volatile(relpath)))
 
     def _known(self, inode: int):
         try:
@@ -119,38 +173,78 @@ class LazyOperations(pyfuse3.Operations):
         except KeyError:
             raise FUSEError(errno.ESTALE) from None
 
+    def _acquire(self, parent_inode: int, alias: str | None, name: bytes) -> int:
+        """The inode `name` names in `parent_inode`, with one more kernel reference."""
+        if name == b".":
+            inode = parent_inode
+        elif name == b"..":
+            inode = self.inodes.parent(parent_inode)
+        else:
+            if alias is None and os.fsdecode(name) not in self.repos:
+                raise FUSEError(errno.ENOENT)
+            return self.inodes.acquire_child(parent_inode, name)
+        self.inodes.acquire(inode)
+        return inode
+
+    def _for_owner(self, ctx) -> bool:
+        """The mount's workings are its owner's (and root's) business."""
+        return ctx is None or ctx.uid in (0, self._uid)
+
+    # -- kernel caches --------------------------------------------------------
+    def _entries_changed(self, alias: str, relpath: bytes, names: set[bytes] | None) -> None:
+        """A repository relisted `relpath` and `names` changed (None: it forgot
+        everything at and below it): have the kernel drop what it cached."""
+        directory = self.inodes.find(alias, relpath)
+        if directory is None:
+            return  # the kernel holds nothing there
+        if names is None:
+            # Dropping the directory's entry drops every entry the kernel
+            # cached below it, negative lookups included; a file still open
+            # there is looked up afresh when next opened, and the kernel
+            # drops its pages if the new attributes differ.
+            self._invalidate(pyfuse3.invalidate_entry, self.inodes.parent(directory),
+                             self.inodes.name(directory))
+            return
+        for name in names:  # a new name may be cached as a negative lookup
+            self._invalidate(pyfuse3.invalidate_entry, directory, name)
+            inode = self.inodes.child(directory, name)
+            if inode is not None:  # attributes and pages of a file that changed
+                self._invalidate(pyfuse3.invalidate_inode, inode)
+
+    def _invalidate(self, notify, *args) -> None:
+        self._to_invalidate.send_nowait(functools.partial(notify, *args))
+
+    async def invalidate_kernel_caches(self) -> None:
+        """Runs for the life of the mount: sends the invalidations queued, one at
+        a time, each in a worker thread (the kernel may make it wait for
+        requests we are serving)."""
+        async for invalidation in self._invalidations:
+            try:
+                await trio.to_thread.run_sync(invalidation)
+            except OSError as e:
+                if e.errno != errno.ENOENT:  # ENOENT: the kernel had forgotten it already
+                    log.info("kernel cache invalidation %r failed: %s", invalidation, e)
+
     # -- metadata -----------------------------------------------------------
     @error_boundary
     async def lookup(self, parent_inode, name, ctx=None):
         alias, parent = self._known(parent_inode)
-        if name == b".":
-            key = (alias, parent)
-        elif name == b"..":
-            key = (alias, parent.rpartition(b"/")[0]) if parent else (None, b"")
-        elif alias is None:
-            if os.fsdecode(name) not in self.repos:
-                raise FUSEError(errno.ENOENT)
-            key = (os.fsdecode(name), b"")
-        else:
-            key = (alias, parent + b"/" + name if parent else name)
-        inode = self.inodes.inode_for(key)
+        inode = self._acquire(parent_inode, alias, name)
         try:
-            entry = await self._attr_of(inode)
+            return await self._attr_of(inode)
         except NotFound:
-            self.inodes.drop_if_unused(inode)
+            self.inodes.forget(inode, 1)
             if alias is not None and not self.repos[alias].is_volatile_dir(parent):
                 # Immutable directory: let the kernel cache the miss too
                 # (Python imports probe many names that do not exist).
                 negative = pyfuse3.EntryAttributes()
                 negative.st_ino = 0
-                negative.entry_timeout = IMMUTABLE_TIMEOUT
+                negative.entry_timeout = self._ttl(self.repos[alias], False)
                 return negative
             raise
         except BaseException:
-            self.inodes.drop_if_unused(inode)
+            self.inodes.forget(inode, 1)
             raise
-        self.inodes.add_lookup(inode)
-        return entry
 
     @error_boundary
     async def forget(self, inode_list):
@@ -176,32 +270,33 @@ class LazyOperations(pyfuse3.Operations):
     async def opendir(self, inode, ctx=None):
         alias, relpath = self._known(inode)
         if alias is None:
-            entries = [(os.fsencode(a), (a, b""), await self.repos[a].root_attr(), True,
-                        self.repos[a].policy.metadata_ttl) for a in sorted(self.repos)]
+            entries = {os.fsencode(a): await self.repos[a].root_attr() for a in sorted(self.repos)}
+            ttl = min(self._ttl(repo, True) for repo in self.repos.values()) if self.repos else 1.0
         else:
             repo = self.repos[alias]
-            listing = await repo.readdir(relpath)
-            prefix = relpath + b"/" if relpath else b""
+            entries = await repo.readdir(relpath)
             # Every entry's attributes come from this one listing, so they share
             # its policy: decided once here, not per entry in readdir.
-            volatile, ttl = repo.is_volatile_dir(relpath), repo.policy.metadata_ttl
-            entries = [(name, (alias, prefix + name), attr, volatile, ttl)
-                       for name, attr in listing.items()]
+            ttl = self._ttl(repo, repo.is_volatile_dir(relpath))
         fh = next(self._handles)
-        self._open_dirs[fh] = entries  # a snapshot: offsets stay stable while listing
+        # The listing as it is now: a relisting replaces the repository's
+        # dict, never changes this one, so offsets stay stable while listing.
+        self._open_dirs[fh] = _OpenDir(inode, entries, ttl)
         return fh
 
     @error_boundary
     async def readdir(self, fh, start_id, token):
-        entries = self._open_dirs[fh]
-        for position in range(start_id, len(entries)):
-            name, key, attr, volatile, ttl = entries[position]
-            inode = self.inodes.inode_for(key)
-            entry = self._entry(inode, attr, volatile, ttl)
-            if not pyfuse3.readdir_reply(token, name, entry, position + 1):
-                self.inodes.drop_if_unused(inode)
+        d = self._open_dirs[fh]
+        d.seek(start_id)
+        while (item := d.peek()) is not None:
+            name, attr = item
+            # readdirplus: the kernel holds the entry once it takes it
+            inode = self.inodes.acquire_child(d.inode, name)
+            if not pyfuse3.readdir_reply(token, name, self._entry(inode, attr, d.ttl),
+                                         d.position + 1):
+                self.inodes.forget(inode, 1)
                 return
-            self.inodes.add_lookup(inode)  # readdirplus: the kernel now holds it
+            d.advance()
 
     @error_boundary
     async def releasedir(self, fh):
@@ -250,6 +345,13 @@ class LazyOperations(pyfuse3.Operations):
     @error_boundary
     async def getxattr(self, inode, name, ctx=None):
         alias, relpath = self._known(inode)
+        if name not in (STATS_XATTR, TOTALS_XATTR, STORE_PATH_XATTR, POLICY_XATTR,
+                        CACHED_XATTR, FORGET_XATTR):
+            raise FUSEError(pyfuse3.ENOATTR)
+        if not self._for_owner(ctx):
+            raise FUSEError(errno.EACCES)
+        if name == FORGET_XATTR:
+            return await self._forget(alias, relpath)
         if alias is None:
             if name == STATS_XATTR:
                 return json.dumps(self.counters.snapshot(), sort_keys=True).encode()
@@ -267,9 +369,23 @@ class LazyOperations(pyfuse3.Operations):
             return f"{cached}/{(await repo.getattr(relpath)).size}".encode()
         raise FUSEError(pyfuse3.ENOATTR)
 
+    async def _forget(self, alias: str | None, relpath: bytes) -> bytes:
+        if alias is None:
+            repos = [(repo, b"") for repo in self.repos.values()]
+        else:
+            attr = await self.repos[alias].getattr(relpath)
+            # a file's attributes are its directory's listing
+            repos = [(self.repos[alias], relpath if attr.is_dir else relpath.rpartition(b"/")[0])]
+        listings = 0
+        for repo, directory in repos:
+            listings += await repo.forget(directory)
+        return json.dumps({"listings": listings}).encode()
+
     @error_boundary
     async def listxattr(self, inode, ctx=None):
         alias, relpath = self._known(inode)
+        if not self._for_owner(ctx):
+            return []
         if alias is None:
             return [STATS_XATTR, TOTALS_XATTR]
         names = [STORE_PATH_XATTR, POLICY_XATTR]

@@ -69,6 +69,9 @@ def repo_options(f):
 @click.option("--prefetch", metavar="SIZE",
               help="On a file's first open, fetch its same-suffix siblings up to SIZE (0: off) [128K].")
 @click.option("--metadata-ttl", type=float, help="Seconds before repository listings are revalidated.")
+@click.option("--permission-ttl", type=float,
+              help="With --allow-other: seconds before payload permissions are revalidated "
+                   "(0: never) [300].")
 @click.option("--store-timeout", type=float, help="Seconds before an unanswered store request fails with EIO.")
 @click.option("--log-file", type=click.Path(), help="Daemon log [CACHE/logs/daemon.log].")
 @click.option("--offline", is_flag=True, default=None, help="Never contact the store: serve the cache alone.")
@@ -292,6 +295,27 @@ def _report_pins(released: int, unanswered: int, dry_run: bool) -> None:
     if unanswered:
         _warn(f"{unanswered} baked context file(s) did not answer within {HOLDER_TIMEOUT:g}s; "
               "their pins are kept")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--mount", "mountpoint", type=click.Path(file_okay=False),
+              help="Tell this running mount only (its daemon forgets in its own cache too).")
+@repo_options
+@cache_options
+def forget(target, mountpoint, **options):
+    """List TARGET from the store again: a directory (a path in a mount or a store)
+    or a package version (FAMILY-VERSION), with everything below it.
+
+    For a payload that changed after it was listed (a release listed while it
+    was still being copied): drops its listings from the cache and from the
+    memory of running mounts of that cache."""
+    from .config import load_settings
+    from .forget import forget as forget_target
+
+    settings = None if mountpoint else load_settings(need_repos=False, **options)
+    for line in forget_target(settings, target, mountpoint):
+        click.echo(line)
 
 
 @main.command()

@@ -5,6 +5,7 @@ Config file (default: $XDG_CONFIG_HOME/rez-lazyfs/config.toml):
     cache = "~/.cache/rez-lazyfs"
     block_size = "128K"      # fixed when a cache is created; default 128K
     metadata_ttl = 60        # seconds before repository listings are revalidated
+    permission_ttl = 300     # allow_other: seconds before payload permissions are revalidated (0: never)
     store_timeout = 15       # seconds before an unanswered store read fails with EIO
     shared_caches = ["/host-cache"]  # read-only caches read before the store (mount/layered.py)
 
@@ -65,6 +66,10 @@ class Settings:
     cache_dir: str
     block_size: int = 0  # 0: the cache's own (set when it was created; 128K for a new one)
     metadata_ttl: float = 60.0
+    # On an allow_other mount the kernel checks other users against the modes
+    # and owners listed: payload listings are revalidated after this many
+    # seconds, so a chmod in the store reaches them (0: kept forever).
+    permission_ttl: float = 300.0
     store_timeout: float = 15.0
     store_threads: int = 16
     cache_limit: int = 0  # bytes; 0 = no limit
@@ -116,7 +121,7 @@ _SIZE_TYPES = (int, str)
 _CONFIG_TYPES = {
     "cache": str, "mountpoint": str, "log_file": str, "block_size": _SIZE_TYPES,
     "cache_limit": _SIZE_TYPES, "read_ahead": _SIZE_TYPES, "prefetch": _SIZE_TYPES,
-    "metadata_ttl": (int, float), "store_timeout": (int, float), "store_threads": int,
+    "metadata_ttl": (int, float), "permission_ttl": (int, float), "store_timeout": (int, float), "store_threads": int,
     "offline": bool, "allow_other": bool, "debug": bool, "shared_caches": list, "repos": dict,
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list",
@@ -265,12 +270,13 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
         settings.read_ahead = parse_size(settings.read_ahead)
         settings.prefetch = parse_size(settings.prefetch)
         settings.metadata_ttl = float(settings.metadata_ttl)
+        settings.permission_ttl = float(settings.permission_ttl)
         settings.store_timeout = float(settings.store_timeout)
     except (TypeError, ValueError) as e:
         raise UserError(f"bad setting: {e}") from None
     if settings.block_size and (not 4096 <= settings.block_size <= 16 * 2**20
                                 or settings.block_size % 4096):
         raise UserError("block size must be a multiple of 4K between 4K and 16M")
-    if settings.store_timeout <= 0 or settings.metadata_ttl < 0:
-        raise UserError("store_timeout must be > 0 and metadata_ttl >= 0")
+    if settings.store_timeout <= 0 or settings.metadata_ttl < 0 or settings.permission_ttl < 0:
+        raise UserError("store_timeout must be > 0, metadata_ttl and permission_ttl >= 0")
     return settings

@@ -293,7 +293,8 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                                    store_timeout=settings.store_timeout,
                                    store_threads=settings.store_threads, offline=settings.offline,
                                    prefetch_max_size=settings.prefetch,
-                                   cache_may_stall=cache_may_stall(settings))
+                                   cache_may_stall=cache_may_stall(settings),
+                                   permission_ttl=_permission_ttl(settings))
         ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
                              totals=lambda: base + cache.counters)
         options = set(pyfuse3.default_options) | {
@@ -311,6 +312,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                 nursery.start_soon(_terminate_on_signal)
                 nursery.start_soon(cache.maintain, totals_name, base, settings.cache_limit)
                 nursery.start_soon(_ready_when_answering)
+                nursery.start_soon(ops.invalidate_kernel_caches)
                 cache.fetcher.run_prefetches_in(nursery)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
@@ -337,6 +339,17 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                 return
 
     trio.run(run)
+
+
+def _permission_ttl(settings: Settings) -> float:
+    """Other users' access is checked against the modes listed: on a mount they
+    reach, listings are revalidated after permission_ttl (SECURITY.md)."""
+    if not settings.allow_other:
+        return 0.0
+    if settings.offline:
+        log.info("offline: permissions are served as cached, not revalidated")
+        return 0.0
+    return settings.permission_ttl
 
 
 def _set_read_ahead(mountpoint: str, size: int) -> None:

@@ -6,7 +6,9 @@ index, the fetcher and the mount never ask which kind they have:
 
     root                 the store's name in logs, keys and the index (a path or a URL)
     stat_root()          the repository root's attributes
-    list_dir(relpath)    {name: Attr} of a directory
+    list_dir(relpath, progress)
+                         {name: Attr} of a directory; progress() is called as it
+                         advances (a slow listing that advances is not timed out)
     root_is_empty()      whether the root lists nothing (an NFS mount point left empty)
     read(relpath, identity, offset, size)
                          bytes of a file that must still have `identity` (Attr.identity),
@@ -29,7 +31,7 @@ class Store(Protocol):
     root: str
 
     def stat_root(self) -> Attr: ...
-    def list_dir(self, relpath: bytes) -> dict[bytes, Attr]: ...
+    def list_dir(self, relpath: bytes, progress=lambda: None) -> dict[bytes, Attr]: ...
     def root_is_empty(self) -> bool: ...
     def read(self, relpath: bytes, identity: tuple[int, ...], offset: int, size: int) -> bytes: ...
     def file_key(self, relpath: bytes, attr: Attr, block_size: int) -> str: ...

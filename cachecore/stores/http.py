@@ -180,7 +180,7 @@ class HttpStore:
             raise StoreUnavailable(f"{self.root}: the root catalog has no root entry")
         return root
 
-    def list_dir(self, relpath: bytes) -> dict[bytes, Attr]:
+    def list_dir(self, relpath: bytes, progress=lambda: None) -> dict[bytes, Attr]:
         catalog = self._catalog_of(relpath)
         entries = catalog.listings.get(relpath)
         if entries is None:

@@ -1,0 +1,116 @@
+"""fusefs's inode table, and LazyOperations called directly (no kernel, no
+FUSE mock): a real Repository over a store directory in tmp_path."""
+from __future__ import annotations
+
+import sys
+import threading
+
+import pyfuse3
+import pytest
+import trio
+from pyfuse3 import FUSEError
+
+from cachecore.store import FilesystemStore
+from fusefs.inodes import InodeTable
+from fusefs.operations import LazyOperations
+
+from .test_cachecore import BS, Clock, make_repo, store_root  # noqa: F401 (a fixture)
+
+ROOT = pyfuse3.ROOT_INODE
+
+
+def test_nodes_rebuild_paths_and_go_when_the_kernel_forgets_them():
+    t = InodeTable()
+    repo = t.acquire_child(ROOT, b"main")
+    fam = t.acquire_child(repo, b"fam")
+    tool = t.acquire_child(fam, b"tool")
+    assert t.key(tool) == ("main", b"fam/tool") and t.key(repo) == ("main", b"")
+    assert t.key(ROOT) == (None, b"") and t.parent(tool) == fam and t.parent(ROOT) == ROOT
+    assert t.find("main", b"fam/tool") == tool and t.find("main", b"fam/nope") is None
+    assert t.acquire_child(fam, b"tool") == tool  # the same name keeps its inode
+    # The kernel forgets the directories first: they stay while a child is held.
+    t.forget(fam, 1)
+    t.forget(repo, 1)
+    assert t.key(tool) == ("main", b"fam/tool") and len(t) == 4
+    t.forget(tool, 2)
+    assert len(t) == 1 and t.find("main", b"") is None  # only the mount root is left
+    t.forget(ROOT, 5)
+    assert t.key(ROOT) == (None, b"")  # never goes away
+
+
+def test_a_table_the_kernel_mostly_forgot_gives_its_memory_back():
+    t = InodeTable()
+    repo = t.acquire_child(ROOT, b"main")
+    inodes = [t.acquire_child(repo, b"f%d" % i) for i in range(50_000)]
+    grown = sys.getsizeof(t._nodes)
+    for inode in inodes:
+        t.forget(inode, 1)
+    assert len(t) == 2 and sys.getsizeof(t._nodes) < grown / 10, (grown, sys.getsizeof(t._nodes))
+
+
+class GatedStore(FilesystemStore):
+    """The real store; while `gated`, a listing waits (in its worker thread) for `release`."""
+
+    def __init__(self, root):
+        super().__init__(str(root))
+        self.gated = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def list_dir(self, relpath, *progress):
+        if self.gated:
+            self.entered.set()
+            assert self.release.wait(10)
+        return super().list_dir(relpath, *progress)
+
+
+def test_a_forget_arriving_while_a_lookup_awaits_does_not_drop_the_inode(tmp_path, store_root):
+    """#15: the lookup count is taken before the await. A FORGET of the
+    kernel's earlier reference, processed while a second lookup of the same
+    name waits for the store, must leave the inode the lookup returns alive."""
+    store = GatedStore(store_root)
+    clock = Clock()
+    repo, counters, _ = make_repo(tmp_path, store, clock=clock)
+
+    async def main():
+        ops = LazyOperations({"main": repo}, counters, BS)
+        main_inode = (await ops.lookup(ROOT, b"main")).st_ino
+        fam = (await ops.lookup(main_inode, b"fam")).st_ino  # the kernel holds one reference
+        clock.now += 3600  # the repository root's listing is due: the next lookup lists the store
+        store.gated = True
+        found = {}
+
+        async def look_up_again():
+            found["entry"] = await ops.lookup(main_inode, b"fam")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look_up_again)
+            assert await trio.to_thread.run_sync(store.entered.wait, 10)
+            await ops.forget([(fam, 1)])  # the kernel drops its first reference meanwhile
+            store.release.set()
+        assert found["entry"].st_ino == fam
+        assert ops.inodes.key(fam) == ("main", b"fam")  # held: the second lookup's reference
+        assert (await ops.getattr(fam)).st_ino == fam
+        await ops.forget([(fam, 1)])
+        with pytest.raises(FUSEError):
+            await ops.getattr(fam)  # now it is gone (ESTALE)
+
+    trio.run(main)
+
+
+def test_a_failed_lookup_leaves_no_reference_behind(tmp_path, store_root):
+    repo, counters, _ = make_repo(tmp_path, FilesystemStore(str(store_root)))
+
+    async def main():
+        ops = LazyOperations({"main": repo}, counters, BS)
+        main_inode = (await ops.lookup(ROOT, b"main")).st_ino
+        version = (await ops.lookup((await ops.lookup(main_inode, b"fam")).st_ino, b"1.0")).st_ino
+        payload = (await ops.lookup(version, b"bin")).st_ino
+        before = len(ops.inodes)
+        negative = await ops.lookup(payload, b"missing")  # immutable: a cached miss
+        assert negative.st_ino == 0
+        with pytest.raises(FUSEError):
+            await ops.lookup(version, b"missing")  # volatile: ENOENT
+        assert len(ops.inodes) == before
+
+    trio.run(main)
