@@ -287,13 +287,14 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
 
     totals_name = "mount:" + settings.mountpoint
     base = cache.totals_of(totals_name)  # earlier runs of this mount
+    cache_can_stall = cache_may_stall(settings)
 
     async def run() -> None:
         repos = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
                                    store_timeout=settings.store_timeout,
                                    store_threads=settings.store_threads, offline=settings.offline,
                                    prefetch_max_size=settings.prefetch,
-                                   cache_may_stall=cache_may_stall(settings),
+                                   cache_may_stall=cache_can_stall,
                                    permission_ttl=_permission_ttl(settings))
         ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
                              totals=lambda: base + cache.counters)
@@ -374,6 +375,9 @@ def _set_read_ahead(mountpoint: str, size: int) -> None:
 
 def mount_fs(settings: Settings, foreground: bool = False) -> None:
     """Mount as configured. Without `foreground`, returns once the mount answers."""
+    # As the mount table will show it: totals, `ps` and the read-ahead setting
+    # find the mount by this name.
+    settings.mountpoint = _canonical(settings.mountpoint)
     if foreground:
         setup_logging(settings, to_stderr=True)
         serve(settings)
@@ -397,7 +401,11 @@ def mount_fs(settings: Settings, foreground: bool = False) -> None:
     message = _read_ready(read_end, child)
     if message != "ok":
         raise UserError(message)
-    os.stat(settings.mountpoint)  # answered by the daemon: it is serving
+    try:
+        ask(PROBE_TIMEOUT, os.stat, settings.mountpoint)  # answered by the daemon: it is serving
+    except NoAnswer:
+        raise UserError(f"{silence(settings.mountpoint, PROBE_TIMEOUT)} right after "
+                        "mounting") from None
 
 
 def _open_log(path: str, text: bool = False):

@@ -77,10 +77,11 @@ class HttpStore:
             raise StoreUnavailable(f"{self.root}: offline mode, store not consulted")
         url = f"{self.root}/{path}"
         tried = []
-        for attempt in ({}, {"no_cache": True}, {"no_cache": True, "avoid": tried}):
-            data, via = self._download.get(path, **attempt)
+        for attempt in ({}, {"no_cache": True}, {"no_cache": True, "exclude": tried}):
+            got = self._download.get(path, **attempt)
+            via = got.via
             try:
-                return check(data)
+                return check(got.data)
             except (DamagedObject, DamagedCatalog, BadManifest) as e:
                 log.warning("%s: %s from %s via %s%s", what, e, url, via,
                             "" if attempt else " (fetching it again past the caches)")
