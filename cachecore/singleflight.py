@@ -1,9 +1,18 @@
-"""Concurrent callers asking for the same key share one call."""
+"""Concurrent callers asking for the same key share one call: trio tasks
+(`SingleFlight`) or threads (`ThreadSingleFlight`, for work that runs in
+worker threads from start to end, such as the HTTP download manager)."""
 from __future__ import annotations
 
+import threading
 from typing import Awaitable, Callable, Hashable
 
 import trio
+
+
+def _copy_of(error: BaseException) -> BaseException:
+    # A fresh exception per waiter: re-raising one object from many tasks or
+    # threads would splice their tracebacks together.
+    return type(error)(*error.args)
 
 
 class _Flight:
@@ -27,9 +36,7 @@ class SingleFlight:
         if flight is not None:
             await flight.done.wait()
             if flight.error is not None:
-                # A fresh exception per waiter: re-raising one object from many
-                # tasks would splice their tracebacks together.
-                raise type(flight.error)(*flight.error.args)
+                raise _copy_of(flight.error)
             return flight.result
         flight = self._flights[key] = _Flight()
         try:
@@ -43,4 +50,50 @@ class SingleFlight:
             raise
         finally:
             del self._flights[key]
+            flight.done.set()
+
+
+class _ThreadFlight:
+    __slots__ = ("done", "result", "error")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+
+class ThreadSingleFlight:
+    """`SingleFlight` for threads. `run` returns (result, joined): joined is
+    True for a caller that waited on another's call."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._flights: dict[Hashable, _ThreadFlight] = {}
+
+    def __len__(self):
+        return len(self._flights)
+
+    def run(self, key: Hashable, fn: Callable[[], object]) -> tuple[object, bool]:
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _ThreadFlight()
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise _copy_of(flight.error)
+            return flight.result, True
+        try:
+            flight.result = fn()
+            return flight.result, False
+        except Exception as e:
+            flight.error = e
+            raise
+        except BaseException as e:  # KeyboardInterrupt, SystemExit: waiters must not wait forever
+            flight.error = RuntimeError(f"{key!r}: the call they waited on was interrupted ({e!r})")
+            raise
+        finally:
+            with self._lock:
+                del self._flights[key]
             flight.done.set()
