@@ -12,7 +12,9 @@ configs, logs and spool are never touched.
 * ``NginxOrigin`` serves a directory as static files with the cache headers
   the image format needs (objects immutable for a year, the manifest for 61 s:
   squid does not cache what expires within 60 s); its access log says which
-  paths reached the origin (``requests()``).
+  paths reached the origin (``requests()``). nginx keeps object files open
+  (open_file_cache): a test that changes an existing object (tampering) does
+  it with ``put()``, or calls ``reload()`` after changing it by hand.
 * ``SquidProxy`` is a squid 5 with its own cache directory (``squid -z``
   first), collapsed forwarding on, accepting only loopback clients going to
   loopback origins; optionally forwarding everything to a parent proxy (a
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import pytest
 
-APT_PACKAGES = ("nginx-light", "squid")
+APT_PACKAGES = "nginx-light squid"  # what .ci/setup installs for these
 NGINX = "/usr/sbin/nginx"
 SQUID = "/usr/sbin/squid"
 START_TIMEOUT = 15  # seconds for a server to listen on its port
@@ -61,7 +63,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _group_members(pgid: int) -> list[int]:
+def processes_in_group(pgid: int) -> list[int]:
     """Live (non-zombie) processes in process group *pgid*."""
     members = []
     for entry in os.listdir("/proc"):
@@ -137,8 +139,11 @@ class _Server:
 
     kind = "server"
     user = "nobody"
+    binary = "/bin/false"
 
     def __init__(self, prefix: str):
+        if not os.path.exists(self.binary):
+            raise RuntimeError(f"{self.binary} is missing: apt-get install {APT_PACKAGES} (.ci/setup)")
         self.work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
         self.work.chmod(0o755)
         entry = pwd.getpwnam(self.user)
@@ -194,7 +199,7 @@ class _Server:
             if self._proc.poll() is not None:
                 self._proc = None
                 return False
-            if _owns_socket(_group_members(self._proc.pid), _listening_inodes(self.port)):
+            if _owns_socket(processes_in_group(self._proc.pid), _listening_inodes(self.port)):
                 return True
             time.sleep(0.02)
         self._end(signal.SIGKILL)
@@ -212,16 +217,16 @@ class _Server:
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout
-        while _group_members(pgid) and time.monotonic() < deadline:
+        while processes_in_group(pgid) and time.monotonic() < deadline:
             proc.poll()  # reap the leader as soon as it exits
             time.sleep(0.02)
-        if _group_members(pgid):
+        if processes_in_group(pgid):
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + STOP_TIMEOUT
-            while _group_members(pgid) and time.monotonic() < deadline:
+            while processes_in_group(pgid) and time.monotonic() < deadline:
                 proc.poll()
                 time.sleep(0.02)
         try:
@@ -229,7 +234,7 @@ class _Server:
         except subprocess.TimeoutExpired:
             pass
         self._after_exit()
-        return _group_members(pgid)
+        return processes_in_group(pgid)
 
     def _after_exit(self) -> None:
         """Remove what the server leaves outside its work directory."""
@@ -273,6 +278,7 @@ class NginxOrigin(_Server):
 
     kind = "nginx"
     user = "www-data"
+    binary = NGINX
 
     def __init__(self, root: Path | None = None):
         super().__init__("lazyfs-nginx-")
@@ -295,6 +301,38 @@ class NginxOrigin(_Server):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def put(self, path: str, data: bytes) -> Path:
+        """Write *data* at *path* below the root (directories 0755, file 0644:
+        readable by nginx). Replacing a file that exists reloads nginx
+        (`reload()`), so the next request is answered with the new bytes."""
+        target = self.root / path
+        for parent in reversed(target.relative_to(self.root).parents[:-1]):
+            (self.root / parent).mkdir(exist_ok=True)
+            (self.root / parent).chmod(0o755)  # whatever the umask
+        replacing = target.exists()
+        staged = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        staged.write_bytes(data)
+        staged.chmod(0o644)
+        staged.rename(target)
+        if replacing:
+            self.reload()
+        return target
+
+    def reload(self) -> None:
+        """Make nginx forget the files it holds open (open_file_cache keeps a
+        replaced file's old descriptor, and its size, for up to a minute):
+        SIGHUP, and wait until the old worker has exited and a new one runs."""
+        master = self._proc.pid
+        old = set(processes_in_group(master)) - {master}
+        os.kill(master, signal.SIGHUP)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            members = set(processes_in_group(master)) - {master}
+            if members and not members & old:
+                return
+            time.sleep(0.01)
+        raise RuntimeError(f"nginx did not reload\n{self._diagnostics()}")
 
     def _argv(self) -> list[str]:
         # -e: nginx opens its error log before reading the config; without
@@ -331,6 +369,9 @@ http {{
             add_header Cache-Control "{OBJECTS_CACHE_CONTROL}" always;
         }}
         location = /manifest {{
+            # Replaced at every publish: a cached descriptor would keep
+            # serving the previous revision for open_file_cache_valid (60 s).
+            open_file_cache off;
             add_header Cache-Control "{MANIFEST_CACHE_CONTROL}" always;
         }}
     }}
@@ -379,6 +420,7 @@ class SquidProxy(_Server):
 
     kind = "squid"
     user = "proxy"
+    binary = SQUID
 
     def __init__(self, parent: SquidProxy | None = None):
         super().__init__("lazyfs-squid-")
