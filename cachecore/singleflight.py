@@ -63,30 +63,33 @@ class _ThreadFlight:
 
 
 class ThreadSingleFlight:
-    """`SingleFlight` for threads. `run` returns (result, joined): joined is
-    True for a caller that waited on another's call."""
+    """`SingleFlight` for threads. `joined` counts the calls that waited on
+    another's instead of making their own."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._flights: dict[Hashable, _ThreadFlight] = {}
+        self.joined = 0
 
     def __len__(self):
         return len(self._flights)
 
-    def run(self, key: Hashable, fn: Callable[[], object]) -> tuple[object, bool]:
+    def run(self, key: Hashable, fn: Callable[[], object]):
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
             if leader:
                 flight = self._flights[key] = _ThreadFlight()
+            else:
+                self.joined += 1
         if not leader:
             flight.done.wait()
             if flight.error is not None:
                 raise _copy_of(flight.error)
-            return flight.result, True
+            return flight.result
         try:
             flight.result = fn()
-            return flight.result, False
+            return flight.result
         except Exception as e:
             flight.error = e
             raise

@@ -26,7 +26,8 @@ names the URL and what each route answered.
 
 Client: pycurl, one easy handle per concurrent request, taken from a pool
 (each handle keeps its connections alive between requests, whichever thread
-uses it next). Measured here, 16 threads, 4 KiB objects through squid: see
+uses it next). Handles are made on first use: a Downloader may be made
+before the daemon forks, but not used on both sides of a fork. Measured here, 16 threads, 4 KiB objects through squid: see
 tests/bench/results/http_client.md.
 """
 from __future__ import annotations
@@ -38,7 +39,8 @@ import threading
 import time
 import urllib.parse
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import pycurl
 
@@ -94,7 +96,7 @@ def _checked_proxy_url(spec: str, text: str) -> str:
 
 @dataclass(frozen=True)
 class Download:
-    data: bytes
+    data: bytes = field(repr=False)
     url: str
     via: str  # the proxy that answered, or DIRECT
 
@@ -143,7 +145,6 @@ class Downloader:
         self._closed = False
         self._flights = ThreadSingleFlight()
         self._failovers = 0
-        self._joined = 0
         self._unavailable = 0
 
     def __enter__(self):
@@ -163,33 +164,31 @@ class Downloader:
     def url_of(self, path: str) -> str:
         return f"{self.base_url}/{urllib.parse.quote(path.lstrip('/'))}"
 
-    def get(self, path: str, *, no_cache: bool = False, exclude: frozenset[str] = frozenset()) -> Download:
+    def get(self, path: str, *, no_cache: bool = False, exclude: Iterable[str] = ()) -> Download:
         """The body of *path* (relative to the base URL). *no_cache* asks every
         cache on the way to refetch from the origin (after a hash mismatch);
         *exclude* names routes not to use (e.g. the proxy whose copy was bad).
         Concurrent gets of the same path with the same options share one
         transfer. Raises NotFound (404) or StoreUnavailable."""
         exclude = frozenset(exclude)
-        download, joined = self._flights.run((path, no_cache, exclude),
-                                             lambda: self._fetch(path, no_cache, exclude))
-        if joined:
-            with self._lock:
-                self._joined += 1
-        return download
+        return self._flights.run((path, no_cache, exclude), lambda: self._fetch(path, no_cache, exclude))
 
     def counters(self) -> dict:
-        """requests and bytes on the wire, failed attempts, failovers (a request
-        moving on to another route), gets that waited on another's transfer
-        (joined) or found no route (unavailable); the same per route."""
+        """Requests sent and bytes received (headers and bodies), failed
+        attempts, failovers (a request moving on to another route), gets that
+        waited on another's transfer (joined) or got no answer (unavailable);
+        per route, the same and the seconds of back-off left (0: in use)."""
+        now = time.monotonic()
         with self._lock:
-            routes = {name: {"requests": r.requests, "bytes": r.bytes, "failures": r.failures}
+            routes = {name: {"requests": r.requests, "bytes": r.bytes, "failures": r.failures,
+                             "backoff_left": round(max(0.0, r.down_until - now), 1)}
                       for name, r in self._routes.items()}
             return {
                 "requests": sum(r["requests"] for r in routes.values()),
                 "bytes": sum(r["bytes"] for r in routes.values()),
                 "failures": sum(r["failures"] for r in routes.values()),
                 "failovers": self._failovers,
-                "joined": self._joined,
+                "joined": self._flights.joined,
                 "unavailable": self._unavailable,
                 "routes": routes,
             }

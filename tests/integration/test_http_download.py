@@ -110,6 +110,38 @@ def test_single_flight_one_transfer_for_20_threads(nginx_origin, report):
                f"{counters['requests']} request, {counters['joined']} gets waited on it, all bytes equal")
 
 
+def test_single_flight_waiters_get_their_own_error(nginx_origin, report):
+    origin = nginx_origin()
+    with Downloader(origin.url, DIRECT) as dl:
+        origin.freeze()
+        try:
+            results: list = [None] * 10
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _error_of(dl.get, "objects/ff/no")))
+                       for i in range(10)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+        finally:
+            origin.thaw()
+        for t in threads:
+            t.join(timeout=30)
+        counters = dl.counters()
+    assert all(isinstance(e, NotFound) for e in results), results
+    assert len({id(e) for e in results}) == 10  # a copy each: no shared traceback
+    assert len({str(e) for e in results}) == 1
+    assert origin.requests() == ["/objects/ff/no"] and counters["joined"] == 9, counters
+    report.row("10 threads GET one missing object at once (origin frozen until all wait)",
+               f"one origin request; each thread got its own NotFound: {results[0]}")
+
+
+def _error_of(fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - the test looks at it
+        return e
+    return None
+
+
 def test_collapsed_forwarding_20_clients_one_origin_fetch(nginx_origin, squid_proxy, report):
     origin, squid = nginx_origin(), squid_proxy()
     data = deterministic_bytes(8 << 20, seed=4)
@@ -318,6 +350,25 @@ def test_no_cache_makes_the_origin_serve_again(nginx_origin, squid_proxy, report
     report.row("GET, the origin's copy replaced, GET, then GET with no_cache",
                f"second GET a squid hit ({answers[1].code}, old bytes); no_cache: {answers[2].code}, "
                f"origin served it again ({len(served)} origin requests), new bytes")
+
+
+def test_exclude_asks_the_next_proxy(nginx_origin, squid_proxy, report):
+    origin, first, second = nginx_origin(), squid_proxy(), squid_proxy()
+    objects = put_objects(origin, 1)
+    path = next(iter(objects))
+    with Downloader(origin.url, f"{first.url};{second.url}") as dl:
+        bad_copy = dl.get(path)
+        retried = dl.get(path, no_cache=True, exclude={bad_copy.via})
+        with pytest.raises(StoreUnavailable) as none_left:
+            dl.get(path, exclude={first.url, second.url})
+        counters = dl.counters()
+    assert bad_copy.via == first.url and retried.via == second.url
+    assert len(first.requests()) == 1 and len(second.requests()) == 1
+    assert "every route excluded" in str(none_left.value)
+    assert counters["routes"][first.url]["failures"] == 0  # excluding is not failing
+    report.row("GET, then the same path again excluding the proxy that served it (a bad copy), then "
+               "excluding both", f"second GET via {retried.via} (first not asked again); both excluded: "
+               f"{none_left.value}")
 
 
 def test_404_is_not_found_not_a_failover(nginx_origin, squid_proxy, report):
