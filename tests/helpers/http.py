@@ -216,6 +216,7 @@ class _Server:
         pgid = proc.pid
         try:
             os.killpg(pgid, sig)
+            os.killpg(pgid, signal.SIGCONT)  # a frozen server acts on it
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout
@@ -284,13 +285,18 @@ class NginxOrigin(_Server):
 
     def __init__(self, root: Path | None = None):
         super().__init__("lazyfs-nginx-")
-        if root is None:
-            root = self.work / "root"
-            root.mkdir(mode=0o755)
-        self.root = Path(root).resolve()
-        self._check_readable()
         self.access_log = self.work / "access.log"
-        self.start()
+        try:
+            if root is None:
+                root = self.work / "root"
+                root.mkdir()
+                root.chmod(0o755)
+            self.root = Path(root).resolve()
+            self._check_readable()
+            self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def _check_readable(self) -> None:
         probe = subprocess.run(["setpriv", f"--reuid={self._uid}", f"--regid={self._gid}",
@@ -426,10 +432,14 @@ class SquidProxy(_Server):
         self.name = f"rlz{uuid.uuid4().hex[:10]}"
         self.access_log = self.work / "access.log"
         self.cache_dir = self.work / "cache"
-        self.port = free_port()
-        self._write_config()
-        self._run_as(["-z", "-N"])  # make the cache directories
-        self.start()
+        try:
+            self.port = free_port()
+            self._write_config()
+            self._run_as(["-z", "-N"])  # make the cache directories
+            self.start()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def url(self) -> str:
