@@ -46,7 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: make `helpers` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # In place of the script's own directory, where helpers/http.py would
+    # shadow the standard library's http package.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import pyfuse3
 import pytest

@@ -27,7 +27,9 @@ configs, logs and spool are never touched.
   left behind.
 
 The classes work outside pytest too (tests/bench/http_client.py): call
-``close()`` (or use them as context managers).
+``close()`` (or use them as context managers). A script run from this
+directory must take it off sys.path (as faults.py does): this module would
+shadow the standard library's http package.
 """
 from __future__ import annotations
 
