@@ -1,9 +1,18 @@
-"""Concurrent callers asking for the same key share one call."""
+"""Concurrent callers asking for the same key share one call: trio tasks
+(`SingleFlight`) or threads (`ThreadSingleFlight`, for work that runs in
+worker threads from start to end, such as the HTTP download manager)."""
 from __future__ import annotations
 
+import threading
 from typing import Awaitable, Callable, Hashable
 
 import trio
+
+
+def _copy_of(error: BaseException) -> BaseException:
+    # A fresh exception per waiter: re-raising one object from many tasks or
+    # threads would splice their tracebacks together.
+    return type(error)(*error.args)
 
 
 class _Flight:
@@ -27,9 +36,7 @@ class SingleFlight:
         if flight is not None:
             await flight.done.wait()
             if flight.error is not None:
-                # A fresh exception per waiter: re-raising one object from many
-                # tasks would splice their tracebacks together.
-                raise type(flight.error)(*flight.error.args)
+                raise _copy_of(flight.error)
             return flight.result
         flight = self._flights[key] = _Flight()
         try:
@@ -44,3 +51,56 @@ class SingleFlight:
         finally:
             del self._flights[key]
             flight.done.set()
+
+
+class _ThreadFlight:
+    __slots__ = ("running", "result", "error")
+
+    def __init__(self):
+        # Held by the leader until the call ended; waiters pass through it
+        # one by one. (A Lock costs a tenth of an Event to make: 0.3 vs 3 us.)
+        self.running = threading.Lock()
+        self.running.acquire()
+        self.result = None
+        self.error: BaseException | None = None
+
+
+class ThreadSingleFlight:
+    """`SingleFlight` for threads. `joined` counts the calls that waited on
+    another's instead of making their own."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._flights: dict[Hashable, _ThreadFlight] = {}
+        self.joined = 0
+
+    def __len__(self):
+        return len(self._flights)
+
+    def run(self, key: Hashable, fn: Callable[[], object]):
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _ThreadFlight()
+            else:
+                self.joined += 1
+        if not leader:
+            with flight.running:
+                pass
+            if flight.error is not None:
+                raise _copy_of(flight.error)
+            return flight.result
+        try:
+            flight.result = fn()
+            return flight.result
+        except Exception as e:
+            flight.error = e
+            raise
+        except BaseException as e:  # KeyboardInterrupt, SystemExit: waiters must not wait forever
+            flight.error = RuntimeError(f"{key!r}: the call they waited on was interrupted ({e!r})")
+            raise
+        finally:
+            with self._lock:
+                del self._flights[key]
+            flight.running.release()

@@ -47,7 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: make `helpers` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # In place of the script's own directory, where helpers/http.py would
+    # shadow the standard library's http package.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import pyfuse3
 import pytest
@@ -71,7 +73,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # it clean); `faults.py --report` refreshes the committed copy.
 REPORT_PATH = Path(os.environ.get("REZ_LAZYFS_REPORT_DIR") or tempfile.gettempdir()) / "rez-lazyfs-faults.md"
 COMMITTED_REPORT = REPO_ROOT / "docs" / "faults.md"
-REPORT_MODULES = ("test_faults.py", "test_bad_input.py", "test_trust_cache.py",
+REPORT_MODULES = ("test_faults.py", "test_bad_input.py", "test_trust_cache.py", "test_http_download.py",
                   "test_trust_contexts.py", "test_trust_liveness.py", "test_trust_mount.py")
 ERROR_PREFIX = "rez-lazyfs: error: "
 
