@@ -35,7 +35,9 @@ import re
 import secrets
 import stat
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import zstandard
@@ -169,43 +171,80 @@ class ObjectDir:
 
     Scanned once when opened (under the publish lock, so nobody else adds
     objects meanwhile): the names present, less files too short to be an
-    object; temporaries a killed publish left are removed."""
+    object; temporaries a killed publish left are removed; the 256 shard
+    directories made. Objects are compressed and written by WRITERS threads
+    while the caller goes on reading (creating a file in a directory of
+    thousands is the publish's largest cost: ~250 us an object on this
+    machine's ext4, tests/bench/results/chunk_size.md); at most QUEUED chunks
+    wait for them. Use as a context manager: leaving it waits for the writers."""
+
+    WRITERS = 3
+    QUEUED = 64
 
     def __init__(self, dest: str):
         self.root = os.path.join(dest, OBJECTS_DIR)
         self.present: set[str] = set()
-        self._dirs: set[str] = set()
-        self._compressor = zstandard.ZstdCompressor(level=3)
         self.written = self.bytes_written = 0
-        if not os.path.isdir(self.root):
-            os.mkdir(self.root)
-            os.chmod(self.root, _DIR_MODE)
+        for shard in [""] + [f"{n:02x}" for n in range(256)]:
+            directory = os.path.join(self.root, shard)
+            if not os.path.isdir(directory):
+                os.mkdir(directory)
+                os.chmod(directory, _DIR_MODE)  # whatever the umask: the web server reads it
         for shard in os.scandir(self.root):
             if not shard.is_dir(follow_symlinks=False):
                 continue
-            self._dirs.add(shard.name)
             for entry in os.scandir(shard.path):
                 if entry.name.startswith(_TEMP_PREFIX):
                     os.unlink(entry.path)
                 elif entry.stat(follow_symlinks=False).st_size >= _MIN_OBJECT_FILE:
                     self.present.add(entry.name)
+        self._pool = ThreadPoolExecutor(self.WRITERS, thread_name_prefix="publish-writer")
+        self._queued = threading.BoundedSemaphore(self.QUEUED)
+        self._lock = threading.Lock()
+        self._compressors = threading.local()  # a compressor is not shared between threads
+        self._failure: OSError | None = None
+
+    def __enter__(self) -> ObjectDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def put(self, name: str, data: bytes) -> bool:
-        """Store `data` as object `name` unless it is there; True if written."""
+        """Have `data` stored as object `name` unless it is there; True if it
+        will be written (flush() says it was)."""
         if name in self.present:
             return False
-        blob = encode_object(data, self._compressor)
-        shard = name[:2]
-        directory = os.path.join(self.root, shard)
-        if shard not in self._dirs:
-            os.makedirs(directory, exist_ok=True)
-            os.chmod(directory, _DIR_MODE)
-            self._dirs.add(shard)
-        _write_replacing(os.path.join(self.root, shard, name), blob)
+        self._raise_failure()
         self.present.add(name)
-        self.written += 1
-        self.bytes_written += len(blob)
+        self._queued.acquire()
+        self._pool.submit(self._write, name, data)
         return True
+
+    def flush(self) -> None:
+        """Wait until every object put is written; the first write's error, if one failed."""
+        self._pool.shutdown(wait=True)
+        self._raise_failure()
+
+    def _write(self, name: str, data: bytes) -> None:
+        try:
+            if self._failure is None:
+                compressor = getattr(self._compressors, "zstd", None)
+                if compressor is None:
+                    compressor = self._compressors.zstd = zstandard.ZstdCompressor(level=3)
+                blob = encode_object(data, compressor)
+                _write_replacing(os.path.join(self.root, name[:2], name), blob)
+                with self._lock:
+                    self.written += 1
+                    self.bytes_written += len(blob)
+        except OSError as e:
+            self._failure = self._failure or e
+        finally:
+            self._queued.release()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def read(self, name: str) -> bytes | None:
         """An object of the image, verified; None if absent or damaged."""
@@ -300,11 +339,9 @@ def _read_manifest(dest: str, key, key_path: str) -> Manifest | None:
         # again is how an image stops being expired.
         return Manifest.decode(blob, key.public_key(), now=0)
     except BadManifest as e:
-        if "signature" in str(e):
-            raise UserError(f"{path} is not signed by the key {key_path} (signed by another key, "
-                            "or damaged): publish with the key that signed it, or into a new "
-                            "directory") from None
-        raise UserError(f"{path}: {e}") from None
+        raise UserError(f"{path} does not verify with the key {key_path} ({e}): signed by another "
+                        "key, or damaged; publish with the key that signed it, or into a new "
+                        "directory") from None
 
 
 # -- publishing -------------------------------------------------------------------
@@ -513,13 +550,15 @@ def publish(repo: str, dest: str, key_path: str, *, ttl: int = DEFAULT_TTL,
     lock = _lock(dest)
     try:
         previous = _read_manifest(dest, key, key_path)
-        serving = f"revision {previous.revision}" if previous else "no revision yet"
+        unchanged = (f"{display_path(dest)} still serves revision {previous.revision}" if previous
+                     else f"{display_path(dest)} has no revision yet")
         try:
             _remove_temporaries(dest)
-            objects = ObjectDir(dest)
-            publisher = Publisher(repo, objects, PreviousRevision(objects, previous), chunk_size,
-                                  progress)
-            root = publisher.run()
+            with ObjectDir(dest) as objects:
+                publisher = Publisher(repo, objects, PreviousRevision(objects, previous),
+                                      chunk_size, progress)
+                root = publisher.run()
+                objects.flush()
             _sync_filesystem(dest)
             report = publisher.report
             report.revision = (previous.revision if previous else 0) + 1
@@ -530,12 +569,11 @@ def publish(repo: str, dest: str, key_path: str, *, ttl: int = DEFAULT_TTL,
             _write_replacing(os.path.join(dest, MANIFEST_PATH), manifest.encode(key), fsync=True)
             _fsync_dir(dest)
         except PublishFailed as e:
-            raise UserError(f"{e} (nothing published: {display_path(dest)} still serves "
-                            f"{serving})") from None
+            raise UserError(f"{e} (nothing published: {unchanged})") from None
         except OSError as e:
             where = display_path(os.fsdecode(e.filename)) if e.filename else display_path(dest)
             raise UserError(f"cannot write the image: {where}: {e.strerror or e} (nothing "
-                            f"published: {display_path(dest)} still serves {serving})") from None
+                            f"published: {unchanged})") from None
     finally:
         os.close(lock)
     report.seconds = round(time.monotonic() - started, 3)

@@ -102,6 +102,15 @@ class ImageReader:
                 entries.append(Entry(relpath, "other", mode, a.size, None, None))
         return sorted(entries)
 
+    def walk_under(self, directory: bytes) -> list[Entry]:
+        """walk() of one directory of the image, relative to it (as walk(REPO/directory))."""
+        top = self.attrs[directory]
+        entries = [Entry(b".", "dir", stat.S_IMODE(top.mode), None, None, None)]
+        for e in self.walk():
+            if e.relpath.startswith(directory + b"/"):
+                entries.append(e._replace(relpath=e.relpath[len(directory) + 1:]))
+        return sorted(entries)
+
     def referenced_objects(self) -> set[str]:
         """Every object the revision names: its catalogs and all file chunks."""
         names = {c.name for c in self.catalogs}

@@ -18,14 +18,15 @@ import pytest
 
 from cachecore.image.catalog import DEFAULT_CHUNK_SIZE
 from cachecore.image.objects import object_name
-from helpers.faults import ERROR_PREFIX, fault_store_fixture, lazyfs_cli_fixture
+from helpers.faults import ERROR_PREFIX, fault_store_fixture, lazyfs_cli_fixture, scratch_mounts_fixture
 from helpers.image import ImageReader, image_objects
 from helpers.mounts import LAZYFS
 from helpers.trees import KiB, MiB, deterministic_bytes, write_file, write_rez_package
 from helpers.users import public_tmp_fixture, throwaway_user_fixture
 from helpers.walk import assert_same_tree, sha256_file, walk
 
-FIXTURES = (lazyfs_cli_fixture, fault_store_fixture, throwaway_user_fixture, public_tmp_fixture)
+FIXTURES = (lazyfs_cli_fixture, fault_store_fixture, scratch_mounts_fixture, throwaway_user_fixture,
+            public_tmp_fixture)
 CHUNK = DEFAULT_CHUNK_SIZE
 SPARSE_SIZE = 200 * MiB + 12345
 DEEP = 1100  # directory levels: more than Python's recursion limit
@@ -409,6 +410,25 @@ def test_an_unreadable_file_or_directory_fails_with_one_line(public_tmp, throwaw
     assert not leftover_temporaries(image)
 
 
+def test_a_full_image_disk_fails_with_one_line_and_keeps_the_revision(tmp_path, lazyfs_cli,
+                                                                      scratch_mounts):
+    repo = tmp_path / "repo"
+    write_rez_package(repo, "fam", "1.0", files={"lib/small.bin": deterministic_bytes(KiB, seed=1)})
+    image = scratch_mounts.tmpfs(tmp_path / "disk", "4m") / "image"
+    key = keypair(lazyfs_cli, tmp_path)
+    publish(lazyfs_cli, repo, image, key)
+    manifest = (image / "manifest").read_bytes()
+    write_file(repo / "fam/2.0/lib/big.bin", deterministic_bytes(8 * MiB, seed=2))  # does not fit
+
+    result = lazyfs_cli.run("publish", repo, image, "--key", key)
+    line = result.one_line_error()
+    assert result.returncode == 1 and "No space left on device" in line
+    assert "still serves revision 1" in line
+    assert (image / "manifest").read_bytes() == manifest
+    assert not leftover_temporaries(image)
+    assert_same_tree(walk(repo / "fam/1.0"), ImageReader(image, pub(key)).walk_under(b"fam/1.0"))
+
+
 def test_bad_arguments_fail_with_one_line_and_publish_nothing(tmp_path, lazyfs_cli):
     repo, image = tmp_path / "repo", tmp_path / "image"
     write_rez_package(repo, "fam", "1.0")
@@ -439,7 +459,7 @@ def test_bad_arguments_fail_with_one_line_and_publish_nothing(tmp_path, lazyfs_c
     manifest = (image / "manifest").read_bytes()
     result = lazyfs_cli.run("publish", repo, image, "--key", other)
     line = result.one_line_error()
-    assert f"{image}/manifest is not signed by the key {other}" in line
+    assert f"{image}/manifest does not verify with the key {other}" in line and "another key" in line
     assert (image / "manifest").read_bytes() == manifest
 
 
