@@ -330,6 +330,46 @@ def logs(follow, **options):
 
 
 @main.command()
+@click.argument("keyfile", type=click.Path())
+def keygen(keyfile):
+    """Make the key pair that signs published images: KEYFILE (secret) and KEYFILE.pub."""
+    from .publish import keygen as make_key
+
+    make_key(keyfile)
+    click.echo(f"wrote the signing key {keyfile} (keep it secret) and the public key "
+               f"{keyfile}.pub (give it to the mounts)")
+
+
+@main.command()
+@click.argument("repo_dir", type=click.Path())
+@click.argument("dest_dir", type=click.Path())
+@click.option("--key", "key_path", required=True, type=click.Path(),
+              help="The signing key (rez-lazyfs keygen).")
+@click.option("--ttl", type=int, help="Seconds mounts may use the manifest before asking again [61].")
+@click.option("--valid-for", default="30d", show_default=True,
+              help="How long the revision stays valid unless published again (e.g. 30d, 12h).")
+@json_option
+def publish(repo_dir, dest_dir, key_path, ttl, valid_for, as_json):
+    """Publish the Rez repository REPO_DIR as the next revision of the signed
+    image in DEST_DIR, for a web server to serve as plain files."""
+    import contextlib
+
+    from cachecore.image.manifest import DEFAULT_TTL
+
+    from .publish import TerminalProgress, parse_duration
+    from .publish import publish as publish_image
+
+    progress = TerminalProgress() if sys.stderr.isatty() else None
+    with progress or contextlib.nullcontext():
+        report = publish_image(repo_dir, dest_dir, key_path,
+                               ttl=DEFAULT_TTL if ttl is None else ttl,
+                               valid_for=parse_duration(valid_for), progress=progress)
+    if as_json:
+        return _emit_json(report.to_json())
+    click.echo(report.line(repo_dir, dest_dir))
+
+
+@main.command()
 @click.argument("mountpoint")
 @click.option("--lazy", "-z", is_flag=True, help="Detach now even if files are open.")
 def umount(mountpoint, lazy):

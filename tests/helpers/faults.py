@@ -612,6 +612,9 @@ class FaultStore:
         tmp = self.control.with_suffix(".tmp")
         tmp.write_text(json.dumps({"mode": mode, **options}))
         os.replace(tmp, self.control)
+        # The store rewrites the counts at its next read: until then they are
+        # the previous setting's, and counts() must say none happened since.
+        Path(str(self.control) + ".counts").unlink(missing_ok=True)
 
     def counts(self) -> dict:
         """{"reads": N, "failed": M} since the last set()."""
