@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from .config import Settings
+from .config import Settings, is_url
 from .errors import UserError
 from .mounts import PROBE_TIMEOUT, NoAnswer, ask, mount_at, may_stall, silence
 
@@ -157,6 +157,30 @@ def _isdir_within(path: str, seconds: float) -> bool | None:
         return None
 
 
+def _image_answers(repo, seconds: float) -> bool | None:
+    """Whether a published image's manifest can be fetched and verifies (None:
+    no answer in time). A manifest that does not verify is a clear error."""
+    from cachecore.errors import LazyFSError, StoreUnavailable
+    from cachecore.image.manifest import MANIFEST_PATH, BadManifest, Manifest, load_public_key
+    from cachecore.stores.download import Downloader
+
+    def fetch() -> bytes:
+        with Downloader(repo.path, repo.proxy, timeout=seconds) as download:
+            return download.get(MANIFEST_PATH).data
+
+    try:
+        Manifest.decode(ask(seconds + 1, fetch), load_public_key(repo.public_key))
+    except NoAnswer:
+        return None
+    except BadManifest as e:
+        raise UserError(f"repository {repo.alias!r} ({repo.path}): {e}") from None
+    except StoreUnavailable:
+        return None
+    except LazyFSError:
+        return False
+    return True
+
+
 def _contains(outer: str, inner: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
@@ -167,6 +191,8 @@ def check_store_paths(settings: Settings, specs) -> None:
     store would appear inside its own tree. Compared with symlinks resolved."""
     mountpoint = _canonical(settings.mountpoint)
     for repo in specs:
+        if is_url(repo.path):
+            continue
         try:
             store = ask(settings.store_timeout, os.path.realpath, repo.path)
         except (NoAnswer, OSError):
@@ -189,11 +215,14 @@ def check_stores(settings: Settings, specs, index) -> None:
                 raise UserError(f"--offline: the cache holds nothing for repository "
                                 f"{repo.alias!r} ({repo.path})")
             continue
-        reachable = _isdir_within(repo.path, settings.store_timeout)
+        published = is_url(repo.path)
+        reachable = _image_answers(repo, settings.store_timeout) if published else \
+            _isdir_within(repo.path, settings.store_timeout)
         if reachable:
             continue
         if not index.knows_store(repo.path):
-            why = "does not answer" if reachable is None else "is not a directory"
+            why = "does not answer" if reachable is None else \
+                "has no image" if published else "is not a directory"
             raise UserError(f"store path {repo.path} for repository {repo.alias!r} {why}")
         log.warning("store %s for repository %r is unreachable; serving what is cached",
                     repo.path, repo.alias)
