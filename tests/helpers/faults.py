@@ -1,5 +1,5 @@
 """Fault injection, scratch mounts and the generated fault report, for
-tests/integration/test_faults.py and tests/integration/test_bad_input.py.
+tests/integration/test_faults.py, test_bad_input.py and test_trust_contexts.py.
 
 * ``FaultFS`` -- a tiny read-only passthrough FUSE filesystem (pyfuse3 +
   trio) used as a *store* that misbehaves on demand: requests delayed,

@@ -151,6 +151,14 @@ def warnings(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("rez-lazyfs: warning: ")]
 
 
+def named(warning: str, **paths: Path) -> str:
+    """A warning line for the report, its paths by name."""
+    text = warning[len("rez-lazyfs: warning: "):]
+    for name, path in paths.items():
+        text = text.replace(str(path), name)
+    return text
+
+
 def describe(result: subprocess.CompletedProcess) -> str:
     return (f"`{' '.join(map(str, result.args))}` exited {result.returncode}\n"
             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
@@ -294,7 +302,7 @@ def test_embedded_listing_and_definition_differing_from_the_store_lose_to_the_st
     assert definition == baked.store_bytes("tools/1.0/package.py")
     report.row("`seed` (store reachable) of a context whose bin/ listing makes bin/tool a symlink "
                "to the attacker's script and whose package.py is edited; then mounted",
-               f"exit 0, {said[0][len('rez-lazyfs: warning: '):][:90]}...; the mount serves "
+               f"exit 0, '{named(said[0], STORE=baked.store)}'; the mount serves "
                f"bin/tool as a regular file with the store's {tool.stat().st_size} bytes and the "
                "store's package.py")
 
@@ -346,7 +354,7 @@ def test_embedded_repos_never_repoint_the_cache(baked, lazyfs_mount, lazyfs_cli,
     assert served == baked.store_bytes("tools/1.0/bin/tool")
     report.row("`seed` of a context whose section says main is the attacker's tree, into a cache "
                "that records main=store, then an offline mount with no --repo",
-               f"exit 0, '{said[0][len('rez-lazyfs: warning: '):][:70]}...'; attacker's tree not "
+               f"exit 0, '{named(said[0], ATTACKER=attacker, STORE=baked.store)}'; attacker's tree not "
                f"read; recorded repositories unchanged; the mount serves the store's bin/tool "
                f"({len(served)} bytes); a fresh cache records nothing and an offline mount of it "
                "is refused")
