@@ -52,6 +52,14 @@ def content_key(content: bytes, size: int, block_size: int) -> str:
     return hashlib.sha256(b"content\0" + content + b"\0%d\0%d" % (size, block_size)).hexdigest()
 
 
+def unverified_key(key: str) -> str:
+    """The key of a file version's blocks that came from a context file while
+    the store could not confirm them (an offline seed): kept apart from the
+    store's, so they serve only listings of the same unconfirmed origin and
+    are never taken for the store's bytes once it answers (SECURITY.md)."""
+    return hashlib.sha256(b"unverified\0" + key.encode()).hexdigest()
+
+
 class BlockMac:
     """The trailer of a slot: a MAC only the holder of the cache's secret can
     compute, bound to the file version and the slot, so whole, valid-looking

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
+from .blocks import unverified_key
 from .errors import CacheUnavailable, NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
 from .fetcher import Fetcher, FileVersion
 from .index import MetadataIndex
@@ -77,11 +78,15 @@ class _Listing(dict):
     directory handle) after it left the memory is found again rather than
     decoded once more, so any number of handles share one copy."""
 
-    __slots__ = ("valid_until", "__weakref__")
+    __slots__ = ("valid_until", "verified", "__weakref__")
 
-    def __init__(self, entries: dict[bytes, Attr], valid_until: float):
+    def __init__(self, entries: dict[bytes, Attr], valid_until: float, verified: bool = True):
         super().__init__(entries)
         self.valid_until = valid_until  # wall clock; +inf for immutable directories
+        # False for a listing seeded from a context file that the store never
+        # confirmed (fetched_at 0): its files' blocks are keyed apart
+        # (blocks.unverified_key), and it is relisted as soon as the store answers.
+        self.verified = verified
 
 
 def parent_and_name(relpath: bytes) -> tuple[bytes, bytes]:
@@ -227,7 +232,9 @@ class Repository:
             found = await self._from_index(self.index.get_listing, self.store_id, relpath)
             if found is not None:
                 entries, fetched_at = found
-                known = _Listing(entries, self._valid_until(relpath, fetched_at))
+                verified = fetched_at > 0
+                known = _Listing(entries, self._valid_until(relpath, fetched_at) if verified
+                                 else 0.0, verified)
                 if known.valid_until > self._clock() and not relist:
                     return known
         try:
@@ -339,8 +346,11 @@ class Repository:
         return version
 
     def _version(self, relpath: bytes, attr: Attr) -> FileVersion:
-        return FileVersion(self.store, relpath, attr.size, attr.identity,
-                           self.store.file_key(relpath, attr, self.fetcher.blocks.block_size))
+        key = self.store.file_key(relpath, attr, self.fetcher.blocks.block_size)
+        listed_in = self._known(parent_and_name(relpath)[0])
+        if listed_in is not None and not listed_in.verified:
+            key = unverified_key(key)
+        return FileVersion(self.store, relpath, attr.size, attr.identity, key)
 
     async def read(self, f: FileVersion, offset: int, size: int) -> bytes:
         try:

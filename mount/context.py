@@ -673,7 +673,7 @@ def _write_seedings(cache, seedings: list[_Seeding]) -> tuple[int, list[str]]:
     What a store vouched for replaces what the index holds; a section's own
     data only fills gaps, with a time of 0 so that directories revalidated
     by metadata_ttl are relisted as soon as the store answers."""
-    from cachecore.blocks import file_key
+    from cachecore.blocks import file_key, unverified_key
 
     index, blocks, bs = cache.index, cache.blocks, cache.blocks.block_size
     now = time.time()
@@ -688,6 +688,8 @@ def _write_seedings(cache, seedings: list[_Seeding]) -> tuple[int, list[str]]:
                 listings += 1
         for relpath, (identity, data) in s.files.items():
             key = file_key(s.store, relpath, identity, bs)
+            if not s.verified:
+                key = unverified_key(key)  # never taken for the store's bytes
             for n, offset in enumerate(range(0, len(data), bs)):
                 if blocks.read(key, n, min(bs, len(data) - offset)) is None:
                     blocks.write(key, n, data[offset:offset + bs])

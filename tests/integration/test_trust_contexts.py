@@ -308,17 +308,39 @@ def test_embedded_listing_and_definition_differing_from_the_store_lose_to_the_st
 
 
 def test_embedded_definition_is_accepted_unchecked_only_when_the_store_does_not_answer(
-        baked, report):
-    forged = baked.forge("unchecked", lambda s: embed_file(s, "tools/1.0/package.py",
-                                                            EVIL_DEFINITION))
-    baked.store.rename(baked.store.with_name("moved-away"))
-    result = ok(baked.run("seed", forged, "--cache", baked.workdir / "offline-cache"))
+        baked, lazyfs_mount, report):
+    # The strongest forgery: the real file's identity (size, mtimes, inode:
+    # all public), the attacker's bytes of the same length.
+    real = baked.store / "tools/1.0/package.py"
+    evil = EVIL_DEFINITION[:real.stat().st_size].ljust(real.stat().st_size, b"#")
+
+    def same_identity(section):
+        record = listing(section, "tools/1.0")
+        entries = entries_of(record)
+        set_entries(record, {**entries, b"package.py": Attr.from_stat(os.lstat(real))})
+        section["files"] = [f for f in section["files"] if f["path"] != "tools/1.0/package.py"] + [
+            {"repo": ALIAS, "path": "tools/1.0/package.py",
+             "identity": list(Attr.from_stat(os.lstat(real)).identity), "data": b64(evil)}]
+
+    forged = baked.forge("unchecked", same_identity)
+    away = baked.store.with_name("moved-away")
+    baked.store.rename(away)
+    cache = baked.workdir / "offline-cache"
+    result = ok(baked.run("seed", forged, "--cache", cache))
     said = warnings(result)
     assert len(said) == 1 and "unchecked" in said[0] and str(baked.store) in said[0], \
         describe(result)
-    report.row("`seed` of a context with an edited package.py while the store does not answer",
+    # The store comes back: what it holds wins over what the file brought,
+    # whose blocks were kept apart (never taken for the store's bytes).
+    away.rename(baked.store)
+    m = lazyfs_mount({ALIAS: baked.store}, cache=cache, block_size=None)
+    served = (m.path / ALIAS / "tools/1.0/package.py").read_bytes()
+    report.row("`seed` of a context with an edited package.py while the store does not answer; "
+               "then the store is back and the cache mounted",
                f"accepted (paths and types checked) and said so: "
-               f"{said[0][len('rez-lazyfs: warning: '):][:140]}")
+               f"{said[0][len('rez-lazyfs: warning: '):][:140]}; once the store answers the "
+               f"mount serves {'the store' if served == baked.store_bytes('tools/1.0/package.py') else 'THE FILE'}'s package.py")
+    assert served == baked.store_bytes("tools/1.0/package.py")
 
 
 def test_embedded_repos_never_repoint_the_cache(baked, lazyfs_mount, lazyfs_cli, tmp_path, report):
