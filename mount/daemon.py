@@ -157,9 +157,10 @@ def _isdir_within(path: str, seconds: float) -> bool | None:
         return None
 
 
-def _image_answers(repo, seconds: float) -> bool | None:
+def _image_answers(repo, seconds: float, index) -> bool | None:
     """Whether a published image's manifest can be fetched and verifies (None:
-    no answer in time). A manifest that does not verify is a clear error."""
+    no answer in time). A manifest that does not verify, has expired or is
+    older than one this cache saw is a clear error."""
     from cachecore.errors import LazyFSError, StoreUnavailable
     from cachecore.image.manifest import MANIFEST_PATH, BadManifest, Manifest, load_public_key
     from cachecore.stores.download import Downloader
@@ -169,7 +170,7 @@ def _image_answers(repo, seconds: float) -> bool | None:
             return download.get(MANIFEST_PATH).data
 
     try:
-        Manifest.decode(ask(seconds + 1, fetch), load_public_key(repo.public_key))
+        manifest = Manifest.decode(ask(seconds + 1, fetch), load_public_key(repo.public_key))
     except NoAnswer:
         return None
     except BadManifest as e:
@@ -178,6 +179,10 @@ def _image_answers(repo, seconds: float) -> bool | None:
         return None
     except LazyFSError:
         return False
+    seen = index.get_text(f"revision:{repo.path.rstrip('/')}")
+    if seen and seen.isdigit() and manifest.revision < int(seen):
+        raise UserError(f"repository {repo.alias!r} ({repo.path}) serves revision "
+                        f"{manifest.revision}, older than revision {seen} seen before: refusing it")
     return True
 
 
@@ -216,7 +221,7 @@ def check_stores(settings: Settings, specs, index) -> None:
                                 f"{repo.alias!r} ({repo.path})")
             continue
         published = is_url(repo.path)
-        reachable = _image_answers(repo, settings.store_timeout) if published else \
+        reachable = _image_answers(repo, settings.store_timeout, index) if published else \
             _isdir_within(repo.path, settings.store_timeout)
         if reachable:
             continue

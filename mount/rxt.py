@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .config import is_url
 from .errors import UserError
 
 # rez 3.x writes "4.9". ResolvedContext.from_dict only compares the major
@@ -97,8 +98,13 @@ def rebase_context(doc: dict, repos: dict[str, str], mountpoint: str) -> tuple[d
     # must already be canonical.
     mount_root = os.path.realpath(mountpoint)
     # Longest store path first, so a store nested in another maps to its own alias.
+    # A context resolved on the mount itself (the only way to resolve one
+    # against a published image) is mirrored already: its locations map to
+    # themselves.
     stores = sorted(
-        ((form, alias) for alias, store in repos.items() for form in _path_forms(store)),
+        ((form, alias) for alias, store in repos.items()
+         for form in (set() if is_url(store) else _path_forms(store))
+         | {os.path.join(mount_root, alias)}),
         key=lambda item: len(item[0]),
         reverse=True,
     )
