@@ -27,8 +27,10 @@ names the URL and what each route answered.
 Client: pycurl, one easy handle per concurrent request, taken from a pool
 (each handle keeps its connections alive between requests, whichever thread
 uses it next). Handles are made on first use: a Downloader may be made
-before the daemon forks, but not used on both sides of a fork. Measured here, 16 threads, 4 KiB objects through squid: see
-tests/bench/results/http_client.md.
+before the daemon forks, but not used on both sides of a fork. Chosen by
+measurement (tests/bench/results/http_client.md: 16 threads, 4 KiB objects
+through squid): 73% of bare pycurl's GET/s (the rest is the single flight,
+route planning and counters), 2.7x urllib3's.
 """
 from __future__ import annotations
 
