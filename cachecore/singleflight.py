@@ -45,7 +45,7 @@ class SingleFlight:
         except Exception as e:
             flight.error = e
             raise
-        except BaseException as e:  # cancelled: waiters must not wait forever
+        except BaseException:  # cancelled: waiters must not wait forever
             flight.error = trio.TooSlowError(f"{key!r}: the fetch they waited on was cancelled")
             raise
         finally:

@@ -209,8 +209,16 @@ class FilesystemStore:
             with os.scandir(fd) as entries:
                 return next(entries, None) is None
 
+    @classmethod
+    def from_spec(cls, spec, *, offline: bool, index, timeout: float) -> FilesystemStore:
+        return cls(spec.path, offline=offline)
+
+    @staticmethod
+    def key_of(root: str, relpath: bytes, identity: tuple[int, ...], block_size: int) -> str:
+        return file_key(root, relpath, identity, block_size)
+
     def file_key(self, relpath: bytes, attr: Attr, block_size: int) -> str:
-        return file_key(self.root, relpath, attr.identity, block_size)
+        return self.key_of(self.root, relpath, attr.identity, block_size)
 
     def read(self, relpath: bytes, identity: tuple[int, ...], offset: int, size: int) -> bytes:
         """`size` bytes at `offset` of the file, which must still have `identity`

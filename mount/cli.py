@@ -43,13 +43,19 @@ def cache_options(f):
                         help="Cache directory [config, else ~/.cache/rez-lazyfs].")(f)
 
 
-def repo_options(f):
-    """--repo (and --mutable, --public-key, --proxy): the repositories mirrored."""
+def published_options(f):
+    """--public-key and --proxy: how published images given by --repo are read."""
     f = click.option("--proxy", metavar="PROXIES",
                      help='HTTP proxies for published images: "http://p1:3128|http://p2:3128;DIRECT" '
                           "(| balances within a group, ; orders fallback groups).")(f)
-    f = click.option("--public-key", type=click.Path(dir_okay=False),
-                     help="The public key (keygen's .pub) published images given by --repo verify with.")(f)
+    return click.option("--public-key", type=click.Path(dir_okay=False),
+                        help="The public key (keygen's .pub) published images given by --repo "
+                             "verify with.")(f)
+
+
+def repo_options(f):
+    """--repo (and --mutable, --public-key, --proxy): the repositories mirrored."""
+    f = published_options(f)
     f = click.option("--mutable", multiple=True, metavar="ALIAS",
                      help="Revalidate everything in this repository by size/mtime (dev packages).")(f)
     return click.option("--repo", "repos", multiple=True, metavar="ALIAS=PATH|URL",
@@ -124,7 +130,8 @@ def seed_options(f):
     """What seed and populate take: the cache, and where this machine's stores are."""
     f = click.option("--block-size", help="The block size of the mount that will use the cache.")(f)
     f = cache_options(f)
-    return click.option("--repo", "repos", multiple=True, metavar="ALIAS=PATH",
+    f = published_options(f)
+    return click.option("--repo", "repos", multiple=True, metavar="ALIAS=PATH|URL",
                         help="The store of ALIAS on this machine [the config, else what the "
                              "cache records, else what the context names].")(f)
 

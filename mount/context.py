@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from cachecore.model import ROOT_NAME, Attr, decode_listing, display_path, encode_listing
 from cachecore.paths import BadPath, check_name, relpath_from_text
 
-from .config import Settings
+from .config import Settings, is_url
 from .errors import UserError
 from .rxt import context_variants, load_context, rebase_context, write_context
 
@@ -156,8 +156,8 @@ def _parse_section(raw: dict) -> DeepData:
             check_name(os.fsencode(alias))
         except BadPath as e:
             raise _Damaged(f"{where}: the alias is not a plain name ({e})") from None
-        if not os.path.isabs(_want(store, str, where)) or "\0" in store:
-            raise _Damaged(f"{where} is not an absolute path")
+        if not (os.path.isabs(_want(store, str, where)) or is_url(store)) or "\0" in store:
+            raise _Damaged(f"{where} is not an absolute path or a published image's URL")
         repos[alias] = store
     deep = DeepData(_member(raw, "mountpoint", str), repos)
 
@@ -187,9 +187,9 @@ def _parse_section(raw: dict) -> DeepData:
         key = (known(_member(_want(x, dict, where), "repo", str, where), f"{where}.repo"),
                _relpath(_member(x, "path", str, where), f"{where}.path"))
         identity = _member(x, "identity", list, where)
-        if len(identity) != 4:
+        if len(identity) not in (4, 5):
             raise _Damaged(f"{where}.identity holds {len(identity)} numbers, not 4 "
-                           "(size, mtime, ctime, inode)")
+                           "(size, mtime, ctime, inode) or 5 (and a published content id)")
         for n, number in enumerate(identity):
             _want(number, int, f"{where}.identity[{n}]")
         data = _bytes(_member(x, "data", str, where), f"{where}.data")
@@ -496,9 +496,9 @@ def _pin_name(ctx_path: str) -> str:
 
 
 def _file_keys(deep: DeepData, block_size: int) -> list[str]:
-    from cachecore.blocks import file_key
+    from cachecore.stores import block_key
 
-    return [file_key(deep.repos[alias], relpath, identity, block_size)
+    return [block_key(deep.repos[alias], relpath, identity, block_size)
             for (alias, relpath), (identity, _) in deep.files.items()]
 
 
@@ -562,10 +562,9 @@ def _store_paths(deep: DeepData, settings: Settings, cache, warn) -> dict[str, s
 async def _gather(cache, deep: DeepData, settings: Settings, warn) -> list[_Seeding]:
     """Per repository, what to seed: what its store holds of what the section
     names if the store answers, else the section's own data."""
-    from cachecore.cache import RepoSpec
     from cachecore.errors import LazyFSError
 
-    repos = cache.repositories([RepoSpec(a, p) for a, p in deep.repos.items()],
+    repos = cache.repositories(_specs(deep, settings, cache),
                                metadata_ttl=settings.metadata_ttl,
                                store_timeout=settings.store_timeout,
                                store_threads=settings.store_threads)
@@ -673,7 +672,8 @@ def _write_seedings(cache, seedings: list[_Seeding]) -> tuple[int, list[str]]:
     What a store vouched for replaces what the index holds; a section's own
     data only fills gaps, with a time of 0 so that directories revalidated
     by metadata_ttl are relisted as soon as the store answers."""
-    from cachecore.blocks import file_key, unverified_key
+    from cachecore.blocks import unverified_key
+    from cachecore.stores import block_key
 
     index, blocks, bs = cache.index, cache.blocks, cache.blocks.block_size
     now = time.time()
@@ -687,7 +687,7 @@ def _write_seedings(cache, seedings: list[_Seeding]) -> tuple[int, list[str]]:
                 index.put_listing(s.store, relpath, entries, fetched_at)
                 listings += 1
         for relpath, (identity, data) in s.files.items():
-            key = file_key(s.store, relpath, identity, bs)
+            key = block_key(s.store, relpath, identity, bs)
             if not s.verified:
                 key = unverified_key(key)  # never taken for the store's bytes
             for n, offset in enumerate(range(0, len(data), bs)):
@@ -697,6 +697,19 @@ def _write_seedings(cache, seedings: list[_Seeding]) -> tuple[int, list[str]]:
     return listings, keys
 
 
+def _specs(deep: DeepData, settings: Settings, cache) -> list:
+    """The section's repositories as this machine reaches them: with the
+    public key and proxies the settings (else the cache's record) give a
+    published image."""
+    from cachecore.cache import RepoSpec
+
+    known = {(r.alias, r.path): RepoSpec(r.alias, r.path, r.mutable, r.public_key, r.proxy)
+             for r in settings.repos}
+    for spec in cache.recorded_repos():
+        known.setdefault((spec.alias, spec.path), spec)
+    return [known.get((alias, path), RepoSpec(alias, path)) for alias, path in deep.repos.items()]
+
+
 # -- populating ---------------------------------------------------------------
 def populate_context(ctx_path: str, settings: Settings, *, progress: bool | None = None,
                      warn=lambda message: None) -> dict:
@@ -704,7 +717,6 @@ def populate_context(ctx_path: str, settings: Settings, *, progress: bool | None
     Resumable: blocks already cached are skipped. Returns counts."""
     import trio
 
-    from cachecore.cache import RepoSpec
 
     from .daemon import open_cache
 
@@ -713,7 +725,7 @@ def populate_context(ctx_path: str, settings: Settings, *, progress: bool | None
     show = sys.stderr.isatty() if progress is None else progress
     try:
         deep, _ = _seed(cache, deep, holder, settings, warn)
-        specs = [RepoSpec(a, p) for a, p in deep.repos.items()]
+        specs = _specs(deep, settings, cache)
         return trio.run(_populate, cache, specs, deep, settings, show)
     finally:
         cache.close()

@@ -28,7 +28,6 @@ version that mostly equals an older one adds only its changed bytes.
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import os
 import re

@@ -42,13 +42,23 @@ def is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
+def _kind(location: str):
+    if is_url(location):
+        from .http import HttpStore
+
+        return HttpStore
+    from ..store import FilesystemStore
+
+    return FilesystemStore
+
+
+def block_key(location: str, relpath: bytes, identity: tuple[int, ...], block_size: int) -> str:
+    """The cache key of a file version's blocks in the store at `location`,
+    without opening the store (seed writes blocks a context brought)."""
+    return _kind(location).key_of(location, relpath, identity, block_size)
+
+
 def open_store(spec, *, offline: bool, index, timeout: float) -> Store:
     """The store a RepoSpec names: a published image if its path is a URL,
     else a directory."""
-    if is_url(spec.path):
-        from .http import HttpStore
-
-        return HttpStore.from_spec(spec, offline=offline, index=index, timeout=timeout)
-    from ..store import FilesystemStore
-
-    return FilesystemStore(spec.path, offline=offline)
+    return _kind(spec.path).from_spec(spec, offline=offline, index=index, timeout=timeout)

@@ -28,7 +28,7 @@ from ..errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
 from ..image.catalog import Catalog, DamagedCatalog
 from ..image.manifest import MANIFEST_PATH, BadManifest, Manifest, load_public_key
 from ..image.objects import DamagedObject, decode_object, object_path
-from ..model import Attr, display_path
+from ..model import CONTENT_ID_SIZE, Attr, display_path
 from ..paths import split_path
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,14 @@ class HttpStore:
     def root_is_empty(self) -> bool:
         return not self.list_dir(b"")
 
+    @staticmethod
+    def key_of(root: str, relpath: bytes, identity: tuple[int, ...], block_size: int) -> str:
+        """By content id (identity's last number), whatever the path or image."""
+        content = identity[4].to_bytes(CONTENT_ID_SIZE, "big")
+        return content_key(content, identity[0], block_size)
+
     def file_key(self, relpath: bytes, attr: Attr, block_size: int) -> str:
-        return content_key(attr.content, attr.size, block_size)
+        return self.key_of(self.root, relpath, attr.identity, block_size)
 
     def read(self, relpath: bytes, identity: tuple[int, ...], offset: int, size: int) -> bytes:
         parent, _, name = relpath.rpartition(b"/")

@@ -7,10 +7,8 @@ the multi-user ones) and asserts the safe outcome; rows go to the fault report.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import stat
-import subprocess
 import sys
 from pathlib import Path
 

@@ -15,7 +15,6 @@ from cachecore.errors import LazyFSError, NotFound, StoreFileChanged, StoreUnava
 from cachecore.fetcher import Fetcher
 from cachecore.index import MetadataIndex
 from cachecore.model import Attr, decode_listing, encode_listing, identity_of_stat
-from cachecore.plaindisk import PlainDisk
 from cachecore.repository import RepoPolicy, Repository
 from cachecore.stats import Counters
 from cachecore.store import FilesystemStore
