@@ -209,6 +209,9 @@ class FilesystemStore:
             with os.scandir(fd) as entries:
                 return next(entries, None) is None
 
+    def counters(self) -> dict:
+        return {}  # its traffic is the fetcher's (Counters.store_reads, store_bytes, ...)
+
     @classmethod
     def from_spec(cls, spec, *, offline: bool, index, timeout: float) -> FilesystemStore:
         return cls(spec.path, offline=offline)

@@ -354,9 +354,11 @@ class LazyOperations(pyfuse3.Operations):
             return await self._forget(alias, relpath)
         if alias is None:
             if name == STATS_XATTR:
-                return json.dumps(self.counters.snapshot(), sort_keys=True).encode()
+                return json.dumps({**self.counters.snapshot(), **self._store_traffic()},
+                                  sort_keys=True).encode()
             if name == TOTALS_XATTR:
-                return json.dumps(self.totals().to_record(), sort_keys=True).encode()
+                return json.dumps({**self.totals().to_record(), **self._store_traffic()},
+                                  sort_keys=True).encode()
             raise FUSEError(pyfuse3.ENOATTR)
         repo = self.repos[alias]
         if name == STORE_PATH_XATTR:
@@ -368,6 +370,12 @@ class LazyOperations(pyfuse3.Operations):
             cached = await repo.cached_bytes(await repo.open(relpath))
             return f"{cached}/{(await repo.getattr(relpath)).size}".encode()
         raise FUSEError(pyfuse3.ENOATTR)
+
+    def _store_traffic(self) -> dict:
+        """{"stores": {alias: counters}} of the stores that keep their own
+        (a published image's requests, bytes on the wire, failovers, per proxy)."""
+        traffic = {alias: c for alias, repo in self.repos.items() if (c := repo.store.counters())}
+        return {"stores": traffic} if traffic else {}
 
     async def _forget(self, alias: str | None, relpath: bytes) -> bytes:
         if alias is None:

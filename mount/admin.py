@@ -126,14 +126,16 @@ def cache_stats(settings: Settings) -> dict:
     live = _live_mounts()
     sources = {}
     warnings = []
+    traffic = {}  # running mounts' own store counters (published images)
     for name, record in sorted(stored.items()):
         counters = Counters.from_record(record["counters"])
         running = False
         mountpoint = name[len("mount:"):]
         if name.startswith("mount:") and mountpoint in live:
             try:
-                raw = ask(PROBE_TIMEOUT, os.getxattr, mountpoint, TOTALS_XATTR)
-                counters, running = Counters.from_record(json.loads(raw)), True
+                live_record = json.loads(ask(PROBE_TIMEOUT, os.getxattr, mountpoint, TOTALS_XATTR))
+                counters, running = Counters.from_record(live_record), True
+                traffic[name] = live_record.get("stores", {})
             except NoAnswer:
                 warnings.append(f"{silence(mountpoint, PROBE_TIMEOUT)}; its figures are "
                                 "from its last save")
@@ -144,7 +146,8 @@ def cache_stats(settings: Settings) -> dict:
     for counters, _, _ in sources.values():
         total = total + counters
     return {"cache_dir": settings.cache_dir,
-            "sources": [{"name": name, "running": running, "updated": updated, **c.summary()}
+            "sources": [{"name": name, "running": running, "updated": updated, **c.summary(),
+                         **({"stores": traffic[name]} if traffic.get(name) else {})}
                         for name, (c, running, updated) in sources.items()],
             "total": total.summary(), "warnings": warnings}
 

@@ -267,6 +267,12 @@ def stats(as_json, **options):
              _human(s["bytes_served"]), _human(s["store_bytes"]),
              s["store_reads"] + s["store_listings"], ms(s["fetch_p50_ms"]),
              ms(s["fetch_p95_ms"]), ms(s["fetch_p99_ms"]), s["errors"]] for name, s in rows])
+    for source in data["sources"]:
+        for alias, c in source.get("stores", {}).items():
+            routes = ", ".join(f"{route} {r['requests']} ({r['failures']} failed)"
+                               for route, r in sorted(c.get("routes", {}).items()))
+            click.echo(f"{source['name']} {alias}: {c['requests']} HTTP requests, "
+                       f"{_human(c['bytes'])} on the wire, {c['failovers']} failovers; {routes}")
 
 
 @main.command()

@@ -16,6 +16,8 @@ index, the fetcher and the mount never ask which kind they have:
     file_key(relpath, attr, block_size)
                          the name of the file version's blocks in the cache
     close_idle()         let go of descriptors or connections not used lately
+    counters()           traffic the store counts itself ({} if none): a published
+                         image's requests, bytes on the wire, failovers, per proxy
 
 Kinds: a directory on a (network) filesystem (cachecore/store.py), a
 published image over HTTP (http.py). `open_store` picks one from a spec.
@@ -36,6 +38,7 @@ class Store(Protocol):
     def read(self, relpath: bytes, identity: tuple[int, ...], offset: int, size: int) -> bytes: ...
     def file_key(self, relpath: bytes, attr: Attr, block_size: int) -> str: ...
     def close_idle(self) -> None: ...
+    def counters(self) -> dict: ...
 
 
 def is_url(location: str) -> bool:

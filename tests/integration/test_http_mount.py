@@ -274,6 +274,12 @@ def test_two_caches_one_squid_failover_and_outage(tmp_path, origin, squid_proxy,
         assert (nodes[0].repo_path("main") / "pkg/1.0" / rel).read_bytes() == data
         assert time.monotonic() - started < 5
 
+    traffic = json.loads(os.getxattr(nodes[0].path, "user.rezlazyfs.stats"))["stores"]["main"]
+    assert traffic["failovers"] >= 1 and traffic["requests"] > 0
+    assert traffic["routes"][second.url]["requests"] > 0 and traffic["routes"][first.url]["failures"] >= 1
+    shown = cli("stats", "--cache", nodes[0].cache).stdout
+    assert "HTTP requests" in shown and second.url in shown
+
     # Origin and proxies down: cached reads work, others fail within the bound.
     second.kill()
     origin.stop()
