@@ -842,13 +842,21 @@ def export_context(in_path: str, out_dir: str, settings: Settings, *, warn=lambd
                     f"#   rez-lazyfs mount {own.mountpoint} --config {out_dir}/rez-lazyfs.toml\n"
                     f"#   rez-env --input {context} -- CMD\n"
                     f"cache = \"cache\"\noffline = true\nmountpoint = {json.dumps(own.mountpoint)}\n\n"
-                    f"[repos]\n" + "".join(f"{alias} = {json.dumps(path)}\n"
-                                          for alias, path in
-                                          ((r.alias, r.path) for r in own.repos)))
+                    f"[repos]\n" + "".join(_exported_repo(r, out_dir) for r in own.repos))
     except BaseException:
         shutil.rmtree(out_dir) if created else _empty(out_dir)
         raise
     return counts
+
+
+def _exported_repo(r, out_dir: str) -> str:
+    """The config line of one repository of an export; a published image's
+    public key travels with it (offline mounts still check what they load)."""
+    if not is_url(r.path):
+        return f"{r.alias} = {json.dumps(r.path)}\n"
+    key = f"{r.alias}.pub"
+    shutil.copyfile(r.public_key, os.path.join(out_dir, key))
+    return f"{r.alias} = {{ url = {json.dumps(r.path)}, public_key = {json.dumps(key)} }}\n"
 
 
 def _empty(directory: str) -> None:

@@ -303,3 +303,26 @@ def test_two_caches_one_squid_failover_and_outage(tmp_path, origin, squid_proxy,
         except OSError:
             assert time.monotonic() < deadline, "not served again after the servers came back"
             time.sleep(0.5)
+
+
+def test_an_exported_http_context_runs_with_no_network(tmp_path, origin, lazyfs_mount, lazyfs_cli):
+    store = tmp_path / "store"
+    write_rez_package(store, "hello", "2.0", commands='env.PATH.prepend("{root}/bin")',
+                      files={"bin/hello": '#!/bin/sh\necho "hello from $REZ_HELLO_ROOT"\n'},
+                      executables=("bin/hello",))
+    image = Image(tmp_path, store, origin)
+    m = image.mount(lazyfs_mount)
+    env = rez_env(tmp_path, m.repo_path("main"))
+    ctx = tmp_path / "hello.rxt"
+    run([VENV_BIN / "rez-env", "--norc", "hello", "--output", ctx], env=env)
+    bundle = tmp_path / "bundle"
+    cli("export", ctx, bundle, "--mount", m.path, "--repo", f"main={origin.url}",
+        "--public-key", image.public_key)
+    m.unmount()
+    origin.stop()
+    mounted = lazyfs_cli.run("mount", m.path, "--config", bundle / "rez-lazyfs.toml")
+    assert mounted.returncode == 0 and mounted.mounted, mounted.output
+    out = run([VENV_BIN / "rez-env", "--norc", "--input", bundle / "context.rxt", "--", "hello"],
+              env=env).stdout
+    assert out.strip() == f"hello from {m.repo_path('main') / 'hello' / '2.0'}"
+    cli("umount", m.path)
