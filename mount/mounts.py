@@ -111,7 +111,13 @@ def ask(timeout: float, fn, *args):
     pid = os.fork()
     if pid == 0:  # the child: one call, its outcome down the pipe, no cleanup
         try:
-            os.close(read_end)
+            # Nothing else of the parent's: a child that cannot die must not
+            # hold its output pipes (or anything else) open.
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, write_end)
+            os.closerange(write_end + 1, 1 << 20)
             try:
                 outcome = ("value", fn(*args))
             except OSError as e:
@@ -187,7 +193,12 @@ def serving_process(mountpoint: str) -> tuple[int, str] | None:
 
 def silence(mountpoint: str, timeout: float) -> str:
     """What a command says about a mount that did not answer."""
-    found = serving_process(mountpoint)
+    try:
+        # Reading a process's command line can wait on that process's memory
+        # map, held by a page fault on the silent mount: asked with a limit too.
+        found = ask(PROBE_TIMEOUT, serving_process, mountpoint)
+    except NoAnswer:
+        found = None
     if found is None:
         who = "no daemon serving it was found"
     else:

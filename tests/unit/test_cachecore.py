@@ -57,18 +57,20 @@ def store_root(tmp_path):
     return root
 
 
-def blocks_in(directory) -> BlockCache:
+def blocks_in(directory, kind=BlockCache) -> BlockCache:
     """A block cache in `directory` (made if missing), keyed with its own secret."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    return open_blocks(str(directory), BS)
+    return open_blocks(str(directory), BS, kind=kind)
 
 
-def make_repo(tmp_path, store, *, mutable=False, ttl=60.0, clock=None, timeout=5.0):
+def make_repo(tmp_path, store, *, mutable=False, ttl=60.0, clock=None, timeout=5.0,
+              blocks_class=BlockCache, cache_may_stall=False):
     counters = Counters()
     index = MetadataIndex(str(tmp_path / "cache" / "index"))
-    blocks = blocks_in(str(tmp_path / "cache"))
+    blocks = blocks_in(str(tmp_path / "cache"), blocks_class)
     fetcher = Fetcher(blocks, counters, store_limiter=trio.CapacityLimiter(4),
-                      local_limiter=trio.CapacityLimiter(4), store_timeout=timeout)
+                      local_limiter=trio.CapacityLimiter(4), store_timeout=timeout,
+                      cache_may_stall=cache_may_stall)
     repo = Repository("main", store, index, fetcher, RepoPolicy(ttl, mutable),
                       clock=clock or Clock())
     return repo, counters, index
@@ -400,6 +402,79 @@ def test_hung_store_times_out(tmp_path, store_root):
         trio.run(main)
     finally:
         release.set()
+
+
+def test_a_listing_that_keeps_answering_outlasts_the_timeout(tmp_path, store_root):
+    """Each step of a listing reports progress, which moves its deadline: a
+    listing taking several timeouts finishes (once); one step longer than the
+    timeout fails it."""
+    import time
+
+    for n in range(40):
+        (store_root / "fam" / "1.0" / "bin" / f"m{n:02d}").write_text("x")
+
+    class SlowStore(FilesystemStore):
+        step = 0.02
+
+        def list_dir(self, relpath, progress):
+            def slowly():
+                time.sleep(self.step)
+                progress()
+            return super().list_dir(relpath, slowly)
+
+    store = SlowStore(str(store_root))
+    repo, counters, index = make_repo(tmp_path, store, timeout=0.3)
+
+    async def main():
+        start = trio.current_time()
+        names = await repo.readdir(b"fam/1.0/bin")
+        took = trio.current_time() - start
+        assert len(names) == 42 and took > 1.0, took  # > 3 timeouts
+        assert index.get_listing(store.root, b"fam/1.0/bin") is not None
+        store.step = 0.5
+        start = trio.current_time()
+        with pytest.raises(StoreUnavailable, match="no answer"):
+            await repo.readdir(b"fam")
+        assert trio.current_time() - start < 1.5
+
+    trio.run(main)
+
+
+def test_a_cache_disk_that_does_not_answer_is_a_cache_that_misses(tmp_path, store_root, caplog):
+    import threading
+
+    release = threading.Event()
+
+    class StallingBlocks(BlockCache):
+        stalled = False
+
+        def read_many(self, key, blocks):
+            if self.stalled:
+                release.wait(10)
+            return super().read_many(key, blocks)
+
+    repo, counters, _ = make_repo(tmp_path, FilesystemStore(str(store_root)), timeout=0.3,
+                                  blocks_class=StallingBlocks, cache_may_stall=True)
+    data = (store_root / "fam" / "1.0" / "bin" / "tool").read_bytes()
+
+    async def main():
+        v = await repo.open(b"fam/1.0/bin/tool")
+        assert bytes(await repo.read(v, 0, BS)) == data[:BS]
+        assert bytes(await repo.read(v, 0, BS)) == data[:BS] and counters.store_reads == 1
+        repo.fetcher.blocks.stalled = True
+        start = trio.current_time()
+        assert bytes(await repo.read(v, 0, BS)) == data[:BS]  # from the store
+        assert trio.current_time() - start < 1.0 and counters.store_reads == 2
+        start = trio.current_time()
+        assert bytes(await repo.read(v, BS, BS)) == data[BS:2 * BS]
+        assert trio.current_time() - start < 0.2  # known silent: no second wait
+
+    try:
+        trio.run(main)
+    finally:
+        release.set()
+    said = [r.getMessage() for r in caplog.records if "did not answer" in r.getMessage()]
+    assert len(said) == 1, said
 
 
 def test_latency_histogram_merges_and_gives_percentiles():
