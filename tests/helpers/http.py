@@ -47,6 +47,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.mounts import tail
+
 APT_PACKAGES = "nginx-light squid"  # what .ci/setup installs for these
 NGINX = "/usr/sbin/nginx"
 SQUID = "/usr/sbin/squid"
@@ -112,14 +114,6 @@ def _owns_socket(pids: list[int], inodes: set[str]) -> bool:
     return False
 
 
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_bytes().decode(errors="replace")
-    except OSError as exc:
-        return f"<{path}: {exc.strerror}>"
-    return "\n".join(text.splitlines()[-lines:]) or "<empty>"
-
-
 def _read_settled(path: Path) -> str:
     """The log's text once it stopped growing: a server writes its log line
     just after the response, so a client can be a moment ahead of it."""
@@ -170,7 +164,7 @@ class _Server:
         raise NotImplementedError
 
     def _diagnostics(self) -> str:
-        return f"{self._stderr}:\n{_tail(self._stderr)}"
+        return f"{self._stderr}:\n{tail(self._stderr)}"
 
     # -- life cycle ------------------------------------------------------------
     def start(self) -> None:
@@ -385,7 +379,7 @@ http {{
         os.chown(w / "tmp", self._uid, self._gid)
 
     def _diagnostics(self) -> str:
-        return f"{super()._diagnostics()}\n{self.work / 'error.log'}:\n{_tail(self.work / 'error.log')}"
+        return f"{super()._diagnostics()}\n{self.work / 'error.log'}:\n{tail(self.work / 'error.log')}"
 
     def stop(self) -> None:
         """Fast shutdown (SIGTERM: open connections are closed)."""
@@ -452,7 +446,7 @@ class SquidProxy(_Server):
                                "--", SQUID, *args, "-f", str(self.work / "squid.conf"), "-n", self.name],
                               capture_output=True, text=True, cwd=self.work, timeout=60)
         if done.returncode != 0:
-            raise RuntimeError(f"squid {' '.join(args)} failed:\n{done.stderr}\n{_tail(self.work / 'cache.log')}")
+            raise RuntimeError(f"squid {' '.join(args)} failed:\n{done.stderr}\n{tail(self.work / 'cache.log')}")
 
     def _argv(self) -> list[str]:
         return [SQUID, "-N", "-d1", "-f", str(self.work / "squid.conf"), "-n", self.name]
@@ -500,7 +494,7 @@ http_access deny all
             segment.unlink(missing_ok=True)
 
     def _diagnostics(self) -> str:
-        return f"{super()._diagnostics()}\n{self.work / 'cache.log'}:\n{_tail(self.work / 'cache.log')}"
+        return f"{super()._diagnostics()}\n{self.work / 'cache.log'}:\n{tail(self.work / 'cache.log')}"
 
     def stop(self) -> None:
         """squid's own shutdown (SIGTERM: about 3 s here), leaving its cache

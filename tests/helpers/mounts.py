@@ -76,7 +76,8 @@ def _wait_for_exit(marker: str, timeout: float) -> list[int]:
     return pids
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log, for failure messages."""
     try:
         text = path.read_bytes().decode(errors="replace")
     except OSError as exc:
@@ -252,7 +253,7 @@ class LazyMount:
         if result is not None:
             parts.append(f"command: {' '.join(map(str, result.args))}\nexit status: {result.returncode}")
             parts.append("output:\n" + (result.stdout.decode(errors="replace").strip() or "<none>"))
-        parts.append(f"log tail ({self.log_path}):\n{_tail(self.log_path)}")
+        parts.append(f"log tail ({self.log_path}):\n{tail(self.log_path)}")
         return "\n".join(parts)
 
     def teardown(self) -> list[str]:
@@ -300,7 +301,7 @@ class LazyMount:
         return [
             f"daemon log {self.log_path} has {len(bad)} unexpected WARNING/ERROR/Traceback lines "
             f"(expected substrings: {sorted(self._expected_log)}):\n{shown}\n"
-            f"log tail:\n{_tail(self.log_path)}"
+            f"log tail:\n{tail(self.log_path)}"
         ]
 
 

@@ -11,7 +11,6 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,12 +26,14 @@ from helpers.faults import (
     tree_modes,
 )
 from helpers.mounts import is_mounted, mounted_paths
+from helpers.users import public_tmp_fixture
 from helpers.trees import KiB, deterministic_bytes, write_file
 from helpers.walk import assert_same_tree, walk
 
 # pytest finds these fixtures here (report is autouse); the names they go by
 # in tests are report, lazyfs_cli, lazyfs_mount_at and scratch_mounts.
-FIXTURES = (report_fixture, lazyfs_cli_fixture, lazyfs_mount_at_fixture, scratch_mounts_fixture)
+FIXTURES = (report_fixture, lazyfs_cli_fixture, lazyfs_mount_at_fixture, scratch_mounts_fixture,
+            public_tmp_fixture)
 
 AREAS = {
     "test_names": "bad input: store names",
@@ -492,36 +493,20 @@ def test_cli_bad_options(tmp_path, report, lazyfs_cli, case):
 
 # -- security --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def public_dir():
-    """A directory under /tmp that other users can traverse (pytest's tmp
-    dirs are 0700, which would deny them before the mount could). Request
-    it before any mount fixture: it is removed after they are undone."""
-    path = Path(tempfile.mkdtemp(prefix="lazyfs-sec-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        inside = [p for p in mounted_paths() if p.startswith(os.fsencode(path) + b"/")]
-        if not inside:
-            shutil.rmtree(path, ignore_errors=True)
-    assert not inside, f"still mounted under {path}: {inside}"
-
-
 def as_nobody(*args) -> subprocess.CompletedProcess:
     return subprocess.run([*NOBODY, *map(str, args)], capture_output=True, text=True, timeout=30, cwd="/")
 
 
-def test_security_mount_reachable_by_its_user_only(public_dir, tmp_path, report, lazyfs_mount_at):
-    store = public_dir / "store"
+def test_security_mount_reachable_by_its_user_only(public_tmp, tmp_path, report, lazyfs_mount_at):
+    store = public_tmp / "store"
     write_file(store / "fam/1.0.0/public.txt", "for everyone\n", 0o644)
     write_file(store / "fam/1.0.0/private.txt", "for root only\n", 0o600)
     for d in (store, store / "fam", store / "fam/1.0.0"):
         d.chmod(0o755)
     control = as_nobody("cat", store / "fam/1.0.0/public.txt")
     assert control.returncode == 0, f"control: nobody cannot read the store itself: {control.stderr}"
-    mp = public_dir / "mnt"
-    m = lazyfs_mount_at.at(mp, {"main": store}, cache=public_dir / "cache")
+    mp = public_tmp / "mnt"
+    m = lazyfs_mount_at.at(mp, {"main": store}, cache=public_tmp / "cache")
     options = mount_options(mp)
     stat_mp = as_nobody("stat", mp)
     read_public = as_nobody("cat", mp / "main/fam/1.0.0/public.txt")
@@ -548,8 +533,8 @@ def test_security_mount_reachable_by_its_user_only(public_dir, tmp_path, report,
     assert root_private == "for root only\n"
 
 
-def test_security_nosuid_nodev(public_dir, tmp_path, report, lazyfs_mount_at):
-    store = public_dir / "store"
+def test_security_nosuid_nodev(public_tmp, tmp_path, report, lazyfs_mount_at):
+    store = public_tmp / "store"
     version = store / "fam/1.0.0"
     version.mkdir(parents=True)
     for d in (store, store / "fam", version):
@@ -559,8 +544,8 @@ def test_security_nosuid_nodev(public_dir, tmp_path, report, lazyfs_mount_at):
     os.mknod(version / "null-device", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     try:
         control = as_nobody(version / "suid-id", "-u")
-        mp = public_dir / "mnt"
-        lazyfs_mount_at.at(mp, {"main": store}, cache=public_dir / "cache", extra_args=("--allow-other",))
+        mp = public_tmp / "mnt"
+        lazyfs_mount_at.at(mp, {"main": store}, cache=public_tmp / "cache", extra_args=("--allow-other",))
         options = mount_options(mp)
         mode = stat.S_IMODE(os.stat(mp / "main/fam/1.0.0/suid-id").st_mode)
         through = as_nobody(mp / "main/fam/1.0.0/suid-id", "-u")

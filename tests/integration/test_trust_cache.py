@@ -165,15 +165,23 @@ def test_trust_a_planted_block_is_treated_as_absent(tmp_path, lazyfs_mount_at, r
     assert logged, "the planted block was not reported"
 
 
-def test_trust_a_block_file_replaced_by_a_symlink_is_not_followed(tmp_path, lazyfs_mount_at, report):
+VICTIM_BYTES = b"root's file\n"
+
+
+def mounted_with_a_victim(tmp_path: Path, lazyfs_mount_at):
+    """A store, a cache and a mount of them, and a root-only file the cache must never touch."""
     store = make_store(tmp_path / "store")
     cache = tmp_path / "cache"
     victim = tmp_path / "root-only"
-    victim.write_bytes(b"root's file\n")
+    victim.write_bytes(VICTIM_BYTES)
     victim.chmod(0o600)
     mp = tmp_path / "mnt"
     mp.mkdir()
-    m = lazyfs_mount_at.at(mp, {"main": store}, cache=cache)
+    return store, cache, victim, mp, lazyfs_mount_at.at(mp, {"main": store}, cache=cache)
+
+
+def test_trust_a_block_file_replaced_by_a_symlink_is_not_followed(tmp_path, lazyfs_mount_at, report):
+    store, cache, victim, mp, m = mounted_with_a_victim(tmp_path, lazyfs_mount_at)
     os.stat(mp / "main" / TOOL)  # listed, not read
     m.unmount()
     path = cache_file_of(cache, store, TOOL)
@@ -185,22 +193,15 @@ def test_trust_a_block_file_replaced_by_a_symlink_is_not_followed(tmp_path, lazy
     m.expect_log("is a symlink; refusing it")
     report.row("a block file replaced by a symlink to a root-only file, then the file is read",
                f"{'store bytes served' if served == TOOL_BYTES else 'WRONG BYTES'}; the target "
-               f"{'is unchanged' if victim.read_bytes() == b'root' + bytes([39]) + b's file' + bytes([10]) else 'WAS WRITTEN'} "
+               f"{'is unchanged' if victim.read_bytes() == VICTIM_BYTES else 'WAS WRITTEN'} "
                f"({victim.stat().st_size} bytes)")
     assert served == TOOL_BYTES
-    assert victim.read_bytes() == b"root's file\n"
+    assert victim.read_bytes() == VICTIM_BYTES
     assert path.is_symlink()
 
 
 def test_trust_a_log_replaced_by_a_symlink_is_refused(tmp_path, lazyfs_mount_at, lazyfs_cli, report):
-    store = make_store(tmp_path / "store")
-    cache = tmp_path / "cache"
-    victim = tmp_path / "root-only"
-    victim.write_bytes(b"root's file\n")
-    victim.chmod(0o600)
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    m = lazyfs_mount_at.at(mp, {"main": store}, cache=cache)
+    store, cache, victim, mp, m = mounted_with_a_victim(tmp_path, lazyfs_mount_at)
     m.unmount()
     log = cache / "logs" / "daemon.log"
     log.unlink()
@@ -210,7 +211,7 @@ def test_trust_a_log_replaced_by_a_symlink_is_refused(tmp_path, lazyfs_mount_at,
     line = result.one_line_error()
     report.row("logs/daemon.log replaced by a symlink to a root-only file, then mount", line)
     assert result.returncode != 0 and not is_mounted(mp)
-    assert victim.read_bytes() == b"root's file\n"
+    assert victim.read_bytes() == VICTIM_BYTES
     assert "symlink" in line
 
 
