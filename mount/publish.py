@@ -34,9 +34,7 @@ import re
 import secrets
 import stat
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import zstandard
@@ -171,19 +169,14 @@ class ObjectDir:
     Scanned once when opened (under the publish lock, so nobody else adds
     objects meanwhile): the names present, less files too short to be an
     object; temporaries a killed publish left are removed; the 256 shard
-    directories made. Objects are compressed and written by WRITERS threads
-    while the caller goes on reading (creating a file in a directory of
-    thousands is the publish's largest cost: ~250 us an object on this
-    machine's ext4, tests/bench/results/chunk_size.md); at most QUEUED chunks
-    wait for them. Use as a context manager: leaving it waits for the writers."""
-
-    WRITERS = 3
-    QUEUED = 64
+    directories made. Written from one thread: writer threads measured no
+    faster on this 2-core machine (tests/bench/results/chunk_size.md)."""
 
     def __init__(self, dest: str):
         self.root = os.path.join(dest, OBJECTS_DIR)
         self.present: set[str] = set()
         self.written = self.bytes_written = 0
+        self._compressor = zstandard.ZstdCompressor(level=3)
         for shard in [""] + [f"{n:02x}" for n in range(256)]:
             directory = os.path.join(self.root, shard)
             if not os.path.isdir(directory):
@@ -197,53 +190,17 @@ class ObjectDir:
                     os.unlink(entry.path)
                 elif entry.stat(follow_symlinks=False).st_size >= _MIN_OBJECT_FILE:
                     self.present.add(entry.name)
-        self._pool = ThreadPoolExecutor(self.WRITERS, thread_name_prefix="publish-writer")
-        self._queued = threading.BoundedSemaphore(self.QUEUED)
-        self._lock = threading.Lock()
-        self._compressors = threading.local()  # a compressor is not shared between threads
-        self._failure: OSError | None = None
-
-    def __enter__(self) -> ObjectDir:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def put(self, name: str, data: bytes) -> bool:
-        """Have `data` stored as object `name` unless it is there; True if it
-        will be written (flush() says it was)."""
+        """Store `data` as object `name` unless it is there; True if written."""
         if name in self.present:
             return False
-        self._raise_failure()
+        blob = encode_object(data, self._compressor)
+        _write_replacing(os.path.join(self.root, name[:2], name), blob)
         self.present.add(name)
-        self._queued.acquire()
-        self._pool.submit(self._write, name, data)
+        self.written += 1
+        self.bytes_written += len(blob)
         return True
-
-    def flush(self) -> None:
-        """Wait until every object put is written; the first write's error, if one failed."""
-        self._pool.shutdown(wait=True)
-        self._raise_failure()
-
-    def _write(self, name: str, data: bytes) -> None:
-        try:
-            if self._failure is None:
-                compressor = getattr(self._compressors, "zstd", None)
-                if compressor is None:
-                    compressor = self._compressors.zstd = zstandard.ZstdCompressor(level=3)
-                blob = encode_object(data, compressor)
-                _write_replacing(os.path.join(self.root, name[:2], name), blob)
-                with self._lock:
-                    self.written += 1
-                    self.bytes_written += len(blob)
-        except OSError as e:
-            self._failure = self._failure or e
-        finally:
-            self._queued.release()
-
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise self._failure
 
     def read(self, name: str) -> bytes | None:
         """An object of the image, verified; None if absent or damaged."""
@@ -556,11 +513,10 @@ def publish(repo: str, dest: str, key_path: str, *, ttl: int = DEFAULT_TTL,
                      else f"{display_path(dest)} has no revision yet")
         try:
             _remove_temporaries(dest)
-            with ObjectDir(dest) as objects:
-                publisher = Publisher(repo, objects, PreviousRevision(objects, previous),
-                                      chunk_size, progress)
-                root = publisher.run()
-                objects.flush()
+            objects = ObjectDir(dest)
+            publisher = Publisher(repo, objects, PreviousRevision(objects, previous), chunk_size,
+                                  progress)
+            root = publisher.run()
             _sync_filesystem(dest)
             report = publisher.report
             report.revision = (previous.revision if previous else 0) + 1

@@ -15,8 +15,7 @@ For each chunk size, into a fresh image, median of --runs:
     (the W1 binary is random bytes, incompressible by construction).
 Then, at the default chunk size, through the CLI: publishing W1 into a new
 image, re-publishing with nothing changed, and publishing a copy of the
-version as a new one (a daily build: every file read, almost nothing new);
-and the writer-thread count of ObjectDir (wall and CPU) at the default size.
+version as a new one (a daily build: every file read, almost nothing new).
 
 The store tree stays in the page cache across runs (23 GiB of RAM): the
 figures are the publisher's cost, not the source disk's. The VM is shared
@@ -59,13 +58,19 @@ LIBRARY_BYTES = 200 * MiB  # of real .so files for the compression ratio
 
 CHILD = r"""
 import json, resource, sys, time
-from mount.publish import ObjectDir, publish
-repo, dest, key, chunk, writers = sys.argv[1:6]
-ObjectDir.WRITERS = int(writers)
+import mount.publish
+from mount.publish import publish
+repo, dest, key, chunk = sys.argv[1:5]
+sync, synced = mount.publish._sync_filesystem, []
+def timed_sync(path):  # how much of the time is the disk's (the VM's disk is shared too)
+    t = time.monotonic()
+    sync(path)
+    synced.append(time.monotonic() - t)
+mount.publish._sync_filesystem = timed_sync
 report = publish(repo, dest, key, chunk_size=int(chunk))
 usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({**report.to_json(), "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                  "max_rss_mib": usage.ru_maxrss / 1024}))
+                  "sync_seconds": synced[0], "max_rss_mib": usage.ru_maxrss / 1024}))
 """
 
 
@@ -97,10 +102,10 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def publish_child(repo: Path, dest: Path, key: Path, chunk: int, writers: int) -> dict:
+def publish_child(repo: Path, dest: Path, key: Path, chunk: int) -> dict:
     load_before = load()
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, repo, dest, key, str(chunk), str(writers)],
+    out = subprocess.run([sys.executable, "-c", CHILD, repo, dest, key, str(chunk)],
                          capture_output=True, text=True, env=env(), check=True).stdout
     result = json.loads(out)
     result["wall_seconds"] = time.perf_counter() - t  # includes interpreter start
@@ -188,6 +193,21 @@ def library_ratio(sizes: list[int]) -> tuple[dict, int]:
     return ratios, total
 
 
+def image_figures(image: Path, key: Path, size: int, runs: list[dict], reads: dict) -> dict:
+    row = {"chunk_size": size, "runs": runs, "seconds": median_of(runs, "seconds"),
+           "cpu_seconds": median_of(runs, "cpu_seconds"),
+           "sync_seconds": median_of(runs, "sync_seconds"), "objects": runs[-1]["objects_new"],
+           "image_bytes": image_bytes(image), "file_bytes": runs[-1]["bytes"],
+           "launch": launch_fetch(image, key, reads)}
+    row["ratio"] = row["file_bytes"] / row["image_bytes"]
+    python = os.fsencode(W1_VARIANT) + b"/python/"
+    names = {n for cat in image_catalogs(image, key) for p, c in cat.files.items()
+             if p.startswith(python) for n in c.chunks}
+    raw = sum(len(decode_object(n, (image / object_path(n)).read_bytes())) for n in names)
+    row["python_ratio"] = raw / sum((image / object_path(n)).stat().st_size for n in names)
+    return row
+
+
 def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -196,7 +216,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rez-lazyfs-publish"))
     ap.add_argument("--sizes", default="64K,128K,256K,1M")
-    ap.add_argument("--writers", default="1,2,3,4")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     work = args.workdir.resolve()
@@ -208,45 +227,24 @@ def main() -> None:
     image = work / "image"
     reads = launch_reads(repo)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    from mount.publish import ObjectDir
-
-    result = {"tree": {}, "chunk_sizes": [], "writers": [], "cli": {}, "runs": args.runs,
-              "default_chunk_size": DEFAULT_CHUNK_SIZE, "default_writers": ObjectDir.WRITERS,
+    result = {"tree": {}, "chunk_sizes": [], "cli": {}, "runs": args.runs,
+              "default_chunk_size": DEFAULT_CHUNK_SIZE,
               "model": {"rtt_s": RTT, "bandwidth_bytes_s": BANDWIDTH}}
 
-    for size in sizes:
-        runs = []
-        for n in range(args.runs):
+    runs_by_size: dict[int, list] = {size: [] for size in sizes}
+    for n in range(args.runs):  # rounds, so that the VM's load drifting hits every size alike
+        for size in sizes:
             shutil.rmtree(image, ignore_errors=True)
-            runs.append(publish_child(repo, image, key, size, ObjectDir.WRITERS))
-            log(f"chunk {size // KiB}K run {n + 1}: {runs[-1]['seconds']:.1f} s, "
-                f"cpu {runs[-1]['cpu_seconds']:.1f} s, load {runs[-1]['load']}")
-        row = {"chunk_size": size, "runs": runs, "seconds": median_of(runs, "seconds"),
-               "cpu_seconds": median_of(runs, "cpu_seconds"), "objects": runs[-1]["objects_new"],
-               "image_bytes": image_bytes(image), "file_bytes": runs[-1]["bytes"],
-               "launch": launch_fetch(image, key, reads)}
-        row["ratio"] = row["file_bytes"] / row["image_bytes"]
-        python_files = {p: c for cat in image_catalogs(image, key) for p, c in cat.files.items()
-                        if p.startswith(os.fsencode(W1_VARIANT) + b"/python/")}
-        names = {n for c in python_files.values() for n in c.chunks}
-        raw = sum(len(decode_object(n, (image / object_path(n)).read_bytes())) for n in names)
-        row["python_ratio"] = raw / sum((image / object_path(n)).stat().st_size for n in names)
-        result["chunk_sizes"].append(row)
-        result["tree"] = {"files": runs[-1]["files"], "bytes": runs[-1]["bytes"]}
-
+            runs = runs_by_size[size]
+            runs.append(publish_child(repo, image, key, size))
+            log(f"chunk {size // KiB}K run {n + 1}: {runs[-1]['seconds']:.1f} s "
+                f"(sync {runs[-1]['sync_seconds']:.1f} s), cpu {runs[-1]['cpu_seconds']:.1f} s, "
+                f"load {runs[-1]['load']}")
+            if n == args.runs - 1:
+                result["chunk_sizes"].append(image_figures(image, key, size, runs, reads))
+    result["tree"] = {"files": runs[-1]["files"], "bytes": runs[-1]["bytes"]}
     ratios, library_total = library_ratio(sizes)
     result["library_ratio"] = {"bytes": library_total, "by_chunk_size": ratios}
-
-    for writers in [int(w) for w in args.writers.split(",")]:
-        runs = []
-        for n in range(args.runs):
-            shutil.rmtree(image, ignore_errors=True)
-            runs.append(publish_child(repo, image, key, DEFAULT_CHUNK_SIZE, writers))
-            log(f"writers {writers} run {n + 1}: {runs[-1]['seconds']:.1f} s, "
-                f"cpu {runs[-1]['cpu_seconds']:.1f} s, load {runs[-1]['load']}")
-        result["writers"].append({"writers": writers, "runs": runs,
-                                  "seconds": median_of(runs, "seconds"),
-                                  "cpu_seconds": median_of(runs, "cpu_seconds")})
 
     cli = result["cli"]
     for phase in ("new image", "nothing changed", "a copy as a new version"):
@@ -283,24 +281,22 @@ def render(r: dict) -> str:
              "3,000 modules and their .pyc, 20,000 small random files). The tree is in the page cache; "
              "the VM (2 cores) is shared with other sessions' test runs: load averages are in the JSON.",
              "",
-             "| chunk | publish s (CPU s) | objects | image MiB | published / image | .py+.pyc ratio | "
+             "| chunk | publish s (CPU s; syncfs s) | objects | image MiB | published / image | .py+.pyc ratio | "
              ".so ratio (zstd-3) | W1 launch: objects, MiB on the wire / MiB read | launch over 1 ms / 1 Gbit "
              "(modelled s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in r["chunk_sizes"]:
         la = row["launch"]
         so = r["library_ratio"]["by_chunk_size"][str(row["chunk_size"])]
-        lines.append(f"| {row['chunk_size'] // KiB}K | {row['seconds']:.1f} ({row['cpu_seconds']:.1f}) | "
+        lines.append(f"| {row['chunk_size'] // KiB}K | {row['seconds']:.1f} ({row['cpu_seconds']:.1f}; "
+                     f"{row['sync_seconds']:.1f}) | "
                      f"{row['objects']:,} | {row['image_bytes'] / MiB:.0f} | {row['ratio']:.3f} | "
                      f"{row['python_ratio']:.2f} | {so:.2f} | {la['objects']:,}, "
                      f"{la['bytes_wire'] / MiB:.1f} / {la['bytes_read'] / MiB:.1f} | "
                      f"{la['modelled_seconds']:.2f} |")
     lines += ["", f".so ratio: {r['library_ratio']['bytes'] / MiB:.0f} MiB of this machine's shared "
               "libraries (>= 1 MiB each), each chunk compressed alone, as the publisher does.", "",
-              "## Writer threads (ObjectDir.WRITERS), at the default chunk size", "",
-              "| writers | publish s | CPU s |", "|---|---|---|"]
-    for row in r["writers"]:
-        lines.append(f"| {row['writers']} | {row['seconds']:.1f} | {row['cpu_seconds']:.1f} |")
+]
     lines += ["", "## `rez-lazyfs publish` of the W1 variant (CLI, default settings)", "",
               "| publish | wall s | files read | new objects | MiB written |", "|---|---|---|---|---|"]
     for phase, data in r["cli"].items():
