@@ -169,19 +169,21 @@ def _reaped(pid: int, wait: float = 0.0) -> bool:
         time.sleep(0.01)
 
 
-def serving_process(mountpoint: str) -> tuple[int, str] | None:
+def serving_process(mountpoint: str, asker: int) -> tuple[int, str] | None:
     """(pid, state letter from /proc/PID/stat) of the rez-lazyfs daemon serving
-    `mountpoint`, found by its command line (the daemon is started with its
-    mount point as last argument; a foreground mount has it among its own)."""
+    `mountpoint`, found by its command line: the daemon is started with its
+    mount point as last argument; a foreground mount (`rez-lazyfs mount MP
+    --foreground`) has it among its own. `asker` (the command asking) is not it."""
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == asker:
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
-            if not (("mount.daemon" in argv and argv[-1] == mountpoint)
-                    or ("mount" in argv and mountpoint in argv
-                        and any(a.endswith("rez-lazyfs") for a in argv[:2]))):
+            daemon = "mount.daemon" in argv and argv[-1] == mountpoint
+            foreground = (any(a.endswith("rez-lazyfs") for a in argv[:2]) and "mount" in argv
+                          and mountpoint in argv and ("--foreground" in argv or "-f" in argv))
+            if not (daemon or foreground):
                 continue
             with open(f"/proc/{entry}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0].decode()
@@ -196,7 +198,7 @@ def silence(mountpoint: str, timeout: float) -> str:
     try:
         # Reading a process's command line can wait on that process's memory
         # map, held by a page fault on the silent mount: asked with a limit too.
-        found = ask(PROBE_TIMEOUT, serving_process, mountpoint)
+        found = ask(PROBE_TIMEOUT, serving_process, mountpoint, os.getpid())
     except NoAnswer:
         found = None
     if found is None:

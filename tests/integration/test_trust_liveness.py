@@ -66,17 +66,13 @@ def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def continue_and_wait(pid: int, timeout: float = 15) -> None:
-    os.kill(pid, signal.SIGCONT)
-    wait_gone(pid, timeout)
-
-
 # -- 8. the cache disk stalls ------------------------------------------------------------
 
 def test_cache_disk_stalls(tmp_path, report, fault_store, lazyfs_mount, lazyfs_cli):
     """The cache directory on a FUSE filesystem whose server is SIGSTOPped (as a
     home directory on NFS or sshfs stalls): cached reads fall back to the store,
     other requests are answered meanwhile, and umount returns."""
+    timeout = 4.0  # --store-timeout, which bounds cache-disk calls too
     store = tmp_path / "store"
     files = {
         "fam/1.0.0/package.py": b"name = 'fam'\nversion = '1.0.0'\n",
@@ -91,7 +87,7 @@ def test_cache_disk_stalls(tmp_path, report, fault_store, lazyfs_mount, lazyfs_c
     disk = fault_store(disk_source, writable=True)
     # The log goes elsewhere: a record is written by whichever thread logs it,
     # the event loop included, so a log on the stalled disk stalls the loop.
-    m = lazyfs_mount({"main": store}, cache=disk.path, store_timeout=STORE_TIMEOUT,
+    m = lazyfs_mount({"main": store}, cache=disk.path, store_timeout=timeout,
                      log_file=tmp_path / "daemon.log")
     m.expect_log("did not answer within")
     lib = m.repo_path("main") / "fam/1.0.0/lib"
@@ -102,33 +98,37 @@ def test_cache_disk_stalls(tmp_path, report, fault_store, lazyfs_mount, lazyfs_c
     assert m.stats()["store_reads"] == fetched, "small.bin is not served from the cache"
     pid = daemon_pid(m)
 
+    def ended(op, path):
+        outcome, took = in_child(op, path, timeout=30)
+        return outcome, took, time.monotonic()
+
     disk.freeze()
     try:
         results = {}
-        reader = threading.Thread(target=lambda: results.update(
-            small=in_child("read", lib / "small.bin", timeout=30)))
+        reader = threading.Thread(target=lambda: results.update(small=ended("read", lib / "small.bin")))
         reader.start()
-        time.sleep(0.3)
-        waiting = reader.is_alive()
-        stat_outcome, stat_t = in_child("stat", lib / "other.bin", timeout=30)
-        statfs_outcome, statfs_t = in_child("statfs", m.path, timeout=30)
+        time.sleep(1.0)  # the read is waiting on the disk by now (it waits `timeout`)
+        stat_started = time.monotonic()
+        stat_outcome, stat_t, _ = ended("stat", lib / "other.bin")
+        statfs_outcome, statfs_t, statfs_ended = ended("statfs", m.path)
         reader.join()
-        small, small_t = results["small"]
-        big, big_t = in_child("read", lib / "big.bin", timeout=30)
+        small, small_t, small_ended = results["small"]
+        big, big_t, _ = ended("read", lib / "big.bin")
         report.row("cache directory on a FUSE filesystem whose server is SIGSTOPped; a cached "
                    "one-block file read, meanwhile a stat of a file never stat'd and a statfs",
                    f"one-block read: {'sha256 ok' if small == sha(files['fam/1.0.0/lib/small.bin']) else small} "
-                   f"in {small_t:.2f}s (from the store after the {STORE_TIMEOUT:g}s cache timeout); "
+                   f"in {small_t:.2f}s (from the store after the {timeout:g}s cache timeout); "
                    f"stat {stat_outcome} in {stat_t:.3f}s and statfs {statfs_outcome} in {statfs_t:.3f}s "
                    f"while it waited; then a 4-block cached file: "
                    f"{'sha256 ok' if big == sha(files['fam/1.0.0/lib/big.bin']) else big} in {big_t:.2f}s")
         assert small == sha(files["fam/1.0.0/lib/small.bin"]), f"cached read with the disk stalled: {small}"
-        assert small_t <= STORE_TIMEOUT + SLACK, f"cached read took {small_t:.2f}s"
-        assert waiting, "the read did not wait for the stalled disk: the test proves nothing"
+        assert small_t <= timeout + SLACK, f"cached read took {small_t:.2f}s"
+        assert small_ended - small_t <= stat_started and statfs_ended <= small_ended, \
+            "stat and statfs did not run while the read waited on the disk: the test proves nothing"
         assert stat_outcome == "ok" and stat_t <= PROMPT, f"stat: {stat_outcome} in {stat_t:.2f}s"
         assert statfs_outcome == "ok" and statfs_t <= PROMPT, f"statfs: {statfs_outcome} in {statfs_t:.2f}s"
         assert big == sha(files["fam/1.0.0/lib/big.bin"]), f"multi-block read: {big}"
-        assert big_t <= STORE_TIMEOUT + SLACK, f"multi-block read took {big_t:.2f}s"
+        assert big_t <= timeout + SLACK, f"multi-block read took {big_t:.2f}s"
         lines = [line for line in log_text(m.log_path).splitlines() if "did not answer within" in line]
         assert len(lines) == 1 and str(disk.path) in lines[0], f"log lines about the stall: {lines}"
         assert "on a filesystem that can stall" in log_text(m.log_path), \
@@ -137,7 +137,7 @@ def test_cache_disk_stalls(tmp_path, report, fault_store, lazyfs_mount, lazyfs_c
         disk.thaw()
 
     # Back: after one cache timeout the cache answers again, and serves.
-    time.sleep(STORE_TIMEOUT)
+    time.sleep(timeout)
     fetched = m.stats()["store_reads"]
     again, _ = in_child("read", lib / "small.bin", timeout=30)
     again, _ = in_child("read", lib / "small.bin", timeout=30)
@@ -212,7 +212,8 @@ def test_daemon_stopped_stats_mount_umount(tmp_path, report, lazyfs_mount, lazyf
         assert unmounted
         m.mounted = False
     finally:
-        continue_and_wait(pid)
+        os.kill(pid, signal.SIGCONT)
+    wait_gone(pid, 15)
     report.row("the daemon continued (SIGCONT) after the unmount", "it exited")
 
 
@@ -246,7 +247,8 @@ def test_daemon_stopped_busy_umount_then_lazy(tmp_path, report, lazyfs_mount, la
     finally:
         holder.kill()
         holder.wait()
-        continue_and_wait(pid)
+        os.kill(pid, signal.SIGCONT)
+    wait_gone(pid, 15)
 
 
 # -- 10. a directory slower to list than the store timeout ------------------------------------
@@ -275,10 +277,11 @@ def test_slow_directory_listing_finishes(tmp_path, report, fault_store, lazyfs_m
     fs.set(delay=delay, slow_ops=["lookup", "getattr"])
     results, threads = {}, []
     lister = threading.Thread(target=lambda: results.update(
-        big=in_child("list", python / "big", timeout=60)))
+        big=in_child("list", python / "big", timeout=60), big_ended=time.monotonic()))
     lister.start()
-    time.sleep(0.5)
+    time.sleep(1.0)
     small_outcome, small_t = in_child("list", python / "small", timeout=30)
+    small_ended = time.monotonic()
     while lister.is_alive():
         threads.append(thread_count(pid))
         time.sleep(0.1)
@@ -298,6 +301,8 @@ def test_slow_directory_listing_finishes(tmp_path, report, fault_store, lazyfs_m
     assert big_t > STORE_TIMEOUT, f"the listing took {big_t:.1f}s: the test proves nothing"
     assert small_outcome.split(",") == small, f"the small listing: {small_outcome}"
     assert small_t <= STORE_TIMEOUT, f"the small listing took {small_t:.2f}s"
+    assert results["big_ended"] - big_t <= small_ended - small_t and small_ended <= results["big_ended"], \
+        "the small listing did not run while the big one was listed: the test proves nothing"
     assert listings == 2, f"{listings} listings completed: the slow one was restarted"
     # One store thread for each listing and one for the index; trio keeps idle ones.
     assert max(threads) <= threads_before + 3, (threads_before, threads)
