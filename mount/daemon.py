@@ -7,10 +7,12 @@ answers. The daemon reports readiness or its first error through a pipe.
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import logging.handlers
 import os
+import queue
 import select
 import shutil
 import signal
@@ -258,6 +260,16 @@ def setup_logging(settings: Settings, to_stderr: bool) -> None:
     root = logging.getLogger()
     for h in handlers:
         h.setFormatter(fmt)
+    if may_stall(os.path.dirname(os.path.realpath(settings.log_file))):
+        # A log on a disk that can stall (the default one, in a cache on NFS)
+        # must not stall whoever logs, the event loop included: records go
+        # through a queue to one thread that writes them (CONCURRENCY.md rule 1).
+        records: queue.SimpleQueue = queue.SimpleQueue()
+        writer = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
+        writer.start()
+        atexit.register(writer.stop)
+        handlers = [logging.handlers.QueueHandler(records)]
+    for h in handlers:
         root.addHandler(h)
     root.setLevel(logging.DEBUG if settings.debug else logging.INFO)
 
