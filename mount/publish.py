@@ -170,12 +170,12 @@ class ObjectDir:
     objects meanwhile): the names present, less files too short to be an
     object; temporaries a killed publish left are removed; the 256 shard
     directories made. Written from one thread: writer threads measured no
-    faster on this 2-core machine (tests/bench/results/chunk_size.md)."""
+    faster on this 2-core machine (tests/bench/results/levers.md)."""
 
     def __init__(self, dest: str):
         self.root = os.path.join(dest, OBJECTS_DIR)
         self.present: set[str] = set()
-        self.written = self.bytes_written = 0
+        self.bytes_written = 0
         self._compressor = zstandard.ZstdCompressor(level=3)
         for shard in [""] + [f"{n:02x}" for n in range(256)]:
             directory = os.path.join(self.root, shard)
@@ -198,7 +198,6 @@ class ObjectDir:
         blob = encode_object(data, self._compressor)
         _write_replacing(os.path.join(self.root, name[:2], name), blob)
         self.present.add(name)
-        self.written += 1
         self.bytes_written += len(blob)
         return True
 
