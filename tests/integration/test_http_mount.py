@@ -58,9 +58,11 @@ class Image:
     def objects(self) -> set[str]:
         return {p.name for p in (self.dest / "objects").rglob("*") if p.is_file()}
 
-    def mount(self, lazyfs_mount, *, proxy: str = "", cache: Path | None = None, **options):
+    def mount(self, lazyfs_mount, *, proxy: str = "", cache: Path | None = None,
+              extra_args: tuple[str, ...] = (), **options):
         extra = ("--public-key", str(self.public_key)) + (("--proxy", proxy) if proxy else ())
-        return lazyfs_mount({"main": self.origin.url}, cache=cache, extra_args=extra, **options)
+        return lazyfs_mount({"main": self.origin.url}, cache=cache, extra_args=extra + extra_args,
+                            **options)
 
 
 @pytest.fixture
@@ -326,3 +328,32 @@ def test_an_exported_http_context_runs_with_no_network(tmp_path, origin, lazyfs_
               env=env).stdout
     assert out.strip() == f"hello from {m.repo_path('main') / 'hello' / '2.0'}"
     cli("umount", m.path)
+
+
+def test_status_clean_and_a_shared_cache_work_for_an_image(tmp_path, origin, lazyfs_mount):
+    store = tmp_path / "store"
+    files = {f"lib/m{i}.py": deterministic_bytes(70 * KiB + i, seed=200 + i) for i in range(5)}
+    write_rez_package(store, "pkg", "3.0", files=files)
+    image = Image(tmp_path, store, origin)
+    host_cache = tmp_path / "host-cache"
+    host = image.mount(lazyfs_mount, cache=host_cache)
+    for rel, data in files.items():
+        assert (host.repo_path("main") / "pkg/3.0" / rel).read_bytes() == data
+    host.unmount()
+    status = json.loads(cli("status", "--cache", host_cache, "--json").stdout)
+    row = next(v for v in status["variants"] if v["package"] == "pkg")
+    assert row["version"] == "3.0" and row["files_cached"] == len(files)
+    assert row["store_path"].startswith(origin.url)
+
+    # A container's private cache over the host's: nothing fetched again.
+    container = image.mount(lazyfs_mount, cache=tmp_path / "private",
+                            extra_args=("--shared-cache", str(host_cache)))
+    before = len(origin.requests("/objects/"))
+    for rel, data in files.items():
+        assert (container.repo_path("main") / "pkg/3.0" / rel).read_bytes() == data
+    assert container.stats()["store_reads"] == 0
+    assert len(origin.requests("/objects/")) == before
+    container.unmount()
+
+    cleaned = json.loads(cli("clean", "--cache", host_cache, "--max-size", "0", "--json").stdout)
+    assert cleaned["evicted_files"] >= len(files) and cleaned["size_after"] == 0
