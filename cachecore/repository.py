@@ -340,10 +340,15 @@ class Repository:
 
     # -- contents -----------------------------------------------------------
     async def open(self, relpath: bytes) -> FileVersion:
-        version = self._version(relpath, await self.getattr(relpath))
+        """The file version a reader opens (which starts the sibling prefetch)."""
+        version = await self.version(relpath)
         if self.policy.prefetch_max_size:
             self._prefetch_siblings(relpath)
         return version
+
+    async def version(self, relpath: bytes) -> FileVersion:
+        """The file version, for looking at it only: nothing is fetched."""
+        return self._version(relpath, await self.getattr(relpath))
 
     def _version(self, relpath: bytes, attr: Attr) -> FileVersion:
         key = self.store.file_key(relpath, attr, self.fetcher.blocks.block_size)

@@ -367,7 +367,7 @@ class LazyOperations(pyfuse3.Operations):
             return (f"revalidated after {repo.policy.metadata_ttl:g}s" if repo.is_volatile(relpath)
                     else "immutable").encode()
         if name == CACHED_XATTR and (await repo.getattr(relpath)).is_file:
-            cached = await repo.cached_bytes(await repo.open(relpath))
+            cached = await repo.cached_bytes(await repo.version(relpath))  # looking never fetches
             return f"{cached}/{(await repo.getattr(relpath)).size}".encode()
         raise FUSEError(pyfuse3.ENOATTR)
 

@@ -437,7 +437,10 @@ def test_first_open_prefetches_same_suffix_siblings_so_imports_wait_for_no_fetch
     pkg = m.repo_path("main") / "fam/1.0.0/python/pkg"
 
     os.listdir(pkg)  # listing alone fetches nothing: a walk or `ls` must stay cheap
-    assert m.stats()["prefetch_blocks"] == 0
+    # Nor does looking at what is cached (getfattr over the package).
+    assert os.getxattr(pkg / "mod01.py", "user.rezlazyfs.cached") == b"0/10"
+    time.sleep(1.0)  # what an open starts in the background would be done by now
+    assert m.stats()["prefetch_blocks"] == 0 and m.stats()["store_reads"] == 0
     assert read_fully(pkg / "mod00.py") == b"VALUE = 0\n"  # the first open starts it
     deadline = time.monotonic() + 30
     while m.stats()["prefetch_blocks"] < len(modules) - 1 and time.monotonic() < deadline:
