@@ -14,9 +14,10 @@ served by nginx across the network store's link, read through squid.
   `fresh_squid()` replaces it with an empty one (a new cache directory);
   `restart_squid()` stops and starts it on its port, keeping its cache.
 * Counting: `mark()` then `since(mark)` reads both access logs: what the
-  clients asked squid for (requests, hits, distinct URLs: the unique
-  objects read) and what reached the origin (requests, distinct paths,
-  body bytes).
+  clients asked squid for (requests, hits, distinct object URLs: the unique
+  objects read) and what reached the origin (requests, of objects and of
+  the manifest, which squid asks for again once its 61 s are over; distinct
+  paths; body bytes).
 * `time_publish()`: `rez-lazyfs publish` of the W1 variant alone (a copy of
   it, kept in WORKDIR like the store) into a new image, then again with
   nothing changed; page cache dropped before each; wall and CPU time.
@@ -35,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.http
@@ -168,10 +170,21 @@ class ImageSide:
     def since(self, mark: tuple[int, int]) -> dict:
         asked = self.squid.log()[mark[0]:]
         served = self.origin.log()[mark[1]:]
+        times = Counter(r.path for r in served)
         return {"proxy_requests": len(asked), "proxy_hits": sum(1 for r in asked if r.hit),
-                "unique_objects": len({r.url for r in asked}),
-                "origin_requests": len(served), "origin_unique": len({r.path for r in served}),
-                "origin_bytes": sum(r.bytes for r in served)}
+                # objects: content-addressed, immutable (catalogs and chunks); the
+                # manifest is not one: it is asked again after its TTL, by design
+                "unique_objects": len({r.url for r in asked if "/objects/" in r.url}),
+                "origin_requests": len(served),
+                "origin_object_requests": sum(1 for r in served if r.path.startswith("/objects/")),
+                "origin_manifest_requests": sum(1 for r in served if r.path == "/manifest"),
+                "origin_unique": len(times),
+                "origin_bytes": sum(r.bytes for r in served),
+                # what reached the origin more than once, and how squid answered it
+                "origin_repeated": {path: {"times": n, "statuses": sorted({r.status for r in served
+                                                                          if r.path == path}),
+                                           "squid": sorted({r.code for r in asked if r.url.endswith(path)})}
+                                    for path, n in times.most_common(10) if n > 1}}
 
     # -- what a request costs ------------------------------------------------------
     def probe_latency(self, requests: int = 300) -> dict:

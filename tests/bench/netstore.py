@@ -99,10 +99,12 @@ def is_mounted(path: Path) -> bool:
 
 
 class NetStore:
-    """Serve `store` from a server namespace; mount it with sshfs at `mountpoint`."""
+    """Serve `store` from a server namespace; mount it with sshfs at `mountpoint`
+    (with sftp=False: the link alone, for serve_http)."""
 
     def __init__(self, store: Path, mountpoint: Path, rtt_ms: float = 1.0, rate_mbit: float = 1000.0,
-                 tag: str | None = None):
+                 tag: str | None = None, sftp: bool = True):
+        self.sftp = sftp
         self.store = Path(store).resolve()
         self.mountpoint = Path(mountpoint)
         self.rtt_ms, self.rate_mbit = rtt_ms, rate_mbit
@@ -126,9 +128,10 @@ class NetStore:
     def start(self) -> NetStore:
         try:
             self._network()
-            self._sshd()
-            self.relay_port = self._relay(22)
-            self.mount()
+            if self.sftp:
+                self._sshd()
+                self.relay_port = self._relay(22)
+                self.mount()
         except BaseException:
             self.close()
             raise
