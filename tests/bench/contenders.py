@@ -1,4 +1,4 @@
-"""The six contenders and how each one runs a workload.
+"""The contenders and how each one runs a workload.
 
     native          the tree on local disk (the store directory itself), page cache dropped
     direct          straight from the sshfs store, sshfs remounted (its caches cold), page cache dropped
@@ -9,9 +9,20 @@
     lazy-warm-disk  the same cache, remounted, page cache dropped
     lazy-warm-hot   the same mount again, right after lazy-warm-disk (page cache hot)
 
+    The published image over HTTP (imagestore.py: nginx across the link, squid
+    on this side), page cache dropped, each a node of its own (mount + cache;
+    W4: 8 nodes at once, one launch each: 8 machines starting together):
+    http-cold-squid-cold   fresh rez-lazyfs caches, squid replaced by an empty one
+    http-cold-squid-warm   fresh rez-lazyfs caches, squid holding what an earlier
+                           node read (the squid-cold run before it, else a node
+                           run first, not recorded)
+    http-warm              node 0's cache, filled by the cold run, remounted
+                           (W4: 8 launches at once on it, as lazy-warm-disk)
+
 Store traffic: for rez-lazyfs from its stats xattr (store_reads, store_bytes,
 store_listings); for every contender that touches the network, also the SFTP
-requests and the bytes on the client veth (NetStore.counters).
+requests and the bytes on the client veth (NetStore.counters); for HTTP, the
+requests squid answered and those that reached the origin (ImageSide.since).
 
 This file is also run as `python contenders.py rez-cache-add REPO NAME VERSION CACHE`:
 Rez's package cache copying one variant, in its own process.
@@ -37,13 +48,18 @@ from workloads import (  # noqa: E402
     W1_VARIANT, W2_FILE, W2_VARIANT, W3_DIR, W3_VARIANT, launch_argv)
 
 CLI = str(Path(sys.executable).parent / "rez-lazyfs")
-CONTENDERS = ["native", "direct", "copy", "lazy-cold", "lazy-warm-disk", "lazy-warm-hot"]
+CONTENDERS = ["native", "direct", "copy", "lazy-cold", "lazy-warm-disk", "lazy-warm-hot",
+              "http-cold-squid-cold", "http-cold-squid-warm", "http-warm"]
+HTTP_CONTENDERS = [c for c in CONTENDERS if c.startswith("http-")]
 LABELS = {"native": "native (local disk, page cache dropped)",
           "direct": "direct from the sshfs store (cold)",
           "copy": "Rez package cache: copy variant, then run",
           "lazy-cold": "rez-lazyfs cold (empty cache)",
           "lazy-warm-disk": "rez-lazyfs warm, page cache dropped",
-          "lazy-warm-hot": "rez-lazyfs warm, page cache hot"}
+          "lazy-warm-hot": "rez-lazyfs warm, page cache hot",
+          "http-cold-squid-cold": "HTTP image, cold, squid cold",
+          "http-cold-squid-warm": "HTTP image, cold, squid warm (a second node)",
+          "http-warm": "HTTP image, warm, page cache dropped"}
 VARIANT_OF = {"W1": W1_VARIANT, "W2": W2_VARIANT, "W3": W3_VARIANT, "W4": W1_VARIANT}
 MARKER_VAR = "REZ_LAZYFS_BENCH_MARKER"
 STATS_XATTR = "user.rezlazyfs.stats"
@@ -83,11 +99,17 @@ def run_w1(root: Path, info: dict) -> dict:
 
 
 def run_w4(root: Path, info: dict) -> dict:
-    argv, env = launch_argv(root)
-    n = info["sizes"]["w4_processes"]
+    return run_launches([root] * info["sizes"]["w4_processes"], info)
+
+
+def run_launches(roots: list[Path], info: dict) -> dict:
+    """One W1 launch from each root, all at once."""
     t = time.perf_counter()
-    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd="/") for _ in range(n)]
+    procs = []
+    for root in roots:
+        argv, env = launch_argv(root)
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, cwd="/"))
     each = []
     for p in procs:
         out, err = p.communicate()
@@ -96,7 +118,7 @@ def run_w4(root: Path, info: dict) -> dict:
             raise WorkloadFailed(f"a launch failed: {err.strip()[-500:]}")
         _check_launch(out, info["W1"])
     return {"seconds": max(each), "per_process_seconds": each,
-            "bytes_read": n * info["W1"]["launch_bytes"]}
+            "bytes_read": len(roots) * info["W1"]["launch_bytes"]}
 
 
 def _runner(*args: str) -> dict:
@@ -159,8 +181,19 @@ def vm_hwm_kib(pid: int) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class LazyMount:
-    """One `rez-lazyfs mount` of the sshfs store, its daemon found by an env marker."""
+    """One `rez-lazyfs mount` of a store (the sshfs store's path, or the
+    image's URL), its daemon found by an env marker."""
 
     def __init__(self, mountpoint: Path, store: Path, cache: Path, extra: list[str]):
         self.mountpoint, self.store, self.cache, self.extra = mountpoint, store, cache, extra
@@ -185,6 +218,9 @@ class LazyMount:
 
     def peak_rss_kib(self) -> int | None:
         return vm_hwm_kib(self.pid) if self.pid else None
+
+    def cpu_seconds(self) -> float | None:
+        return cpu_seconds(self.pid) if self.pid else None
 
     def umount(self) -> None:
         if is_mounted(self.mountpoint):
@@ -222,15 +258,17 @@ def cached_payload_bytes(cache: Path) -> int | None:
 # -- the bench: one contender, one workload, one run ------------------------------
 class Bench:
     def __init__(self, workdir: Path, store: Path, netstore, info: dict, mount_extra: list[str],
-                 log=print):
+                 log=print, image=None):
         self.workdir, self.store, self.net, self.info = workdir, store, netstore, info
         self.mount_extra = mount_extra
         self.log = log
+        self.image = image  # imagestore.ImageSide, for the http-* contenders
         self.lazy_mp = workdir / "lazy"
         self.cache = workdir / "cache"
         self.copy_dir = workdir / "pkgcache"
-        self.active: LazyMount | None = None
+        self.mounted: list[LazyMount] = []
         self._cold_done: dict[str, bool] = {}
+        self._http_cold_done: dict[str, bool] = {}
 
     # store-side traffic --------------------------------------------------------
     def _net_before(self) -> dict:
@@ -285,15 +323,27 @@ class Bench:
         out["rez_status"] = added["status"]
         return out
 
-    def _lazy_run(self, wl: str, fn, mount: LazyMount) -> dict:
-        before, net_before = mount.stats(), self._net_before()
-        out = fn(mount.mountpoint / "main" / VARIANT_OF[wl], self.info)
+    def _lazy_run(self, wl: str, fn, *mounts: LazyMount) -> dict:
+        """The workload on one mount; with several (nodes), one W1 launch on
+        each, all at once. Store counters summed over the mounts."""
+        before, net_before = [m.stats() for m in mounts], self._net_before()
+        cpu_before = [m.cpu_seconds() for m in mounts]
+        roots = [m.mountpoint / "main" / VARIANT_OF[wl] for m in mounts]
+        out = fn(roots[0], self.info) if len(roots) == 1 else run_launches(roots, self.info)
         # Background work (prefetch, read-ahead) may still be fetching when the
         # workload ends: it counts as this run's store traffic (not its time).
-        after, out["settle_seconds"] = self._settle(mount)
-        out["store"] = {k: after[k] - before[k] for k in after if isinstance(after[k], int)}
+        store, out["settle_seconds"] = {}, 0.0
+        for m, b in zip(mounts, before):
+            after, settle = self._settle(m)
+            out["settle_seconds"] += settle
+            for k, v in after.items():
+                if isinstance(v, int):
+                    store[k] = store.get(k, 0) + v - b[k]
+        out["store"] = store
         out["network"] = self._net_after(net_before)
-        out["daemon_peak_rss_kib"] = mount.peak_rss_kib()
+        out["daemon_peak_rss_kib"] = max((m.peak_rss_kib() or 0) for m in mounts) or None
+        cpu = [(m.cpu_seconds(), b) for m, b in zip(mounts, cpu_before)]
+        out["daemon_cpu_seconds"] = sum(a - b for a, b in cpu if a is not None and b is not None)
         return out
 
     @staticmethod
@@ -336,31 +386,94 @@ class Bench:
         return self._lazy_run(wl, fn, mount)  # stays mounted for lazy-warm-hot
 
     def _lazy_warm_hot(self, wl: str, fn) -> dict:
-        if self.active is None:
+        if not self.mounted:
             self._lazy_warm_disk(wl, fn)  # mount a warm cache and heat the page cache
         try:
-            return self._lazy_run(wl, fn, self.active)
+            return self._lazy_run(wl, fn, self.mounted[0])
         finally:
             self._unmount()
 
     def _mount(self) -> LazyMount:
         self._unmount()
-        m = LazyMount(self.lazy_mp, self.net.mountpoint, self.cache, self.mount_extra)
-        self.active = m
+        return self._add_mount(LazyMount(self.lazy_mp, self.net.mountpoint, self.cache, self.mount_extra))
+
+    def _add_mount(self, m: LazyMount) -> LazyMount:
+        self.mounted.append(m)
         m.mount()
         return m
 
     def _unmount(self) -> None:
-        if self.active is not None:
-            m, self.active = self.active, None
-            m.umount()
+        while self.mounted:
+            self.mounted.pop().umount()
+
+    # the published image over HTTP ------------------------------------------------
+    def _http_node(self, n: int) -> tuple[Path, Path]:
+        """Node n's mount point and cache."""
+        return self.workdir / f"http-node{n}", self.workdir / f"http-cache{n}"
+
+    def _http_mount(self, n: int) -> LazyMount:
+        mountpoint, cache = self._http_node(n)
+        return self._add_mount(LazyMount(mountpoint, self.image.url, cache,
+                                         [*self.image.mount_args(), *self.mount_extra]))
+
+    def _http_cold_squid_cold(self, wl: str, fn) -> dict:
+        self.image.fresh_squid()
+        return self._http_cold(wl, fn)
+
+    def _http_cold_squid_warm(self, wl: str, fn) -> dict:
+        if wl not in self.image.warmed:
+            if self.image.squid is None:
+                self.image.fresh_squid()
+            self._http_cold(wl, fn)  # the earlier node that fills squid (not recorded)
+        return self._http_cold(wl, fn)
+
+    def _http_cold(self, wl: str, fn) -> dict:
+        nodes = self.info["sizes"]["w4_processes"] if wl == "W4" else 1
+        self._unmount()
+        for n in range(nodes):
+            self._fresh(self._http_node(n)[1])
+        drop_caches()
+        mark = self.image.mark()
+        try:
+            out = self._lazy_run(wl, fn, *(self._http_mount(n) for n in range(nodes)))
+        finally:
+            self._unmount()
+        out["http"] = self.image.since(mark)
+        out["nodes"] = nodes
+        self.image.warmed.add(wl)
+        self._http_cold_done[wl] = True
+        return out
+
+    def _http_warm(self, wl: str, fn) -> dict:
+        if not self._http_cold_done.get(wl):
+            if self.image.squid is None:
+                self.image.fresh_squid()
+            self._http_cold(wl, fn)  # fill node 0's cache (not recorded)
+        self._unmount()
+        drop_caches()
+        mark = self.image.mark()
+        try:
+            out = self._lazy_run(wl, fn, self._http_mount(0))
+        finally:
+            self._unmount()
+        out["http"] = self.image.since(mark)
+        return out
+
+    def _fresh_http_caches(self) -> None:
+        for n in range(self.info["sizes"]["w4_processes"]):
+            mountpoint, cache = self._http_node(n)
+            if is_mounted(mountpoint):
+                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+            self._fresh(cache)
 
     def end_workload(self) -> None:
         """Between workloads: nothing mounted, no cache or copy left on disk."""
         self._unmount()
         self._fresh(self.cache)
         self._fresh(self.copy_dir)
+        self._fresh_http_caches()
         self._cold_done.clear()
+        self._http_cold_done.clear()
 
     def close(self) -> None:
         try:
@@ -370,6 +483,7 @@ class Bench:
                 subprocess.run(["fusermount3", "-u", "-z", str(self.lazy_mp)], capture_output=True)
             self._fresh(self.cache)
             self._fresh(self.copy_dir)
+            self._fresh_http_caches()
 
 
 def median(xs):

@@ -1,8 +1,9 @@
 """The network store of the benchmark: a directory served over a real network link.
 
-    server netns (sshd, internal-sftp)  <-- veth, tbf rate -->  client netns
-                                                                      ^
-    root netns: sshfs --TCP--> 127.0.0.1:PORT  delaying relay --------+
+    server netns (sshd, internal-sftp;   <-- veth, tbf rate -->  client netns
+                  nginx, if serve_http)                                ^
+    root netns: sshfs --TCP--> 127.0.0.1:PORT  delaying relay ---------+
+                squid --HTTP-> 127.0.0.1:PORT2 delaying relay ---------+
 
 * Two network namespaces of our own, joined by a veth pair with a private /30
   (both ends inside our namespaces; nothing else is ever addressed).
@@ -15,13 +16,18 @@
   and holds every chunk for RTT/2 in each direction, preserving order.
 * sshfs (Debian's) runs in the root namespace and mounts the store through
   the relay.
+* `serve_http(root)` serves a directory (a published image) the same way:
+  nginx (tests/helpers/http.py) in the server namespace on its veth
+  address, behind a relay of its own, so HTTP from the client side (squid,
+  imagestore.py) crosses the same delayed, rate-limited link as SFTP. The
+  origin's access log counts the requests that crossed it.
 
 Traffic is counted at the client veth (bytes and packets, /proc/net/dev of
 the client namespace, i.e. SSH-encrypted SFTP plus TCP/IP headers), and SFTP
 requests from the sftp-server's own log (one DEBUG line per request).
 
-Everything is undone by `close()` (also on Ctrl-C): the sshfs mount, sshd and
-the relay (killed by PID), the namespaces and the veth pair.
+Everything is undone by `close()` (also on Ctrl-C): the sshfs mount, sshd,
+nginx and the relays (killed by PID), the namespaces and the veth pair.
 """
 from __future__ import annotations
 
@@ -40,6 +46,10 @@ import time
 from collections import deque
 from pathlib import Path
 
+# tests/ (helpers.http); never tests/helpers itself, whose http.py would
+# shadow the standard library's
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 CLONE_NEWNET = 0x40000000
 SUBNET = "10.213.47"  # a /30: .1 client end, .2 server end; only inside our namespaces
 APT_PACKAGES = ["sshfs", "openssh-server"]
@@ -47,6 +57,14 @@ APT_PACKAGES = ["sshfs", "openssh-server"]
 
 def run(argv: list, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in argv], check=check, capture_output=True, text=True, **kw)
+
+
+def in_netns(ns: str) -> list[str]:
+    """The command prefix that runs a program in network namespace `ns`.
+    nsenter joins the network namespace only: `ip netns exec` makes a mount
+    namespace too, a copy holding every FUSE mount of the moment (other
+    users' included), each then kept alive by it after its unmount."""
+    return ["nsenter", f"--net=/run/netns/{ns}", "--"]
 
 
 def install() -> None:
@@ -81,10 +99,12 @@ def is_mounted(path: Path) -> bool:
 
 
 class NetStore:
-    """Serve `store` from a server namespace; mount it with sshfs at `mountpoint`."""
+    """Serve `store` from a server namespace; mount it with sshfs at `mountpoint`
+    (with sftp=False: the link alone, for serve_http)."""
 
     def __init__(self, store: Path, mountpoint: Path, rtt_ms: float = 1.0, rate_mbit: float = 1000.0,
-                 tag: str | None = None):
+                 tag: str | None = None, sftp: bool = True):
+        self.sftp = sftp
         self.store = Path(store).resolve()
         self.mountpoint = Path(mountpoint)
         self.rtt_ms, self.rate_mbit = rtt_ms, rate_mbit
@@ -94,8 +114,9 @@ class NetStore:
         self.addr_srv, self.addr_cli = f"{SUBNET}.2", f"{SUBNET}.1"
         self.tmp = Path(tempfile.mkdtemp(prefix="rlfsb-net-"))
         self.sshd: subprocess.Popen | None = None
-        self.relay: subprocess.Popen | None = None
-        self.relay_port = 0
+        self.relays: list[subprocess.Popen] = []
+        self.relay_port = 0  # sshd's
+        self.origin = None  # helpers.http.NginxOrigin, once serve_http
         self.sftp_log = self.tmp / "sftp.log"
         self._made_run_sshd = False
         self._netns_made: list[str] = []
@@ -107,9 +128,10 @@ class NetStore:
     def start(self) -> NetStore:
         try:
             self._network()
-            self._sshd()
-            self._relay()
-            self.mount()
+            if self.sftp:
+                self._sshd()
+                self.relay_port = self._relay(22)
+                self.mount()
         except BaseException:
             self.close()
             raise
@@ -154,7 +176,7 @@ class NetStore:
             os.makedirs("/run/sshd", mode=0o755)
             self._made_run_sshd = True
         self.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns_srv, "/usr/sbin/sshd", "-D", "-e", "-f", str(t / "sshd_config")],
+            [*in_netns(self.ns_srv), "/usr/sbin/sshd", "-D", "-e", "-f", str(t / "sshd_config")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "sshd.log", "ab"),
             start_new_session=True)
         _wait_for(lambda: self.sshd.poll() is not None or self._ns_listening(self.ns_srv, 22), 10,
@@ -163,19 +185,30 @@ class NetStore:
             raise RuntimeError(f"sshd exited: {(self.tmp / 'sshd.log').read_text()[-2000:]}")
 
     def _ns_listening(self, ns: str, port: int) -> bool:
-        out = run(["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"], check=False).stdout
+        out = run([*in_netns(ns), "ss", "-Hltn", f"sport = :{port}"], check=False).stdout
         return bool(out.strip())
 
-    def _relay(self) -> None:
-        self.relay = subprocess.Popen(
-            [sys.executable, __file__, "relay", "--netns", self.ns_cli, "--to", f"{self.addr_srv}:22",
-             "--delay-ms", str(self.rtt_ms / 2)],
+    def _relay(self, server_port: int) -> int:
+        """A delaying relay from 127.0.0.1 in the root namespace to the
+        server's `server_port`; its local port."""
+        relay = subprocess.Popen(
+            [sys.executable, __file__, "relay", "--netns", self.ns_cli, "--to",
+             f"{self.addr_srv}:{server_port}", "--delay-ms", str(self.rtt_ms / 2)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(self.tmp / "relay.log", "ab"),
             start_new_session=True)
-        line = self.relay.stdout.readline().decode().strip()
+        self.relays.append(relay)
+        line = relay.stdout.readline().decode().strip()
         if not line.startswith("port "):
             raise RuntimeError(f"relay did not start: {(self.tmp / 'relay.log').read_text()[-2000:]}")
-        self.relay_port = int(line.split()[1])
+        return int(line.split()[1])
+
+    def serve_http(self, root: Path) -> str:
+        """Serve `root` with nginx in the server namespace; the URL the client
+        side uses (the root namespace's end of a relay to it)."""
+        from helpers.http import NginxOrigin
+
+        self.origin = NginxOrigin(root, host=self.addr_srv, netns=self.ns_srv)
+        return f"http://127.0.0.1:{self._relay(self.origin.port)}"
 
     # -- the sshfs mount -------------------------------------------------------
     def mount(self) -> None:
@@ -190,7 +223,7 @@ class NetStore:
             if r.returncode != 0:
                 run(["fusermount3", "-u", "-z", self.mountpoint], check=False)
         # the session's sshd child ends when the ssh client goes
-        _wait_for(lambda: len(self._server_pids()) <= 1, 10, "the SFTP session to end")
+        _wait_for(lambda: len(self._sshd_pids()) <= 1, 10, "the SFTP session to end")
 
     def remount(self) -> None:
         """A cold sshfs: no attribute, directory or page cache left."""
@@ -222,9 +255,22 @@ class NetStore:
         out = run(["ip", "netns", "pids", self.ns_srv], check=False).stdout
         return [int(p) for p in out.split()]
 
+    def _sshd_pids(self) -> list[int]:
+        """sshd and its session processes (the server namespace may hold nginx too)."""
+        pids = []
+        for pid in self._server_pids():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() in ("sshd", "sftp-server"):
+                        pids.append(pid)
+            except OSError:
+                continue
+        return pids
+
     def close(self) -> None:
         errors = []
-        for step in (self._close_mount, self._close_relay, self._close_sshd, self._close_network):
+        for step in (self._close_mount, self._close_relays, self._close_origin, self._close_sshd,
+                     self._close_network):
             try:
                 step()
             except Exception as e:  # keep tearing down
@@ -239,14 +285,21 @@ class NetStore:
             if r.returncode != 0:
                 run(["fusermount3", "-u", "-z", self.mountpoint], check=False)
 
-    def _close_relay(self) -> None:
-        if self.relay and self.relay.poll() is None:
-            self.relay.terminate()
-            try:
-                self.relay.wait(5)
-            except subprocess.TimeoutExpired:
-                self.relay.kill()
-                self.relay.wait()
+    def _close_relays(self) -> None:
+        for relay in self.relays:
+            if relay.poll() is None:
+                relay.terminate()
+                try:
+                    relay.wait(5)
+                except subprocess.TimeoutExpired:
+                    relay.kill()
+                    relay.wait()
+
+    def _close_origin(self) -> None:
+        if self.origin is not None:
+            problems, self.origin = self.origin.close(), None
+            if problems:
+                raise RuntimeError("; ".join(problems))
 
     def _close_sshd(self) -> None:
         # sshd and its session children: every process in our server namespace

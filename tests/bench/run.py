@@ -14,9 +14,15 @@ matplotlib with pip into WORKDIR/pydeps, not the project's environment),
 generates the store once (kept in WORKDIR for the next run), serves it over
 a real network link (netstore.py: sshd in a network namespace of its own,
 a veth with a tbf rate, a delaying relay for the RTT, sshfs on the client),
-runs workloads W1-W4 (workloads.py) with the six contenders (contenders.py)
+runs workloads W1-W4 (workloads.py) with the contenders (contenders.py)
 and writes tests/bench/results/latest.{json,md,png} (quick.* for --quick).
 Everything it sets up it tears down, also on Ctrl-C.
+
+With any http-* contender it also publishes the store as an image (once,
+kept in WORKDIR), serves it with nginx across the same link and puts a
+squid on the client side (imagestore.py), times `rez-lazyfs publish` of the
+W1 variant (--publish-runs) and measures what one request through squid
+costs, for the HTTP targets.
 """
 from __future__ import annotations
 
@@ -25,7 +31,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
@@ -38,8 +43,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import imagestore  # noqa: E402
 import netstore  # noqa: E402
-from contenders import CONTENDERS, LABELS, Bench, WorkloadFailed  # noqa: E402
+from contenders import CONTENDERS, HTTP_CONTENDERS, LABELS, Bench, WorkloadFailed  # noqa: E402
 from netstore import is_mounted  # noqa: E402
 from workloads import LAUNCH_PYTHON, Sizes, ensure_store  # noqa: E402
 
@@ -52,6 +58,8 @@ WORKLOAD_TITLES = {
     "W4": "W4 eight W1 launches at once",
 }
 RSS_LIMIT_MIB = 256
+PUBLISH_LIMIT_SECONDS = 60
+SQUID_WARM_LIMIT = 2.0  # W1 cold through a warm squid / W1 warm from disk
 
 
 def log(msg: str) -> None:
@@ -141,6 +149,11 @@ def summarize(raw: dict, info: dict) -> dict:
                 cached = [r["bytes_cached"] for r in runs if r.get("bytes_cached") is not None]
                 if cached:
                     s["bytes_cached"] = _median(cached)
+                if any("http" in r for r in runs):
+                    s["http"] = _median_dict([r["http"] for r in runs if "http" in r])
+                cpu = [r.get("daemon_cpu_seconds") for r in runs if r.get("daemon_cpu_seconds") is not None]
+                if cpu:
+                    s["median_daemon_cpu_seconds"] = _median(cpu)
                 rss = [r.get("daemon_peak_rss_kib") for r in runs if r.get("daemon_peak_rss_kib")]
                 if rss:
                     s["daemon_peak_rss_mib"] = max(rss) / 1024
@@ -160,7 +173,7 @@ def _get(summary, wl, c, *keys):
     return d
 
 
-def targets(summary: dict, raw: dict, info: dict) -> list[dict]:
+def targets(summary: dict, raw: dict, info: dict, publish: dict | None = None) -> list[dict]:
     t = []
 
     def add(name, measured, limit, met, how):
@@ -210,7 +223,35 @@ def targets(summary: dict, raw: dict, info: dict) -> list[dict]:
     peak = max(rss) if rss else None
     add(f"Memory: daemon peak RSS over W1-W4 at most {RSS_LIMIT_MIB} MiB", peak, RSS_LIMIT_MIB,
         peak is not None and peak <= RSS_LIMIT_MIB, "max VmHWM of the daemon at the end of every run (MiB)")
+    http_targets(add, summary, raw, publish)
     return t
+
+
+def http_targets(add, summary: dict, raw: dict, publish: dict | None) -> None:
+    """The HTTP store's targets (issue 11), as ratios within this run."""
+    warm_squid = _get(summary, "W1", "http-cold-squid-warm", "median_seconds")
+    warm_disk = _get(summary, "W1", "lazy-warm-disk", "median_seconds")
+    r = warm_squid / warm_disk if warm_squid and warm_disk else None
+    add(f"HTTP: W1 cold through a warm squid at most {SQUID_WARM_LIMIT:g}x W1 warm from disk", r,
+        SQUID_WARM_LIMIT, r is not None and r <= SQUID_WARM_LIMIT,
+        "median http-cold-squid-warm time / median lazy-warm-disk time (both page cache dropped)")
+    runs = raw.get("W4", {}).get("http-cold-squid-cold", {}).get("runs", [])
+    ratios = [r["http"]["origin_object_requests"] / r["http"]["unique_objects"] for r in runs
+              if r.get("http", {}).get("unique_objects")]
+    worst = max(ratios) if ratios else None
+    add("HTTP: origin requests for 8 cold clients (separate caches, one cold squid) = unique objects",
+        worst, 1.0, worst is not None and worst <= 1.0,
+        "worst W4 http-cold-squid-cold run: object requests in nginx's access log / distinct object "
+        "URLs the clients asked squid for (the manifest, not an object, is asked again once its "
+        "61 s TTL is over: counted apart)" + "".join(
+            f"; run {n + 1}: {r['http']['origin_object_requests']} / {r['http']['unique_objects']}"
+            f" (+ {r['http']['origin_manifest_requests']} manifest)"
+            for n, r in enumerate(runs) if "http" in r))
+    secs = publish.get("median_seconds") if publish else None
+    add(f"HTTP: publishing the W1 variant under {PUBLISH_LIMIT_SECONDS} s", secs, PUBLISH_LIMIT_SECONDS,
+        secs is not None and secs < PUBLISH_LIMIT_SECONDS,
+        "median wall time of `rez-lazyfs publish` into a new image, page cache dropped"
+        + (f" ({publish['files']} files, {publish['bytes'] / MiB:.0f} MiB)" if publish else ""))
 
 
 # -- report -----------------------------------------------------------------------
@@ -253,10 +294,15 @@ def markdown(report: dict) -> str:
     for wl in WORKLOADS:
         if wl not in s:
             continue
+        http = any(c in HTTP_CONTENDERS for c in s[wl])
         lines += [f"### {WORKLOAD_TITLES[wl]}", "",
                   "| contender | median s | x native | " + ("MiB/s | " if wl == "W2" else "")
-                  + "store reads | store MiB | listings | SFTP requests | network MiB | daemon peak RSS MiB |",
-                  "|---|---|---|" + ("---|" if wl == "W2" else "") + "---|---|---|---|---|---|"]
+                  + "store reads | store MiB | listings | SFTP requests | network MiB | "
+                  + ("HTTP requests (squid hits) | unique objects | origin requests (manifest) | origin MiB | "
+                     if http else "")
+                  + "daemon CPU s | daemon peak RSS MiB |",
+                  "|---|---|---|" + ("---|" if wl == "W2" else "") + "---|---|---|---|---|---|---|"
+                  + ("---|---|---|---|" if http else "")]
         for c, r in s[wl].items():
             st, net = r.get("store", {}), r.get("network", {})
             t = _fmt(r["median_seconds"], 3)
@@ -269,8 +315,14 @@ def markdown(report: dict) -> str:
                 row.append(_fmt(r.get("median_mib_s"), 0))
             row += [_fmt(st.get("store_reads"), 0), _fmt(st["store_bytes"] / MiB, 1) if st else "-",
                     _fmt(st.get("store_listings"), 0), _fmt(net.get("sftp_requests"), 0),
-                    _fmt(net["net_bytes"] / MiB, 1) if net else "-",
-                    _fmt(r.get("daemon_peak_rss_mib"), 0)]
+                    _fmt(net["net_bytes"] / MiB, 1) if net else "-"]
+            if http:
+                h = r.get("http")
+                row += [f"{h['proxy_requests']:.0f} ({h['proxy_hits']:.0f})" if h else "-",
+                        _fmt(h and h["unique_objects"], 0),
+                        f"{h['origin_requests']:.0f} ({h['origin_manifest_requests']:.0f})" if h else "-",
+                        _fmt(h["origin_bytes"] / MiB, 1) if h else "-"]
+            row += [_fmt(r.get("median_daemon_cpu_seconds"), 2), _fmt(r.get("daemon_peak_rss_mib"), 0)]
             lines.append("| " + " | ".join(row) + " |")
         read = next((r.get("bytes_read") for r in s[wl].values() if r.get("bytes_read")), None)
         notes = []
@@ -280,18 +332,93 @@ def markdown(report: dict) -> str:
             per = {c: r.get("median_per_process_seconds") for c, r in s[wl].items()}
             notes.append("median per-process launch time: " + ", ".join(
                 f"{c} {v:.2f} s" for c, v in per.items() if v))
+            if any(c in s[wl] for c in ("http-cold-squid-cold", "http-cold-squid-warm")):
+                notes.append(f"the HTTP cold rows are {report['sizes']['w4_processes']} nodes (a "
+                             "mount and a cache each, one launch each) started together, the "
+                             "others (http-warm included) 8 launches on one mount; daemon CPU "
+                             "is summed over the nodes")
         cached = _get(s, wl, "lazy-cold", "bytes_cached")
         if cached:
             notes.append(f"rez-lazyfs cache after a cold run: {cached / MiB:.1f} MiB of payload")
         if notes:
             lines += ["", "; ".join(notes) + "."]
         lines.append("")
+    if report.get("http"):
+        lines += http_markdown(report)
     if report.get("errors"):
         lines += ["## Failures", ""] + [f"- {e}" for e in report["errors"]] + [""]
     lines += ["Variant sizes (what a whole-variant copy moves): " + ", ".join(
         f"{v} {d['files']} files / {d['bytes'] / MiB:.0f} MiB" for v, d in info["variants"].items()) + ".",
         "", f"Total bench time: {report['elapsed_seconds'] / 60:.1f} min.", ""]
     return "\n".join(lines)
+
+
+def http_markdown(report: dict) -> list[str]:
+    h = report["http"]
+    lines = ["## The HTTP store", "",
+             f"The image: `rez-lazyfs publish` of the whole store ({h['image']['files']} files, "
+             f"{h['image']['objects_new']} objects, {h['image']['bytes_new'] / MiB:.0f} MiB on disk), "
+             "served by nginx in the server namespace behind its own delaying relay (the same link, "
+             "RTT and rate as the sshfs store); squid 5 in the root namespace (the client side: a hit "
+             "does not cross the link), `collapsed_forwarding on`, 128 MB memory + 512 MB disk cache "
+             "(tests/helpers/http.py). Each HTTP node: `rez-lazyfs mount --repo main=URL --public-key "
+             "--proxy SQUID`, a cache of its own. Columns: HTTP requests = what the nodes asked squid "
+             "(squid's access log), unique objects = distinct object URLs among them (catalogs and "
+             "chunks), origin requests = lines in nginx's access log (in parentheses: of the manifest, "
+             "which squid asks for again once its 61 s are over), origin MiB = body bytes nginx sent.",
+             ""]
+    p = h.get("publish")
+    if p:
+        lines += ["### Publishing the W1 variant", "",
+                  "| publish | median wall s | each run s | median CPU s | files read | objects new / there |",
+                  "|---|---|---|---|---|---|"]
+        for kind, runs in (("into a new image", p["first"]), ("again, nothing changed", p["again"])):
+            lines.append(f"| {kind} | {statistics.median(r['wall_seconds'] for r in runs):.1f} | "
+                         + ", ".join(f"{r['wall_seconds']:.1f}" for r in runs)
+                         + f" | {statistics.median(r['cpu_seconds'] for r in runs):.1f} | "
+                         f"{runs[0]['files_read']} | {runs[0]['objects_new']} / {runs[0]['objects_existing']} |")
+        lines += ["", f"{p['files']} files, {p['bytes'] / MiB:.0f} MiB; {p['objects']} objects, "
+                  f"{p['image_bytes'] / MiB:.0f} MiB in the image (zstd-3). Page cache dropped before "
+                  "each publish; CPU = user + system of the publish process.", ""]
+    lines += where_the_time_goes(report)
+    lat = h.get("latency")
+    if lat:
+        lines += ["### One request through squid", "",
+                  f"Sequential GETs of one object ({lat['object'][:16]}...) with pycurl on a kept-alive "
+                  f"connection: a squid hit {lat['hit_ms_median']:.2f} ms median "
+                  f"({lat['hit_ms_p90']:.2f} p90); a miss (`Cache-Control: no-cache`, squid asks "
+                  f"the origin across the link) {lat['miss_ms_median']:.2f} ms median "
+                  f"({lat['miss_ms_p90']:.2f} p90).", ""]
+    lines += [f"Load (uptime) at the start: {h.get('load_start')}; at the end: {h.get('load_end')}.", ""]
+    return lines
+
+
+def where_the_time_goes(report: dict) -> list[str]:
+    """Per HTTP contender: requests, wall time per request, daemon CPU per
+    wall second (what bounds a launch: latency in series, or CPU)."""
+    s = report["summary"]
+    rows = []
+    for wl in ("W1", "W4"):
+        for c in ("lazy-cold", "lazy-warm-disk", *HTTP_CONTENDERS):
+            r = s.get(wl, {}).get(c)
+            if not r or not r.get("median_seconds"):
+                continue
+            req = r.get("http", {}).get("proxy_requests")
+            if req is None:
+                req = r.get("network", {}).get("sftp_requests")
+            cpu, wall = r.get("median_daemon_cpu_seconds"), r["median_seconds"]
+            rows.append(f"| {wl} | {c} | {_fmt(req, 0)} | {wall:.2f} | "
+                        + (f"{wall / req * 1000:.2f}" if req and req >= 10 else "-")
+                        + f" | {_fmt(cpu, 2)} | "
+                        + (f"{cpu / wall:.2f}" if cpu is not None else "-") + " |")
+    if not rows:
+        return []
+    return ["### Where the time goes", "",
+            "Requests: HTTP requests the node(s) sent to squid (lazy-*: SFTP requests); wall ms per "
+            "request: the median launch time spread over them (a bound if the requests are in "
+            "series); daemon CPU / wall: cores the rez-lazyfs daemon(s) kept busy (2 on this machine).",
+            "", "| workload | contender | requests | wall s | wall ms per request | daemon CPU s | "
+            "daemon CPU / wall |", "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def chart(report: dict, path: Path) -> None:
@@ -302,7 +429,8 @@ def chart(report: dict, path: Path) -> None:
     s = report["summary"]
     wls = [w for w in WORKLOADS if w in s]
     colors = {"native": "#555555", "direct": "#d62728", "copy": "#ff7f0e", "lazy-cold": "#1f77b4",
-              "lazy-warm-disk": "#2ca02c", "lazy-warm-hot": "#98df8a"}
+              "lazy-warm-disk": "#2ca02c", "lazy-warm-hot": "#98df8a",
+              "http-cold-squid-cold": "#9467bd", "http-cold-squid-warm": "#c5b0d5", "http-warm": "#8c564b"}
     fig, axes = plt.subplots(len(wls), 1, figsize=(9, 2.3 * len(wls) + 0.8), squeeze=False)
     for ax, wl in zip(axes[:, 0], wls):
         cs = [c for c in CONTENDERS if c in s[wl] and s[wl][c]["median_seconds"]]
@@ -340,6 +468,8 @@ def parse_args(argv=None):
     ap.add_argument("--rate-mbit", type=float, default=1000.0, help="link rate (tbf) [1000]")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="subset, e.g. W1,W3")
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="subset, e.g. native,lazy-cold")
+    ap.add_argument("--publish-runs", type=int, default=None,
+                    help="timed publishes of the W1 variant, with an http-* contender [--runs; 0: none]")
     ap.add_argument("--mount-option", action="append", default=[], metavar="ARG",
                     help="extra argument for `rez-lazyfs mount` (repeat), e.g. --mount-option=--block-size=1M")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rez-lazyfs-bench"),
@@ -390,12 +520,23 @@ def main(argv=None) -> int:
     raw: dict = {}
     errors: list[str] = []
     net = netstore.NetStore(store, workdir / "sshfs", rtt_ms=args.rtt_ms, rate_mbit=args.rate_mbit)
-    bench = None
+    bench = image = None
+    http: dict = {}
     net_desc = net.describe()
     try:
+        if any(c in HTTP_CONTENDERS for c in cons):
+            http["load_start"] = _load()
+            publish_runs = args.runs if args.publish_runs is None else args.publish_runs
+            if publish_runs:
+                http["publish"] = imagestore.time_publish(workdir, store, publish_runs, log=log)
         log(f"network store: {args.rtt_ms} ms RTT, {args.rate_mbit} Mbit/s, sshfs at {net.mountpoint}")
         net.start()
-        bench = Bench(workdir, store, net, info, args.mount_option, log=log)
+        if http:
+            image = imagestore.ImageSide(workdir, store, net, log=log)
+            http["image"] = image.publish_report
+            http["servers"] = _server_versions()
+            log(f"image served at {image.url} (nginx in {net.ns_srv}, across the link)")
+        bench = Bench(workdir, store, net, info, args.mount_option, log=log, image=image)
         for wl in wls:
             raw[wl] = {c: {"runs": [], "errors": []} for c in cons}
             for run in range(1, args.runs + 1):
@@ -421,10 +562,20 @@ def main(argv=None) -> int:
                     if "network" in r:
                         extra += (f"  net {r['network']['sftp_requests']} SFTP req "
                                   f"{r['network']['net_bytes'] / MiB:.1f} MiB")
+                    if "http" in r:
+                        h = r["http"]
+                        extra += (f"  http {h['proxy_requests']} req ({h['proxy_hits']} hits) "
+                                  f"{h['unique_objects']} unique, origin {h['origin_requests']} req "
+                                  f"{h['origin_bytes'] / MiB:.1f} MiB")
                     if r.get("daemon_peak_rss_kib"):
                         extra += f"  rss {r['daemon_peak_rss_kib'] / 1024:.0f} MiB"
                     log(f"{wl} run {run}/{args.runs} {c:15} {r['seconds']:8.3f} s{extra}")
             bench.end_workload()
+        if image is not None and image.squid is not None:
+            http["latency"] = image.probe_latency()
+            log(f"one request through squid: {http['latency']}")
+        if http:
+            http["load_end"] = _load()
     except KeyboardInterrupt:
         log("interrupted: tearing down (no results written)")
         return 130
@@ -432,6 +583,11 @@ def main(argv=None) -> int:
         if bench is not None:
             try:
                 bench.close()
+            except Exception:
+                traceback.print_exc()
+        if image is not None:
+            try:
+                image.close()
             except Exception:
                 traceback.print_exc()
         net.close()
@@ -448,9 +604,9 @@ def main(argv=None) -> int:
               "sizes": asdict(sizes),
               "mount_options": args.mount_option,
               "machine": machine_info(workdir, net_desc), "store_info": info,
-              "summary": summary, "raw": raw, "errors": errors,
+              "summary": summary, "raw": raw, "errors": errors, "http": http,
               "elapsed_seconds": time.time() - started}
-    report["targets"] = targets(summary, raw, info)
+    report["targets"] = targets(summary, raw, info, http.get("publish"))
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
@@ -465,6 +621,19 @@ def main(argv=None) -> int:
     print(md)
     log(f"wrote {out / name}.json, .md" + (", .png" if have_chart else ""))
     return 0
+
+
+def _load() -> str:
+    """The machine's load averages (1, 5, 15 min): other work shares it."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def _server_versions() -> dict:
+    def first_line(argv):
+        r = subprocess.run(argv, capture_output=True, text=True)
+        return ((r.stdout or "") + (r.stderr or "")).strip().splitlines()[0]
+    return {"nginx": first_line(["/usr/sbin/nginx", "-v"]), "squid": first_line(["/usr/sbin/squid", "-v"])}
 
 
 def _interrupt(signum, frame):

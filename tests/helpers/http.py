@@ -1,7 +1,9 @@
 """Real HTTP servers for the HTTP store's tests and benchmarks: nginx as the
 origin of a published image, squid as the proxy cache in front of it.
 
-Both run on 127.0.0.1 on a free port picked for them, each as its Debian
+Both run on 127.0.0.1 on a free port picked for them (nginx optionally on
+another address inside a network namespace: the benchmark's origin across
+its delayed link, tests/bench/netstore.py), each as its Debian
 service user (nginx as www-data, squid as proxy, through setpriv), with a
 config file and a work directory of their own under /tmp (pytest's
 directories are 0700: the service users could not enter them). Each runs in
@@ -85,16 +87,20 @@ def processes_in_group(pgid: int) -> list[int]:
     return members
 
 
-def _listening_inodes(port: int) -> set[str]:
-    """Socket inodes listening on 127.0.0.1:*port* (/proc/net/tcp)."""
-    want = f"0100007F:{port:04X}"
+def _listening_inodes(host: str, port: int, pid: int) -> set[str]:
+    """Socket inodes listening on *host*:*port* in the network namespace of
+    process *pid* (its /proc/PID/net/tcp)."""
+    want = f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}:{port:04X}"
     inodes = set()
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if fields[1] == want and fields[3] == "0A":  # 0A: LISTEN
-                inodes.add(fields[9])
+    try:
+        with open(f"/proc/{pid}/net/tcp") as f:
+            lines = f.readlines()[1:]
+    except OSError:  # it exited
+        return inodes
+    for line in lines:
+        fields = line.split()
+        if fields[1] == want and fields[3] == "0A":  # 0A: LISTEN
+            inodes.add(fields[9])
     return inodes
 
 
@@ -131,13 +137,15 @@ def _read_settled(path: Path) -> str:
 
 class _Server:
     """One server process (and its children) in a process group of its own,
-    running as *user*, on 127.0.0.1:port of a work directory under /tmp."""
+    running as *user*, on host:port (127.0.0.1 unless told), in a work
+    directory under /tmp; with *netns* (a name in /run/netns), inside
+    that network namespace."""
 
     kind = "server"
     user = "nobody"
     binary = "/bin/false"
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, *, host: str = "127.0.0.1", netns: str | None = None):
         if not os.path.exists(self.binary):
             raise RuntimeError(f"{self.binary} is missing: apt-get install {APT_PACKAGES} (.ci/setup)")
         self.work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
@@ -145,6 +153,7 @@ class _Server:
         entry = pwd.getpwnam(self.user)
         self._uid, self._gid = entry.pw_uid, entry.pw_gid
         os.chown(self.work, self._uid, self._gid)
+        self.host, self.netns = host, netns
         self.port = 0
         self._started = False  # once it has: restarts keep the port
         self._proc: subprocess.Popen | None = None
@@ -180,16 +189,21 @@ class _Server:
             if self._launch():
                 self._started = True
                 return
-        raise RuntimeError(f"{self.kind} did not start on 127.0.0.1:{self.port}\n{self._diagnostics()}")
+        raise RuntimeError(f"{self.kind} did not start on {self.host}:{self.port}\n{self._diagnostics()}")
 
     def _launch(self) -> bool:
-        argv = ["setpriv", f"--reuid={self._uid}", f"--regid={self._gid}", "--clear-groups",
+        # nsenter joins the network namespace only: `ip netns exec` makes a
+        # mount namespace too, a copy holding every FUSE mount there is now
+        # (other tests' included), which would then outlive its unmount.
+        in_netns = ["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []
+        argv = [*in_netns, "setpriv", f"--reuid={self._uid}", f"--regid={self._gid}", "--clear-groups",
                 "--pdeathsig", "SIGKILL", "--",
                 *self._argv()]
         with open(self._stderr, "ab") as err:
-            # setpriv execs the server: the Popen pid is the server's, and
-            # the leader of the new session (and process group) it makes;
-            # it gets SIGKILL if this process dies before stopping it.
+            # setpriv execs the server (as nsenter execs setpriv):
+            # the Popen pid is the server's, and the leader of the new
+            # session (and process group) it makes; it gets SIGKILL if this
+            # process dies before stopping it.
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                           cwd=self.work, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
@@ -197,7 +211,8 @@ class _Server:
             if self._proc.poll() is not None:
                 self._proc = None
                 return False
-            if _owns_socket(processes_in_group(self._proc.pid), _listening_inodes(self.port)):
+            if _owns_socket(processes_in_group(self._proc.pid),
+                            _listening_inodes(self.host, self.port, self._proc.pid)):
                 return True
             time.sleep(0.02)
         self._end(signal.SIGKILL)
@@ -279,8 +294,8 @@ class NginxOrigin(_Server):
     user = "www-data"
     binary = NGINX
 
-    def __init__(self, root: Path | None = None):
-        super().__init__("lazyfs-nginx-")
+    def __init__(self, root: Path | None = None, *, host: str = "127.0.0.1", netns: str | None = None):
+        super().__init__("lazyfs-nginx-", host=host, netns=netns)
         self.access_log = self.work / "access.log"
         try:
             if root is None:
@@ -304,7 +319,7 @@ class NginxOrigin(_Server):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def put(self, path: str, data: bytes) -> Path:
         """Write *data* at *path* below the root (directories 0755, file 0644:
@@ -361,7 +376,7 @@ http {{
     keepalive_timeout 300s;
     open_file_cache max=10000;
     server {{
-        listen 127.0.0.1:{self.port} reuseport;
+        listen {self.host}:{self.port} reuseport;
         root {self.root};
         location /objects/ {{
             add_header Cache-Control "{OBJECTS_CACHE_CONTROL}" always;
