@@ -29,7 +29,9 @@ configs, logs and spool are never touched.
   left behind.
 
 The classes work outside pytest too (tests/bench/http_client.py): call
-``close()`` (or use them as context managers). A script run from this
+``close()`` (or use them as context managers). Start (and restart) a server
+from a thread that outlives it: the parent-death signal that kills it with
+its starter fires when the starting thread ends, not only the process. A script run from this
 directory must take it off sys.path (as faults.py does): this module would
 shadow the standard library's http package.
 """
