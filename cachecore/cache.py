@@ -18,6 +18,7 @@ from .clean import clean_cache, scan_cache
 from .errors import CacheUnavailable
 from .fetcher import Fetcher
 from .index import MetadataIndex
+from .replay import IndexTraces, TraceDirectory
 from .repository import RepoPolicy, Repository
 from .stats import Counters
 from .stores import Store, open_store
@@ -39,6 +40,7 @@ class RepoSpec:
     mutable: bool = False
     public_key: str = ""   # published images
     proxy: str = ""
+    traces: str = ""       # a directory of launch traces (cachecore/replay.py)
 
 
 # The directories of a cache, checked (cachedir.py) before anything in them is read.
@@ -115,29 +117,35 @@ class LocalCache:
                        interval: float = 2.0) -> None:
         """Runs for the life of a mount: flushes usage and totals, and cleans
         the cache when it grows past its limit."""
-        size = None
-        fetched = self.counters.store_bytes
         limiter = trio.CapacityLimiter(1)  # one clean at a time, beside the read threads
+        if cache_limit:
+            await self._measure(cache_limit, limiter)
         while True:
             await trio.sleep(interval)
             await self.flush(name, base)
             for holder in (*self._stores, self.blocks):
                 # Abandoned at unmount: a close can wait on a stalled store or cache disk.
                 await trio.to_thread.run_sync(holder.close_idle, abandon_on_cancel=True)
-            if not cache_limit:
-                continue
-            if size is None:
-                size = await trio.to_thread.run_sync(
-                    lambda: sum(f.bytes for f in scan_cache(self.blocks, self.index).values()),
-                    limiter=limiter)
-            size += self.counters.store_bytes - fetched
-            fetched = self.counters.store_bytes
-            if size > cache_limit:
+            if cache_limit and self._room() < 0:
                 report = await trio.to_thread.run_sync(
                     lambda: clean_cache(self.blocks, self.index,
                                         max_size=int(cache_limit * CLEAN_TARGET)),
                     limiter=limiter)
-                size = report.size_after
+                self._sized = (cache_limit, report.size_after, self.counters.store_bytes)
+
+    async def _measure(self, cache_limit: int, limiter) -> None:
+        fetched = self.counters.store_bytes
+        size = await trio.to_thread.run_sync(
+            lambda: sum(f.bytes for f in scan_cache(self.blocks, self.index).values()),
+            limiter=limiter)
+        self._sized = (cache_limit, size, fetched)
+        if self.fetcher is not None:
+            self.fetcher.cache_room = self._room
+
+    def _room(self) -> int:
+        """Bytes left below the limit: the size measured, plus what was fetched since."""
+        limit, size, fetched = self._sized
+        return limit - size - (self.counters.store_bytes - fetched)
 
     def repositories(self, specs: list[RepoSpec], *, metadata_ttl: float, store_timeout: float,
                      store_threads: int = 16, offline: bool = False,
@@ -150,15 +158,25 @@ class LocalCache:
                           store_limiter=trio.CapacityLimiter(store_threads),
                           local_limiter=trio.CapacityLimiter(8),
                           store_timeout=store_timeout, cache_may_stall=cache_may_stall)
-        repos = {s.alias: Repository(s.alias, open_store(s, offline=offline, index=self.index,
-                                                         timeout=store_timeout),
-                                     self.index, fetcher,
-                                     RepoPolicy(metadata_ttl, s.mutable,
-                                                prefetch_max_size=prefetch_max_size,
-                                                permission_ttl=permission_ttl))
-                 for s in specs}
+        repos = {}
+        for s in specs:
+            store = open_store(s, offline=offline, index=self.index, timeout=store_timeout)
+            repos[s.alias] = Repository(
+                s.alias, store, self.index, fetcher,
+                RepoPolicy(metadata_ttl, s.mutable, prefetch_max_size=prefetch_max_size,
+                           permission_ttl=permission_ttl),
+                trace_sources=self._trace_sources(s, store))
         self._stores = [r.store for r in repos.values()]
         return repos
+
+    def _trace_sources(self, spec: RepoSpec, store: Store) -> list:
+        """Where a repository's launch traces come from (cachecore/replay.py)."""
+        sources = [IndexTraces(self.index, store.root)]
+        if spec.traces:
+            sources.append(TraceDirectory(spec.traces))
+        if (own := store.traces()) is not None:
+            sources.append(own)
+        return sources
 
     def recorded_repos(self) -> list[RepoSpec]:
         """The repositories this cache has served, so an offline mount needs no --repo."""

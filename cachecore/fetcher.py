@@ -116,7 +116,13 @@ class Fetcher:
         # Prefetching runs in a nursery the owner provides (the daemon), with
         # its own limit so readers always find store threads free.
         self._background: trio.Nursery | None = None
-        self._prefetch_limiter = trio.CapacityLimiter(max(1, store_limiter.total_tokens // 2))
+        # Prefetches and trace replays share half the store threads: readers
+        # always find the other half free, so they never wait behind them.
+        self.background_limiter = trio.CapacityLimiter(max(1, store_limiter.total_tokens // 2))
+        # Blocks a trace replay fetched that no reader has asked for yet
+        # (file key, index): a read of one counts the replay as useful.
+        self._replayed: set[tuple[str, int]] = set()
+        self.cache_room = lambda: None  # set by the Cache that owns this fetcher
 
     def run_prefetches_in(self, nursery: trio.Nursery | None) -> None:
         self._background = nursery
@@ -143,11 +149,28 @@ class Fetcher:
                         nursery.start_soon(self._prefetch_block, f, index)
 
     async def _prefetch_block(self, f: FileVersion, index: int) -> None:
-        async with self._prefetch_limiter:
+        async with self.background_limiter:
             try:
-                await self._flights.run((f.key, index), lambda: self._fetch(f, index, True))
+                await self._flights.run((f.key, index), lambda: self._fetch(f, index, "prefetch"))
             except LazyFSError as e:
                 log.debug("prefetch of %s failed: %s", f.display, e)
+
+    def start_background(self, fn, *args) -> bool:
+        """Run `fn(*args)` as a background task of the daemon (False if there is
+        no daemon nursery: bake, populate)."""
+        if self._background is None:
+            return False
+        self._background.start_soon(fn, *args)
+        return True
+
+    async def fetch_ahead(self, f: FileVersion, index: int) -> None:
+        """Fetch a block for a trace replay (the caller holds a background_limiter
+        slot), joining any fetch of it under way; errors as for a read."""
+        await self._flights.run((f.key, index), lambda: self._fetch(f, index, "replay"))
+
+    def room(self) -> int | None:
+        """Bytes the cache may still take before its limit (None: no limit)."""
+        return self.cache_room()
 
     def _follow(self, f: FileVersion, indices: range, missed: bool) -> None:
         """Note a read; if it continues a stream from the store, fetch ahead."""
@@ -221,6 +244,8 @@ class Fetcher:
                 found = dict.fromkeys(indices)  # a miss: the store answers instead
         missing = [i for i in indices if found[i] is None]
         self.counters.cache_hits += len(indices) - len(missing)
+        if self._replayed:
+            self._note_replay_use(f, indices)
         self._follow(f, indices, bool(missing))
         if missing:
             errors: list[Exception] = []
@@ -236,6 +261,8 @@ class Fetcher:
                     nursery.start_soon(fetch_into, i)
             if errors:
                 raise errors[0]
+            if self._replayed:  # joined a replay's fetch under way
+                self._note_replay_use(f, missing)
         start = offset - indices[0] * bs
         if len(indices) == 1:
             out = memoryview(found[indices[0]])[start:start + (end - offset)]  # no copy
@@ -247,6 +274,12 @@ class Fetcher:
                            for i in indices)
         self.counters.bytes_served += len(out)
         return out
+
+    def _note_replay_use(self, f: FileVersion, indices) -> None:
+        for i in indices:
+            if (f.key, i) in self._replayed:
+                self._replayed.discard((f.key, i))
+                self.counters.replay_useful += 1
 
     def cached_bytes(self, f: FileVersion) -> int:
         """How much of the file version is in the block cache (blocking)."""
@@ -260,7 +293,8 @@ class Fetcher:
         self.note_use(f)
         return await self._flights.run((f.key, index), lambda: self._fetch(f, index))
 
-    async def _fetch(self, f: FileVersion, index: int, prefetch: bool = False) -> bytes:
+    async def _fetch(self, f: FileVersion, index: int, ahead: str | None = None) -> bytes:
+        """ahead: None for a reader, "prefetch" or "replay" for background fetches."""
         # Another process sharing the cache may have fetched it meanwhile.
         try:
             data = await self.call_local(self.blocks.read, f.key, index,
@@ -268,12 +302,12 @@ class Fetcher:
         except CacheUnavailable:
             data = None
         if data is not None:
-            if not prefetch:
+            if ahead is None:
                 self.counters.cache_hits += 1
             return data
-        if prefetch:
+        if ahead == "prefetch":
             self.counters.prefetch_blocks += 1
-        else:
+        elif ahead is None:
             self.counters.cache_misses += 1
         # Recorded on every fetch, not just once a minute: a clean may have
         # just forgotten this file, and status must attribute it again.
@@ -296,6 +330,11 @@ class Fetcher:
         # Counted here, on the event loop, so no two threads race on a counter.
         self.counters.store_reads += 1
         self.counters.store_bytes += len(data)
+        if ahead == "replay":
+            self.counters.replay_blocks += 1
+            self.counters.replay_bytes += len(data)
+            if len(self._replayed) < 1_000_000:
+                self._replayed.add((f.key, index))
         return data
 
     async def call_store(self, store, what: str, fn, *args, progress: bool = False):

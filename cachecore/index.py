@@ -19,6 +19,7 @@ import diskcache
 
 from .model import Attr, OutdatedListing, decode_listing, display_path, encode_listing
 from .plaindisk import PlainDisk
+from .trace import BadTrace, decode, encode, merge, record_key
 
 log = logging.getLogger(__name__)
 DB_NAME = "cache.db"  # diskcache's database file in a Cache directory
@@ -137,6 +138,36 @@ class MetadataIndex:
         prefix = kind + ":"
         return {key[len(prefix):]: value for key in self._ledger.iterkeys()
                 if key.startswith(prefix) and (value := self._ledger.get(key)) is not None}
+
+    def put_trace(self, store_id: str, trace) -> None:
+        """Keep a variant's trace (cachecore/trace.py) for the store: merged
+        into the one kept, if any."""
+        known = self.get_trace(store_id, trace.root)
+        self.set_record("t", record_key(store_id, trace.root),
+                        encode([merge(known, trace) if known else trace]).decode())
+
+    def get_trace(self, store_id: str, root: bytes):
+        text = self._ledger.get("t:" + record_key(store_id, root))
+        if not isinstance(text, str):
+            return None
+        try:
+            return decode(text.encode())[0]
+        except (BadTrace, IndexError) as e:
+            log.warning("ignoring the damaged trace of %s in the index: %s",
+                        os.fsdecode(root), e)
+            return None
+
+    def trace_roots(self, store_id: str) -> set[bytes]:
+        roots = set()
+        for key in self._ledger.iterkeys():
+            if key.startswith("t:"):
+                try:
+                    store, root = json.loads(key[2:])
+                except (ValueError, TypeError):
+                    continue
+                if store == store_id and isinstance(root, str):
+                    roots.add(os.fsencode(root))
+        return roots
 
     def pin(self, name: str, file_keys: list[str],
             holder: tuple[str, tuple[int, ...]] | None = None) -> None:

@@ -29,17 +29,26 @@ import sqlite3
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .blocks import unverified_key
-from .errors import CacheUnavailable, NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
+from .errors import (
+    CacheUnavailable,
+    LazyFSError,
+    NotADirectory,
+    NotFound,
+    StoreFileChanged,
+    StoreUnavailable,
+)
 from .fetcher import Fetcher, FileVersion
 from .index import MetadataIndex
 from .model import Attr, display_path
-from .singleflight import SingleFlight
 from .paths import split_path
+from .replay import replay
+from .singleflight import SingleFlight
 from .stores import Store
+from .trace import BadTrace, merge
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +87,7 @@ class _Listing(dict):
     directory handle) after it left the memory is found again rather than
     decoded once more, so any number of handles share one copy."""
 
-    __slots__ = ("valid_until", "verified", "__weakref__")
+    __slots__ = ("__weakref__", "valid_until", "verified")
 
     def __init__(self, entries: dict[bytes, Attr], valid_until: float, verified: bool = True):
         super().__init__(entries)
@@ -87,6 +96,11 @@ class _Listing(dict):
         # confirmed (fetched_at 0): its files' blocks are keyed apart
         # (blocks.unverified_key), and it is relisted as soon as the store answers.
         self.verified = verified
+
+
+def version_dir_of(relpath: bytes) -> bytes:
+    """family/version of a path at or below a version directory (else shorter)."""
+    return b"/".join(relpath.split(b"/", 2)[:2])
 
 
 def parent_and_name(relpath: bytes) -> tuple[bytes, bytes]:
@@ -112,7 +126,7 @@ def changed_names(old: dict[bytes, Attr], new: dict[bytes, Attr]) -> set[bytes]:
 class Repository:
     def __init__(self, alias: str, store: Store, index: MetadataIndex,
                  fetcher: Fetcher, policy: RepoPolicy, *, memory_entries: int = 100_000,
-                 clock=time.time):
+                 clock=time.time, trace_sources=()):
         self.alias = alias
         self.store = store
         self.store_id = store.root
@@ -132,6 +146,11 @@ class Repository:
         self._index_writable = True
         self._prefetched: set[bytes] = set()  # directories whose siblings were prefetched
         self._listeners: list[ChangeListener] = []
+        # Launch traces (cachecore/replay.py): where they come from, and the
+        # traced variant roots not yet accessed, by version directory.
+        self.trace_sources: list = list(trace_sources)
+        self._untriggered: dict[bytes, set[bytes]] = {}
+        self._triggered: set[bytes] = set()
 
     def on_change(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
@@ -320,7 +339,57 @@ class Repository:
             _, evicted = self._memory.popitem(last=False)
             self._memory_entries -= len(evicted)
 
+    # -- launch traces ----------------------------------------------------------
+    async def refresh_traces(self) -> None:
+        """Ask every trace source which variants it has a trace of (a variant
+        accessed already in this run is not replayed again)."""
+        roots: set[bytes] = set()
+        for source in self.trace_sources:
+            try:
+                roots |= await self._ask(source, source.roots)
+            except LazyFSError as e:
+                log.info("cannot read the traces of %s: %s", self.store.root, e)
+        waiting: dict[bytes, set[bytes]] = {}
+        for root in roots - self._triggered:
+            waiting.setdefault(version_dir_of(root), set()).add(root)
+        self._untriggered = waiting
+
+    def traced_roots(self) -> set[bytes]:
+        return self._triggered | {r for roots in self._untriggered.values() for r in roots}
+
+    async def _ask(self, source, fn, *args):
+        what = getattr(source, "path", self.store.root)
+        if source.local:
+            return await self.fetcher.call_local(fn, *args)
+        return await self.fetcher.call_store(self.store, what, fn, *args)
+
+    def _touch(self, relpath: bytes) -> None:
+        """A lookup at or below a traced variant root that is the first starts
+        its replay, in the background."""
+        roots = self._untriggered.get(version_dir_of(relpath))
+        if not roots:
+            return
+        for root in [r for r in roots if relpath == r or relpath.startswith(r + b"/")]:
+            if self.fetcher.start_background(self._replay, root):
+                roots.discard(root)
+                self._triggered.add(root)
+
+    async def _replay(self, root: bytes) -> None:
+        found = None
+        for source in self.trace_sources:
+            try:
+                trace = await self._ask(source, source.trace, root)
+            except (LazyFSError, BadTrace) as e:
+                log.info("cannot read the trace of %s: %s", self._display(root), e)
+                continue
+            if trace is not None:
+                found = trace if found is None else merge(found, trace)
+        if found is not None:
+            await replay(self, found)
+
     async def getattr(self, relpath: bytes) -> Attr:
+        if self._untriggered:
+            self._touch(relpath)
         if relpath == b"":
             return await self.root_attr()
         parent, name = parent_and_name(relpath)
@@ -349,6 +418,10 @@ class Repository:
     async def version(self, relpath: bytes) -> FileVersion:
         """The file version, for looking at it only: nothing is fetched."""
         return self._version(relpath, await self.getattr(relpath))
+
+    def file_version(self, relpath: bytes, attr: Attr) -> FileVersion:
+        """The version of the file at `relpath` whose attributes are `attr`."""
+        return self._version(relpath, attr)
 
     def _version(self, relpath: bytes, attr: Attr) -> FileVersion:
         key = self.store.file_key(relpath, attr, self.fetcher.blocks.block_size)

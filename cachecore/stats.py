@@ -24,6 +24,10 @@ class Counters:
     store_listings: int = 0   # directory listings fetched from the store
     bytes_served: int = 0     # bytes returned to readers
     errors: int = 0           # requests that failed with a store error
+    replay_blocks: int = 0    # blocks a trace replay fetched from the store
+    replay_bytes: int = 0     # bytes those fetches returned
+    replay_useful: int = 0    # replayed blocks a reader then read
+    replay_skipped: int = 0   # traced files skipped: changed or gone in the store
     fetch_latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1))
 
     def record_latency(self, seconds: float) -> None:
@@ -31,7 +35,10 @@ class Counters:
 
     def snapshot(self) -> dict[str, int]:
         """The plain counters (what the live stats xattr shows)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fetch_latency"}
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fetch_latency"}
+        # replayed blocks no reader has read (yet): the replay's waste
+        plain["replay_waste"] = self.replay_blocks - self.replay_useful
+        return plain
 
     def to_record(self) -> dict:
         return {**self.snapshot(), "fetch_latency": list(self.fetch_latency)}

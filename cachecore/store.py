@@ -91,6 +91,9 @@ class FilesystemStore:
     def __repr__(self):
         return f"FilesystemStore({self.root!r})"
 
+    def traces(self):
+        return None  # traces of a filesystem repository: its `traces` directory
+
     def close_idle(self) -> None:
         self._files.close_idle()
 
@@ -215,6 +218,10 @@ class FilesystemStore:
     @classmethod
     def from_spec(cls, spec, *, offline: bool, index, timeout: float) -> FilesystemStore:
         return cls(spec.path, offline=offline)
+
+    @staticmethod
+    def id_of(location: str) -> str:
+        return location
 
     @staticmethod
     def key_of(root: str, relpath: bytes, identity: tuple[int, ...], block_size: int) -> str:

@@ -30,6 +30,7 @@ from cachecore.errors import LazyFSError, NotFound, StoreUnavailable
 from cachecore.model import Attr
 from cachecore.repository import Repository
 from cachecore.stats import Counters
+from cachecore.trace import ProcessTree, Recording
 
 from .inodes import InodeTable
 
@@ -43,6 +44,14 @@ CACHED_XATTR = b"user.rezlazyfs.cached"            # "cached_bytes/size" of a fi
 # Reading it forgets every listing at and below the directory (`rez-lazyfs
 # forget`): a read, because a read-only mount refuses setxattr before we see it.
 FORGET_XATTR = b"user.rezlazyfs.forget"
+# Launch trace recording (`rez-lazyfs trace record`), asked of the mount root:
+#   start:PID      record what the process tree of PID reads; answers the recording's id
+#   stop:ID        stop; answers {"bytes": N, "parts": P} (the recording, in parts)
+#   part:ID:I      part I of the recording (JSON, cachecore/trace.py: Recording)
+#   end:ID         forget the recording
+TRACE_XATTR = b"user.rezlazyfs.trace."
+TRACE_PART = 60_000  # bytes: below the 64K an xattr value can hold
+MAX_RECORDINGS = 8
 IMMUTABLE_TIMEOUT = 24 * 3600.0  # released payload never changes: let the kernel keep it
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -81,7 +90,7 @@ class _OpenDir:
     every other handle, never copied: 40 handles on a 100k-entry directory
     once took 1 GiB) and where the kernel is in it."""
 
-    __slots__ = ("inode", "entries", "ttl", "position", "_items", "_next")
+    __slots__ = ("_items", "_next", "entries", "inode", "position", "ttl")
 
     def __init__(self, inode: int, entries: dict, ttl: float):
         self.inode, self.entries, self.ttl = inode, entries, ttl
@@ -127,6 +136,12 @@ class LazyOperations(pyfuse3.Operations):
         # (invalidate_kernel_caches): a handler must not wait for them, as the
         # kernel may wait for that very request to finish first.
         self._to_invalidate, self._invalidations = trio.open_memory_channel(math.inf)
+        # Trace recordings under way (id -> Recording, its encoded form once
+        # stopped), and the open files of recorded processes (fh -> recordings).
+        self._recordings: dict[int, Recording] = {}
+        self._recorded_output: dict[int, bytes] = {}
+        self._recorded_files: dict[int, list[Recording]] = {}
+        self._recording_ids = count(1)
         for alias, repo in repositories.items():
             repo.on_change(functools.partial(self._entries_changed, alias))
 
@@ -219,6 +234,9 @@ class LazyOperations(pyfuse3.Operations):
         a time, each in a worker thread (the kernel may make it wait for
         requests we are serving)."""
         async for invalidation in self._invalidations:
+            if isinstance(invalidation, trio.Event):  # someone waits for those before it
+                invalidation.set()
+                continue
             try:
                 await trio.to_thread.run_sync(invalidation)
             except OSError as e:
@@ -229,6 +247,9 @@ class LazyOperations(pyfuse3.Operations):
     @error_boundary
     async def lookup(self, parent_inode, name, ctx=None):
         alias, parent = self._known(parent_inode)
+        if self._recordings and alias is not None:
+            for recording in self._recording(ctx):
+                recording.note_dir(alias, parent)
         inode = self._acquire(parent_inode, alias, name)
         try:
             return await self._attr_of(inode)
@@ -275,6 +296,9 @@ class LazyOperations(pyfuse3.Operations):
         else:
             repo = self.repos[alias]
             entries = await repo.readdir(relpath)
+            if self._recordings:
+                for recording in self._recording(ctx):
+                    recording.note_dir(alias, relpath)
             # Every entry's attributes come from this one listing, so they share
             # its policy: decided once here, not per entry in readdir.
             ttl = self._ttl(repo, repo.is_volatile_dir(relpath))
@@ -330,26 +354,42 @@ class LazyOperations(pyfuse3.Operations):
         fh = next(self._handles)
         self._open_files[fh] = (repo, version)
         # keep_cache: the kernel may keep pages across opens of immutable files.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=not repo.is_volatile(relpath))
+        keep_cache = not repo.is_volatile(relpath)
+        if self._recordings and (recordings := self._recording(ctx)):
+            # A recorded reader's reads must all reach us: without keep_cache
+            # the kernel drops the pages it holds of the file on this open.
+            self._recorded_files[fh] = recordings
+            keep_cache = False
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @error_boundary
     async def read(self, fh, off, size):
         repo, version = self._open_files[fh]
+        if fh in self._recorded_files and size:
+            end = min(off + size, version.size)
+            if off < end:
+                for recording in self._recorded_files[fh]:
+                    recording.note_read(repo.alias, version.relpath, version.identity,
+                                        off // self.block_size, (end - 1) // self.block_size)
         return await repo.read(version, off, size)
 
     @error_boundary
     async def release(self, fh):
         self._open_files.pop(fh, None)
+        self._recorded_files.pop(fh, None)
 
     # -- extended attributes -------------------------------------------------
     @error_boundary
     async def getxattr(self, inode, name, ctx=None):
         alias, relpath = self._known(inode)
-        if name not in (STATS_XATTR, TOTALS_XATTR, STORE_PATH_XATTR, POLICY_XATTR,
-                        CACHED_XATTR, FORGET_XATTR):
+        recording = alias is None and name.startswith(TRACE_XATTR)
+        if not recording and name not in (STATS_XATTR, TOTALS_XATTR, STORE_PATH_XATTR,
+                                          POLICY_XATTR, CACHED_XATTR, FORGET_XATTR):
             raise FUSEError(pyfuse3.ENOATTR)
         if not self._for_owner(ctx):
             raise FUSEError(errno.EACCES)
+        if recording:
+            return await self._trace_control(name[len(TRACE_XATTR):])
         if name == FORGET_XATTR:
             return await self._forget(alias, relpath)
         if alias is None:
@@ -370,6 +410,69 @@ class LazyOperations(pyfuse3.Operations):
             cached = await repo.cached_bytes(await repo.version(relpath))  # looking never fetches
             return f"{cached}/{(await repo.getattr(relpath)).size}".encode()
         raise FUSEError(pyfuse3.ENOATTR)
+
+    # -- trace recording -------------------------------------------------------
+    def _recording(self, ctx) -> list[Recording]:
+        """The recordings whose process tree made this request."""
+        pid = getattr(ctx, "pid", 0)
+        return [r for r in self._recordings.values() if not r.stopped and pid in r.tree]
+
+    async def _trace_control(self, verb: bytes) -> bytes:
+        """start:PID, stop:ID, part:ID:I, end:ID (TRACE_XATTR). Each answers the
+        same when asked twice: a caller asks once for the size, once for the value."""
+        try:
+            command, *args = verb.decode("ascii").split(":")
+            args = [int(a) for a in args]
+        except (UnicodeDecodeError, ValueError):
+            raise FUSEError(errno.EINVAL) from None
+        if command == "start" and len(args) == 1 and args[0] > 1:
+            for rid, r in self._recordings.items():
+                if r.tree.root == args[0] and not r.stopped:
+                    return str(rid).encode()
+            if len(self._recordings) >= MAX_RECORDINGS:
+                raise FUSEError(errno.EBUSY)
+            rid = next(self._recording_ids)
+            self._recordings[rid] = Recording(ProcessTree(args[0]), self.block_size,
+                                              {a: r.store.root for a, r in self.repos.items()})
+            # What the kernel holds of the tree it answers itself: drop it, so
+            # the recorded processes' lookups reach us (their pages are
+            # dropped as they open each file: no keep_cache for them).
+            for alias in self.repos:
+                self._invalidate(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE,
+                                 os.fsencode(alias))
+            await self._invalidations_sent()
+            log.info("recording a trace of process %d (recording %d)", args[0], rid)
+            return str(rid).encode()
+        if not args or args[0] not in self._recordings:
+            raise FUSEError(errno.ENOENT)
+        rid, r = args[0], self._recordings[args[0]]
+        if command == "stop" and len(args) == 1:
+            if not r.stopped:
+                r.stopped = True
+                self._recorded_output[rid] = r.to_json()
+                log.info("recording %d stopped: %d block(s) of %d file(s), %d directories",
+                         rid, len(r.reads), len(r.files), len(r.dirs))
+            size = len(self._recorded_output[rid])
+            return json.dumps({"bytes": size, "parts": -(-size // TRACE_PART)}).encode()
+        if command == "part" and len(args) == 2 and r.stopped:
+            return self._recorded_output[rid][args[1] * TRACE_PART:(args[1] + 1) * TRACE_PART]
+        if command == "end" and len(args) == 1:
+            del self._recordings[rid]
+            self._recorded_output.pop(rid, None)
+            for fh, recordings in list(self._recorded_files.items()):
+                if r in recordings:
+                    recordings.remove(r)
+                    if not recordings:
+                        del self._recorded_files[fh]
+            return b"ended"
+        raise FUSEError(errno.EINVAL)
+
+    async def _invalidations_sent(self, wait: float = 2.0) -> None:
+        """Wait (up to `wait` s) until the invalidations queued so far were sent."""
+        done = trio.Event()
+        self._to_invalidate.send_nowait(done)
+        with trio.move_on_after(wait):
+            await done.wait()
 
     def _store_traffic(self) -> dict:
         """{"stores": {alias: counters}} of the stores that keep their own

@@ -109,14 +109,20 @@ def _warn(message: str) -> None:
 @cache_options
 @click.option("--strict", is_flag=True, help="Fail if a variant is not in a mirrored repository.")
 @click.option("--populate", is_flag=True, help="Also fetch every payload block the context uses.")
-def bake(context, output, mountpoint, strict, populate, **options):
+@click.option("--trace", "trace_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Embed the launch traces of the context's variants from this trace file "
+                   "(`trace record`; repeatable).")
+def bake(context, output, mountpoint, strict, populate, trace_files, **options):
     """Write a deep copy of CONTEXT (.rxt) whose variants live under the mount."""
     from .config import load_settings
     from .context import bake_context, populate_context
+    from .trace import read_trace_file
 
     settings = load_settings(mountpoint, **options)
-    deep = bake_context(context, output, settings, strict=strict, warn=_warn)
-    click.echo(f"baked {len(deep.variants)} variant(s) onto {deep.mountpoint}: {output}")
+    traces = [t for path in trace_files for t in read_trace_file(path)]
+    deep = bake_context(context, output, settings, strict=strict, traces=traces, warn=_warn)
+    click.echo(f"baked {len(deep.variants)} variant(s) onto {deep.mountpoint}: {output}"
+               + (f" (with the traces of {len(deep.traces)})" if deep.traces else ""))
     if populate:
         _report_populate(populate_context(output, settings, warn=_warn))
 
@@ -152,14 +158,70 @@ def populate(context, **options):
 @click.argument("context", type=click.Path(dir_okay=False))
 @seed_options
 def seed(context, **options):
-    """Put the definitions embedded in a baked CONTEXT into the cache (checked
-    against the store when it answers; taken from the file alone when not)."""
+    """Put the definitions (and launch traces) embedded in a baked CONTEXT into
+    the cache (checked against the store when it answers; taken from the file
+    alone when not). CONTEXT may also be a trace file (`trace record`)."""
     from .config import load_settings
     from .context import seed_context
+    from .trace import is_trace_file, seed_traces
 
-    listings, files = seed_context(context, load_settings(need_repos=False, **options),
-                                   warn=_warn)
-    click.echo(f"seeded {listings} directory listing(s) and {files} definition file(s)")
+    settings = load_settings(need_repos=False, **options)
+    if is_trace_file(context):
+        seeded = seed_traces(context, settings)
+        click.echo(f"seeded the trace(s) of {len(seeded)} variant(s) "
+                   f"({sum(t['blocks'] for t in seeded)} block(s))")
+        return
+    listings, files, traces = seed_context(context, settings, warn=_warn)
+    click.echo(f"seeded {listings} directory listing(s), {files} definition file(s)"
+               + (f" and the traces of {traces} variant(s)" if traces else ""))
+
+
+@main.group(cls=_Group)
+def trace():
+    """Launch traces: what a start-up reads, fetched ahead in parallel on the
+    first access to a traced variant (a cold start)."""
+
+
+@trace.command("record", context_settings={"ignore_unknown_options": True})
+@click.argument("context", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The trace file to write (merged into it if it exists).")
+@click.option("--mount", "mountpoint", metavar="DIRECTORY",
+              help="The mount the command reads through [the context's mount point].")
+@repo_options
+@cache_options
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def trace_record(context, output, mountpoint, command, **options):
+    """Run COMMAND in the baked CONTEXT and record, per variant, what it reads.
+
+    The mount running at the context's mount point records (its owner or root
+    may ask); with none running, one is mounted for the run from --repo,
+    --cache and the config. COMMAND's output and exit status pass through.
+
+        rez-lazyfs trace record shot.lazy.rxt -o maya.trace -- maya -batch -command quit
+    """
+    from .config import load_settings
+    from .trace import record
+
+    settings = load_settings(mountpoint, need_repos=False, **options)
+    sys.exit(record(context, output, list(command), settings,
+                    say=lambda m: click.echo(f"rez-lazyfs: {m}", err=True)))
+
+
+@trace.command("show")
+@click.argument("trace_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def trace_show(trace_file, as_json):
+    """What a trace file holds, per variant."""
+    from .trace import read_trace_file, summary
+
+    rows = summary(read_trace_file(trace_file))
+    if as_json:
+        _emit_json(rows)
+        return
+    _table(["repo", "variant", "files", "dirs", "blocks", "size"],
+           [[r["repo"], r["root"], r["files"], r["directories"], r["blocks"], _human(r["bytes"])]
+            for r in rows])
 
 
 @main.command()

@@ -12,6 +12,7 @@ Config file (default: $XDG_CONFIG_HOME/rez-lazyfs/config.toml):
     [repos]
     main = "/svr/packages"                          # alias = store path
     dev = { path = "/home/me/packages", mutable = true }
+    farm = { path = "/svr/farm", traces = "/svr/traces/farm" }   # launch traces from CI
 
 Command-line options override the file.
 """
@@ -57,6 +58,7 @@ class RepoConfig:
     mutable: bool = False
     public_key: str = ""     # published images: the key their manifests verify with
     proxy: str = ""          # published images: "p1|p2;p3" (CernVM-FS syntax), "" = direct
+    traces: str = ""         # a read-only directory of launch traces (`*.trace`)
 
 
 @dataclass
@@ -141,7 +143,7 @@ def _check_types(conf: dict, path) -> None:
 
 
 def _repos_from_config(table, path, from_config) -> list[RepoConfig]:
-    """[repos]: alias = "PATH", { path = ..., mutable = ... } or
+    """[repos]: alias = "PATH", { path = ..., mutable = ..., traces = ... } or
     { url = ..., public_key = ..., proxy = ... }; relative paths are the file's."""
     repos = []
     for alias, value in table.items():
@@ -152,15 +154,19 @@ def _repos_from_config(table, path, from_config) -> list[RepoConfig]:
                                                ^ isinstance(value.get("url"), str)):
             raise UserError(f"{path}: repos.{alias} must be a path, {{ path = ..., mutable = ... }} "
                             "or {{ url = ..., public_key = ..., proxy = ... }}")
-        allowed = {"path", "mutable"} if "path" in value else {"url", "public_key", "proxy"}
+        allowed = ({"path", "mutable", "traces"} if "path" in value
+                   else {"url", "public_key", "proxy"})
         unknown = set(value) - allowed
         if unknown:
             raise UserError(f"{path}: repos.{alias}: unknown setting(s): {', '.join(sorted(unknown))}")
-        for key, kind in (("mutable", bool), ("public_key", str), ("proxy", str)):
+        for key, kind in (("mutable", bool), ("public_key", str), ("proxy", str),
+                          ("traces", str)):
             if key in value and not isinstance(value[key], kind):
                 raise UserError(f"{path}: repos.{alias}.{key} must be {_TYPE_NAMES[kind]}")
         if "path" in value:
-            repos.append(RepoConfig(alias, from_config(value["path"]), value.get("mutable", False)))
+            traces = value.get("traces", "")
+            repos.append(RepoConfig(alias, from_config(value["path"]), value.get("mutable", False),
+                                    traces=from_config(traces) if traces else ""))
         else:
             key = value.get("public_key", "")
             repos.append(RepoConfig(alias, value["url"], public_key=from_config(key) if key else "",

@@ -39,8 +39,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 
-from cachecore.model import ROOT_NAME, Attr, decode_listing, display_path, encode_listing
+from cachecore.model import (
+    ROOT_NAME,
+    Attr,
+    decode_listing,
+    display_path,
+    encode_listing,
+)
 from cachecore.paths import BadPath, check_name, relpath_from_text
+from cachecore.trace import BadTrace, VariantTrace
 
 from .config import Settings, is_url
 from .errors import UserError
@@ -67,9 +74,10 @@ class DeepData:
     # (alias, path) -> (Attr.identity, bytes)
     files: dict[tuple[str, bytes], tuple[tuple[int, ...], bytes]] = field(default_factory=dict)
     variants: list[dict] = field(default_factory=list)      # repo, name, version, root
+    traces: list = field(default_factory=list)              # trace.VariantTrace, repo = alias
 
     def to_json(self) -> dict:
-        b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+        b64 = lambda data: base64.b64encode(data).decode()
         return {
             "format": EMBED_FORMAT, "mountpoint": self.mountpoint, "repos": self.repos,
             "roots": {alias: b64(encode_listing({ROOT_NAME: attr}, 0.0))
@@ -81,6 +89,7 @@ class DeepData:
                        "data": b64(data)}
                       for (a, p), (identity, data) in sorted(self.files.items())],
             "variants": self.variants,
+            **({"traces": [t.to_json() for t in self.traces]} if self.traces else {}),
         }
 
     @classmethod
@@ -213,6 +222,17 @@ def _parse_section(raw: dict) -> DeepData:
             raise _Damaged(f"{where}.root {record['root']!r} is not in a directory "
                            f"{record['name']}/{record['version']}".rstrip("/"))
         deep.variants.append(record)
+    roots = {(v["repo"], os.fsencode(v["root"])) for v in deep.variants}
+    for i, entry in enumerate(_member(raw, "traces", list) if "traces" in raw else []):
+        where = f"traces[{i}]"
+        try:
+            t = VariantTrace.from_json(entry)
+        except BadTrace as e:
+            raise _Damaged(f"{where}: {e}") from None
+        if (known(t.repo, f"{where}.repo"), t.root) not in roots:
+            raise _Damaged(f"{where} is the trace of {os.fsdecode(t.root)}, not of a variant "
+                           "of the section")
+        deep.traces.append(t)
     return deep
 
 
@@ -428,8 +448,10 @@ def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict]) -> list[di
 
 
 def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: bool = False,
-                 warn=lambda message: None) -> DeepData:
-    """Write a deep copy of IN pointing at the mount; pin its definitions in the cache."""
+                 traces: list | None = None, warn=lambda message: None) -> DeepData:
+    """Write a deep copy of IN pointing at the mount; pin its definitions in the cache.
+    `traces` (trace.VariantTrace): those of the context's variants are embedded
+    and kept in the cache too."""
     import trio
 
     from .daemon import open_cache, repo_specs
@@ -466,6 +488,7 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
             return private
 
         private = trio.run(collect)
+        deep.traces = _traces_of_variants(deep, traces or [], warn)
         baked[EMBED_KEY] = deep.to_json()
         if private:
             warn(f"{private} is not readable by everyone, and {out_path} embeds it: "
@@ -474,9 +497,31 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
         holder = _holder(out_path)
         cache.index.pin(_pin_name(holder[0]), _file_keys(deep, cache.blocks.block_size), holder)
         _record_variants(cache.index, deep)
+        _keep_traces(cache, deep)
     finally:
         cache.close()
     return deep
+
+
+def _traces_of_variants(deep: DeepData, traces: list, warn) -> list:
+    """The traces whose root is a variant of the context (under its alias here:
+    a trace recorded under another alias, or with none, matches by root)."""
+    from cachecore.trace import merge_all
+
+    by_root: dict[bytes, list[str]] = {}
+    for v in deep.variants:
+        by_root.setdefault(os.fsencode(v["root"]), []).append(v["repo"])
+    kept = []
+    for t in traces:
+        aliases = by_root.get(t.root, [])
+        if not aliases:
+            warn(f"the trace of {os.fsdecode(t.root)} is of no variant of the context: left out")
+            continue
+        kept.append(replace(t, repo=t.repo if t.repo in aliases else aliases[0]))
+    merged: dict = {}
+    for t in kept:
+        merged.setdefault(t.repo, []).append(t)
+    return [t for alias in merged for t in merge_all(merged[alias]).values()]
 
 
 def _record_variants(index, deep: DeepData) -> None:
@@ -538,7 +583,16 @@ def _seed(cache, deep: DeepData, holder, settings: Settings, warn) -> tuple[Deep
     seedings = trio.run(_gather, cache, deep, settings, warn)
     listings, keys = _write_seedings(cache, seedings)
     cache.index.pin(_pin_name(holder[0]), keys, holder)
-    return deep, (listings, len(keys))
+    _keep_traces(cache, deep)
+    return deep, (listings, len(keys), len(deep.traces))
+
+
+def _keep_traces(cache, deep: DeepData) -> None:
+    """The section's launch traces, into the index for the stores of this machine."""
+    from cachecore.stores import store_id
+
+    for t in deep.traces:
+        cache.index.put_trace(store_id(deep.repos[t.repo]), t)
 
 
 def _store_paths(deep: DeepData, settings: Settings, cache, warn) -> dict[str, str]:
@@ -716,7 +770,6 @@ def populate_context(ctx_path: str, settings: Settings, *, progress: bool | None
     """Seed, then fetch every payload block of every variant of a baked context.
     Resumable: blocks already cached are skipped. Returns counts."""
     import trio
-
 
     from .daemon import open_cache
 

@@ -24,7 +24,7 @@ import time
 
 from .config import Settings, is_url
 from .errors import UserError
-from .mounts import PROBE_TIMEOUT, NoAnswer, ask, mount_at, may_stall, silence
+from .mounts import PROBE_TIMEOUT, NoAnswer, ask, may_stall, mount_at, silence
 
 log = logging.getLogger("rez_lazyfs")
 READY_TIMEOUT = 60.0
@@ -164,7 +164,12 @@ def _image_answers(repo, seconds: float, index) -> bool | None:
     no answer in time). A manifest that does not verify, has expired or is
     older than one this cache saw is a clear error."""
     from cachecore.errors import LazyFSError, StoreUnavailable
-    from cachecore.image.manifest import MANIFEST_PATH, BadManifest, Manifest, load_public_key
+    from cachecore.image.manifest import (
+        MANIFEST_PATH,
+        BadManifest,
+        Manifest,
+        load_public_key,
+    )
     from cachecore.stores.download import Downloader
 
     def fetch() -> bytes:
@@ -310,7 +315,8 @@ def repo_specs(settings: Settings, cache) -> list:
     from cachecore.cache import RepoSpec
 
     if settings.repos:
-        specs = [RepoSpec(r.alias, r.path, r.mutable, r.public_key, r.proxy) for r in settings.repos]
+        specs = [RepoSpec(r.alias, r.path, r.mutable, r.public_key, r.proxy, r.traces)
+                 for r in settings.repos]
         cache.record_repos(specs)
         return specs
     specs = cache.recorded_repos()
@@ -344,6 +350,8 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                                    permission_ttl=_permission_ttl(settings))
         ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
                              totals=lambda: base + cache.counters)
+        for repo in repos.values():  # before the first lookup, which may start a replay
+            await repo.refresh_traces()
         options = set(pyfuse3.default_options) | {
             "fsname=rez-lazyfs", "subtype=rez-lazyfs", "ro", "nosuid", "nodev"}
         if settings.allow_other:
@@ -360,6 +368,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                 nursery.start_soon(cache.maintain, totals_name, base, settings.cache_limit)
                 nursery.start_soon(_ready_when_answering)
                 nursery.start_soon(ops.invalidate_kernel_caches)
+                nursery.start_soon(_refresh_traces, repos)
                 cache.fetcher.run_prefetches_in(nursery)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
@@ -377,6 +386,14 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
         await trio.to_thread.run_sync(_set_read_ahead, settings.mountpoint, settings.read_ahead)
         await cache.flush(totals_name, base)  # `stats` lists this mount from now on
         on_ready()
+
+    async def _refresh_traces(repos) -> None:
+        # New traces (a trace directory CI fills, a new image revision) are
+        # seen within metadata_ttl, as new versions are.
+        while True:
+            await trio.sleep(max(settings.metadata_ttl, 5.0))
+            for repo in repos.values():
+                await repo.refresh_traces()
 
     async def _terminate_on_signal() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -18,6 +18,8 @@ index, the fetcher and the mount never ask which kind they have:
     close_idle()         let go of descriptors or connections not used lately
     counters()           traffic the store counts itself ({} if none): a published
                          image's requests, bytes on the wire, failovers, per proxy
+    traces()             the launch traces the store itself carries (a published
+                         image's), as a replay.TraceSource, or None
 
 Kinds: a directory on a (network) filesystem (cachecore/store.py), a
 published image over HTTP (http.py). `open_store` picks one from a spec.
@@ -39,6 +41,7 @@ class Store(Protocol):
     def file_key(self, relpath: bytes, attr: Attr, block_size: int) -> str: ...
     def close_idle(self) -> None: ...
     def counters(self) -> dict: ...
+    def traces(self): ...
 
 
 def is_url(location: str) -> bool:
@@ -59,6 +62,11 @@ def block_key(location: str, relpath: bytes, identity: tuple[int, ...], block_si
     """The cache key of a file version's blocks in the store at `location`,
     without opening the store (seed writes blocks a context brought)."""
     return _kind(location).key_of(location, relpath, identity, block_size)
+
+
+def store_id(location: str) -> str:
+    """The `root` the store at `location` will have (its name in the index)."""
+    return _kind(location).id_of(location)
 
 
 def open_store(spec, *, offline: bool, index, timeout: float) -> Store:

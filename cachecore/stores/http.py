@@ -41,7 +41,7 @@ class HttpStore:
 
     def __init__(self, url: str, public_key, downloader, index, *, offline: bool = False,
                  clock=time.time):
-        self.root = url.rstrip("/")
+        self.root = self.id_of(url)
         self.offline = offline
         self._key = public_key
         self._download = downloader
@@ -62,6 +62,9 @@ class HttpStore:
 
     def __repr__(self):
         return f"HttpStore({self.root!r})"
+
+    def traces(self):
+        return None
 
     def close_idle(self) -> None:
         pass
@@ -190,6 +193,10 @@ class HttpStore:
 
     def root_is_empty(self) -> bool:
         return not self.list_dir(b"")
+
+    @staticmethod
+    def id_of(url: str) -> str:
+        return url.rstrip("/")
 
     @staticmethod
     def key_of(root: str, relpath: bytes, identity: tuple[int, ...], block_size: int) -> str:

@@ -302,6 +302,10 @@ class FaultFS(pyfuse3.Operations):
         self.inodes: dict[bytes, int] = {b"": pyfuse3.ROOT_INODE}
         self.reads = self.failed = 0
         self.rng = random.Random(0)
+        # Which byte ranges of which files were read since the last change:
+        # {path: {offset: times}} in the counts (FaultStore.reads_by_file()).
+        self.by_file: dict[str, dict[int, int]] = {}
+        self._open_paths: dict[int, bytes] = {}
 
     def _real(self, rel: bytes) -> bytes:
         return os.path.join(self.source, rel) if rel else self.source
@@ -317,6 +321,7 @@ class FaultFS(pyfuse3.Operations):
                 self._ctl = json.load(f)
             self._ctl_sig = sig
             self.reads = self.failed = 0
+            self.by_file = {}
             self.rng = random.Random(self._ctl.get("seed", 0))
         return self._ctl
 
@@ -342,7 +347,7 @@ class FaultFS(pyfuse3.Operations):
     def _write_counts(self) -> None:
         tmp = self.control + ".counts.tmp"
         with open(tmp, "w") as f:
-            json.dump({"reads": self.reads, "failed": self.failed}, f)
+            json.dump({"reads": self.reads, "failed": self.failed, "by_file": self.by_file}, f)
         os.replace(tmp, self.control + ".counts")
 
     def _inode(self, rel: bytes) -> int:
@@ -425,13 +430,18 @@ class FaultFS(pyfuse3.Operations):
             fd = os.open(self._real(self._rel(inode)), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        self._open_paths[fd] = self._rel(inode)
         return pyfuse3.FileInfo(fh=fd, direct_io=True, keep_cache=False)
 
     async def read(self, fh, off, size):
         await self._fault("read")
+        offsets = self.by_file.setdefault(os.fsdecode(self._open_paths.get(fh, b"?")), {})
+        offsets[off] = offsets.get(off, 0) + 1
+        self._write_counts()
         return os.pread(fh, size, off)
 
     async def release(self, fh):
+        self._open_paths.pop(fh, None)
         os.close(fh)
 
     async def statfs(self, ctx=None):
@@ -618,11 +628,12 @@ class FaultStore:
         Path(str(self.control) + ".counts").unlink(missing_ok=True)
 
     def counts(self) -> dict:
-        """{"reads": N, "failed": M} since the last set()."""
+        """{"reads": N, "failed": M, "by_file": {path: {offset: times}}} since
+        the last set() (offsets are JSON keys: strings)."""
         try:
             return json.loads(Path(str(self.control) + ".counts").read_text())
         except FileNotFoundError:
-            return {"reads": 0, "failed": 0}
+            return {"reads": 0, "failed": 0, "by_file": {}}
 
     def freeze(self) -> None:
         """SIGSTOP: every request to the store now hangs."""

@@ -1,0 +1,199 @@
+"""Trace replay: on the first access to a traced variant, fetch ahead what its
+launch will read (cachecore/trace.py), in parallel, below the readers.
+
+Where traces come from (`TraceSource`: two blocking calls, run in worker
+threads): the cache's index (a seeded trace or a baked context's,
+`IndexTraces`), a read-only directory of trace files a studio's CI fills
+(`TraceDirectory`, config `traces = DIR`), and a published image
+(stores/http.py). A variant traced in several is replayed from their union.
+
+The replay (`replay`) first loads the trace's directory listings, then
+fetches the missing blocks in trace order through the fetcher's single
+flight (a reader asking for a block being replayed waits for that one
+fetch, never for a second), at most `background_limiter` at a time, so
+readers always find store threads free. A traced file whose identity is
+not the store's any more (changed, gone) is skipped, never read. It stops
+when the store does not answer, when the cache reaches its limit, or with
+the daemon (its task is cancelled: abandoned store calls return on their
+own). Nothing waits for it: no open, read or lookup.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from typing import Protocol
+
+import trio
+
+from .errors import (
+    CacheUnavailable,
+    LazyFSError,
+    NotADirectory,
+    NotFound,
+    StoreFileChanged,
+    StoreUnavailable,
+)
+from .trace import BadTrace, VariantTrace, decode, merge, rescaled
+
+log = logging.getLogger(__name__)
+TRACE_SUFFIX = ".trace"
+MAX_TRACE_FILES = 10_000       # in a trace directory
+MAX_TRACE_FILE_SIZE = 64 * 2**20
+
+
+class TraceSource(Protocol):
+    local: bool  # True: answered from the cache disk; False: from the store's side
+
+    def roots(self) -> set[bytes]: ...
+    def trace(self, root: bytes) -> VariantTrace | None: ...
+
+
+class IndexTraces:
+    """The traces kept in the cache's index for one store."""
+
+    local = True
+
+    def __init__(self, index, store_id: str):
+        self._index, self._store = index, store_id
+
+    def roots(self) -> set[bytes]:
+        return self._index.trace_roots(self._store)
+
+    def trace(self, root: bytes) -> VariantTrace | None:
+        return self._index.get_trace(self._store, root)
+
+
+class TraceDirectory:
+    """Every `*.trace` file below a directory (read-only; filled by a studio's CI),
+    read again when it changes (size, mtime, inode)."""
+
+    local = False
+
+    def __init__(self, path: str):
+        self.path = path
+        self._files: dict[str, tuple[tuple[int, int, int], dict[bytes, VariantTrace]]] = {}
+
+    def roots(self) -> set[bytes]:
+        found = {}
+        for top, dirs, names in os.walk(self.path):
+            dirs.sort()
+            for name in sorted(names):
+                if name.endswith(TRACE_SUFFIX) and len(found) < MAX_TRACE_FILES:
+                    found[os.path.join(top, name)] = None
+        for path in found:
+            self._load(path)
+        for gone in set(self._files) - set(found):
+            del self._files[gone]
+        return {root for _, traces in self._files.values() for root in traces}
+
+    def _load(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                seen = (st.st_size, st.st_mtime_ns, st.st_ino)
+                if path in self._files and self._files[path][0] == seen:
+                    return
+                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_TRACE_FILE_SIZE:
+                    raise BadTrace(f"not a regular file of at most {MAX_TRACE_FILE_SIZE} bytes")
+                traces = {t.root: t for t in decode(f.read())}
+        except (OSError, BadTrace) as e:
+            log.warning("ignoring trace file %s: %s", path, e)
+            self._files.pop(path, None)
+            return
+        self._files[path] = (seen, traces)
+
+    def trace(self, root: bytes) -> VariantTrace | None:
+        found = None
+        for _, traces in sorted(self._files.items()):
+            t = traces[1].get(root)
+            if t is not None:
+                found = t if found is None else merge(found, t)
+        return found
+
+
+async def replay(repo, trace: VariantTrace) -> None:
+    """Fetch ahead what `trace` read, for `repo` (a Repository). Never raises
+    for store or cache trouble: it stops, says why in the log, and returns."""
+    fetcher = repo.fetcher
+    counters = fetcher.counters
+    block_size = fetcher.blocks.block_size
+    if trace.block_size != block_size:
+        trace = rescaled(trace, block_size)
+    name = f"{repo.alias}/{os.fsdecode(trace.root)}"
+    workers = fetcher.background_limiter.total_tokens
+    started = time.monotonic()
+
+    def under_root(path: bytes) -> bytes:
+        return trace.root + b"/" + path if path else trace.root
+
+    async def each(items, work) -> None:
+        """work(item) for every item, `workers` at a time, in order."""
+        pending = iter(items)
+
+        async def worker() -> None:
+            for item in pending:
+                async with fetcher.background_limiter:
+                    await work(item)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(worker)
+
+    async def list_dir(path: bytes) -> None:
+        try:
+            await repo.listing(under_root(path))
+        except (NotFound, NotADirectory):
+            pass  # gone since: nothing of it will be read
+
+    try:
+        await each(trace.dirs, list_dir)
+        versions = {}
+        for i, (path, identity) in enumerate(trace.files):
+            try:
+                attr = await repo.getattr(under_root(path))
+            except (NotFound, NotADirectory):
+                attr = None
+            if attr is None or not attr.is_file or attr.identity != identity:
+                counters.replay_skipped += 1  # recorded on another version: never applied
+                continue
+            versions[i] = repo.file_version(under_root(path), attr)
+        present = await fetcher.call_local(lambda: {
+            i: set(fetcher.blocks.present(v.key, v.size)) for i, v in versions.items()})
+    except (StoreUnavailable, CacheUnavailable) as e:
+        log.info("trace replay of %s stopped: %s", name, e)
+        return
+    todo = [(versions[f], b) for f, b in trace.reads if f in versions and b not in present[f]]
+    log.info("replaying the trace of %s: %d block(s) to fetch, %d cached, %d file(s) skipped",
+             name, len(todo), len(trace.reads) - len(todo), len(trace.files) - len(versions))
+    changed: set[str] = set()
+    stopped: list[str] = []
+    fetched_before = counters.replay_blocks
+
+    async def fetch(item) -> None:
+        version, index = item
+        if stopped or version.key in changed:
+            return
+        room = fetcher.room()
+        if room is not None and room <= 0:
+            stopped.append("the cache is at its limit")
+            return
+        try:
+            await fetcher.fetch_ahead(version, index)
+        except StoreFileChanged:
+            changed.add(version.key)  # the reader that opens it next relists it
+            counters.replay_skipped += 1
+        except StoreUnavailable as e:
+            stopped.append(str(e))
+        except LazyFSError as e:
+            log.debug("trace replay of %s: %s", name, e)
+
+    await each(todo, fetch)
+    fetched = counters.replay_blocks - fetched_before
+    if stopped:
+        log.info("trace replay of %s stopped after %d block(s): %s", name, fetched, stopped[0])
+    else:
+        log.info("replayed the trace of %s: %d block(s) fetched in %.2fs", name, fetched,
+                 time.monotonic() - started)
+
