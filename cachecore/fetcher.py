@@ -333,7 +333,7 @@ class Fetcher:
         if ahead == "replay":
             self.counters.replay_blocks += 1
             self.counters.replay_bytes += len(data)
-            if len(self._replayed) < 1_000_000:
+            if len(self._replayed) < 200_000:  # ~25 MiB; past it, useful reads go uncounted
                 self._replayed.add((f.key, index))
         return data
 

@@ -158,16 +158,20 @@ class MetadataIndex:
             return None
 
     def trace_roots(self, store_id: str) -> set[bytes]:
-        roots = set()
+        return {root for store, root in self.traced() if store == store_id}
+
+    def traced(self) -> set[tuple[str, bytes]]:
+        """(store, variant root) of every trace kept."""
+        found = set()
         for key in self._ledger.iterkeys():
             if key.startswith("t:"):
                 try:
                     store, root = json.loads(key[2:])
                 except (ValueError, TypeError):
                     continue
-                if store == store_id and isinstance(root, str):
-                    roots.add(os.fsencode(root))
-        return roots
+                if isinstance(store, str) and isinstance(root, str):
+                    found.add((store, os.fsencode(root)))
+        return found
 
     def pin(self, name: str, file_keys: list[str],
             holder: tuple[str, tuple[int, ...]] | None = None) -> None:

@@ -33,7 +33,9 @@ from .paths import BadPath, relpath_from_text
 FORMAT = "rez-lazyfs-trace"
 VERSION = 1
 MAX_FILES = 200_000          # per variant
-MAX_BLOCKS = 4_000_000       # per variant (512 GiB of 128K blocks)
+# Blocks per variant trace, and per recording: ~120 bytes each in memory, so
+# at most ~60 MiB (a start-up reading 60 GiB of 128K blocks is not a launch).
+MAX_BLOCKS = 500_000
 MAX_DIRS = 200_000
 
 

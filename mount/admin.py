@@ -48,14 +48,18 @@ def cache_status(settings: Settings) -> dict:
             v = json.loads(text)
             variants.setdefault((v["store"], v["version_dir"]), set()).add(v["subpath"] or "-")
         rows: dict[tuple[str, str, str], dict] = {}
+        traced: dict[tuple[str, str], set[str]] = {}  # (store, version dir) -> variants traced
+        for store, root in cache.index.traced():
+            family, version, *subpath = os.fsdecode(root).split("/")
+            traced.setdefault((store, f"{family}/{version}"), set()).add("/".join(subpath) or "-")
+            rows.setdefault((store, family, version), _empty_row())
         for f in files.values():
             if f.info is None:
                 key = ("", "(unattributed)", "")
             else:
                 parts = f.info["path"].split("/")
                 key = (f.info["store"], parts[0], parts[1] if len(parts) > 2 else "")
-            row = rows.setdefault(key, {"bytes_cached": 0, "files_cached": 0, "last_used": 0.0,
-                                        "pinned": False})
+            row = rows.setdefault(key, _empty_row())
             row["bytes_cached"] += (_payload_bytes(cache.blocks, f) if f.info else f.bytes)
             row["files_cached"] += 1
             row["last_used"] = max(row["last_used"], f.last_used)
@@ -68,6 +72,7 @@ def cache_status(settings: Settings) -> dict:
             out.append({
                 "package": family, "version": version,
                 "variants": sorted(variants.get((store, relpath), {"-"})),
+                "traces": sorted(traced.get((store, relpath), ())),
                 "store_path": os.path.join(store, relpath) if store else "",
                 "local_path": os.path.join(mountpoint, alias, relpath)
                 if mountpoint and alias else "",
@@ -80,6 +85,10 @@ def cache_status(settings: Settings) -> dict:
                 "released_pins": len(held.released), "unanswered_pins": len(held.unanswered)}
     finally:
         cache.close()
+
+
+def _empty_row() -> dict:
+    return {"bytes_cached": 0, "files_cached": 0, "last_used": 0.0, "pinned": False}
 
 
 def _payload_bytes(blocks, f) -> int:

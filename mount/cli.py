@@ -294,12 +294,13 @@ def status(as_json, **options):
     click.echo(f"cache {data['cache_dir']}: {_human(data['size_bytes'])} on disk, "
                f"limit {_human(data['limit_bytes']) if data['limit_bytes'] else 'none'}")
     _table(["PACKAGE", "VERSION", "VARIANTS", "CACHED", "FILES", "LAST USED", "PINNED",
-            "STORE", "LOCAL"],
+            "TRACE", "STORE", "LOCAL"],
            [[v["package"], v["version"], ",".join(v["variants"]),
              f"{_human(v['bytes_cached'])} / {_human(v['bytes_total'])}"
              + ("" if v["totals_complete"] else "+"),
              f"{v['files_cached']} / {v['files_total']}" + ("" if v["totals_complete"] else "+"),
-             _ago(v["last_used"]), "yes" if v["pinned"] else "no", v["store_path"],
+             _ago(v["last_used"]), "yes" if v["pinned"] else "no",
+             ",".join(v["traces"]) or "no", v["store_path"],
              v["local_path"] or "-"] for v in data["variants"]])
 
 
@@ -330,6 +331,11 @@ def stats(as_json, **options):
              s["store_reads"] + s["store_listings"], ms(s["fetch_p50_ms"]),
              ms(s["fetch_p95_ms"]), ms(s["fetch_p99_ms"]), s["errors"]] for name, s in rows])
     for source in data["sources"]:
+        if source["replay_blocks"] or source["replay_skipped"]:
+            click.echo(f"{source['name']}: trace replays fetched {source['replay_blocks']} "
+                       f"block(s) ({_human(source['replay_bytes'])}) ahead, "
+                       f"{source['replay_useful']} then read, {source['replay_waste']} not "
+                       f"read (yet); {source['replay_skipped']} traced file(s) skipped")
         for alias, c in source.get("stores", {}).items():
             routes = ", ".join(f"{route} {r['requests']} ({r['failures']} failed)"
                                for route, r in sorted(c.get("routes", {}).items()))

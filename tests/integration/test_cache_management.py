@@ -103,7 +103,7 @@ def test_status_and_stats_report_exactly_what_the_workload_did(tmp_path, lazyfs_
     alpha, beta = row_of(status, "alpha", "1.0"), row_of(status, "beta", "2.0")
     alpha_files = [p for p in WORKLOAD_STORE if p.startswith("alpha/")]
     assert alpha == {
-        "package": "alpha", "version": "1.0", "variants": ["-"],
+        "package": "alpha", "version": "1.0", "variants": ["-"], "traces": [],
         "bytes_cached": size_a, "files_cached": 1,
         "bytes_total": sum(WORKLOAD_STORE[p] for p in alpha_files), "files_total": len(alpha_files),
         "totals_complete": True, "pinned": False, "last_used": alpha["last_used"],
@@ -412,7 +412,8 @@ def test_two_mounts_on_one_cache_fetch_every_block_once_in_total(tmp_path, lazyf
 
 # 4. --json carries the same numbers as the tables ---------------------------------
 
-STATUS_COLUMNS = ["PACKAGE", "VERSION", "VARIANTS", "CACHED", "FILES", "LAST USED", "PINNED", "STORE", "LOCAL"]
+STATUS_COLUMNS = ["PACKAGE", "VERSION", "VARIANTS", "CACHED", "FILES", "LAST USED", "PINNED", "TRACE", "STORE",
+                  "LOCAL"]
 STATS_COLUMNS = ["SOURCE", "HITS", "MISSES", "HIT RATIO", "SERVED", "FETCHED", "STORE REQS",
                  "P50 MS", "P95 MS", "P99 MS", "ERRORS"]
 
@@ -437,9 +438,10 @@ def assert_status_table_matches(text: str, data: dict) -> None:
     rows = parse_table(lines[1:], STATUS_COLUMNS)
     assert len(rows) == len(data["variants"]), (rows, data["variants"])
     for row, v in zip(rows, data["variants"]):
-        assert [row["PACKAGE"], row["VERSION"], row["VARIANTS"], row["PINNED"], row["STORE"], row["LOCAL"]] == [
+        assert [row["PACKAGE"], row["VERSION"], row["VARIANTS"], row["PINNED"], row["TRACE"], row["STORE"],
+                row["LOCAL"]] == [
             v["package"], v["version"], ",".join(v["variants"]), "yes" if v["pinned"] else "no",
-            v["store_path"], v["local_path"] or "-"]
+            ",".join(v["traces"]) or "no", v["store_path"], v["local_path"] or "-"]
         cached, total = split_fraction(row["CACHED"], v["totals_complete"])
         assert_size_shows(cached, v["bytes_cached"])
         assert_size_shows(total, v["bytes_total"])
