@@ -15,14 +15,11 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-
 from helpers.faults import fault_store_fixture  # noqa: F401 (fixture)
-from helpers.mounts import LAZYFS
 from helpers.rezrepo import Rez, build_store
 from helpers.workload import drop_page_cache
 

@@ -106,8 +106,8 @@ def test_a_recording_splits_into_the_contexts_variants():
 
 def test_the_process_tree_holds_descendants_only():
     tree = ProcessTree(os.getpid())
-    child = subprocess.Popen([sys.executable, "-c", "import os, sys; print(os.getpid()); "
-                              "sys.stdout.flush(); sys.stdin.read()"],
+    child = subprocess.Popen([sys.executable, "-c", ("import os, sys; print(os.getpid()); "
+                                                     "sys.stdout.flush(); sys.stdin.read()")],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert int(child.stdout.readline()) in tree
@@ -157,7 +157,7 @@ def identity(path) -> tuple:
 
 def test_a_replay_fetches_the_trace_once_on_first_access_and_skips_changed_files(tmp_path, store):
     repo, counting, index = make_repo(tmp_path, store)
-    a, b = store / "fam/1.0/lib/a.so", store / "fam/1.0/lib/b.py"
+    a = store / "fam/1.0/lib/a.so"
     index.put_trace(repo.store.root, trace_of(
         {"lib/a.so": identity(a), "lib/b.py": (1, 2, 3, 4)},  # b.py: another version
         [(0, 5), (0, 1), (1, 0), (0, 6)], dirs=["", "lib"]))
