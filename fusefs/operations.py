@@ -429,6 +429,7 @@ class LazyOperations(pyfuse3.Operations):
             for rid, r in self._recordings.items():
                 if r.tree.root == args[0] and not r.stopped:
                     return str(rid).encode()
+            self._drop_abandoned_recordings()
             if len(self._recordings) >= MAX_RECORDINGS:
                 raise FUSEError(errno.EBUSY)
             rid = next(self._recording_ids)
@@ -457,15 +458,28 @@ class LazyOperations(pyfuse3.Operations):
         if command == "part" and len(args) == 2 and r.stopped:
             return self._recorded_output[rid][args[1] * TRACE_PART:(args[1] + 1) * TRACE_PART]
         if command == "end" and len(args) == 1:
-            del self._recordings[rid]
-            self._recorded_output.pop(rid, None)
-            for fh, recordings in list(self._recorded_files.items()):
-                if r in recordings:
-                    recordings.remove(r)
-                    if not recordings:
-                        del self._recorded_files[fh]
+            self._end_recording(rid)
             return b"ended"
         raise FUSEError(errno.EINVAL)
+
+    def _drop_abandoned_recordings(self) -> None:
+        """Recordings whose recorder has gone without ending them (killed)."""
+        for rid, r in list(self._recordings.items()):
+            try:
+                os.kill(r.tree.root, 0)
+            except ProcessLookupError:
+                self._end_recording(rid)
+            except PermissionError:
+                pass  # alive, someone else's
+
+    def _end_recording(self, rid: int) -> None:
+        r = self._recordings.pop(rid)
+        self._recorded_output.pop(rid, None)
+        for fh, recordings in list(self._recorded_files.items()):
+            if r in recordings:
+                recordings.remove(r)
+                if not recordings:
+                    del self._recorded_files[fh]
 
     async def _invalidations_sent(self, wait: float = 2.0) -> None:
         """Wait (up to `wait` s) until the invalidations queued so far were sent."""

@@ -139,7 +139,11 @@ def record(ctx_path: str, out_path: str, command: list[str], settings: Settings,
             recording = int(_ask_mount(mountpoint, f"start:{os.getpid()}"))
         except ValueError:
             raise UserError(f"{mountpoint} answered nonsense to a trace request") from None
-        status = _run_in_context(ctx_path, command)
+        try:
+            status = _run_in_context(ctx_path, command)
+        except BaseException:
+            _ask_mount(mountpoint, f"end:{recording}")
+            raise
         try:
             blob = ask(ASK_TIMEOUT * 6, _take, mountpoint, recording)
         except (NoAnswer, OSError) as e:

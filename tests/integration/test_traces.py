@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers.faults import fault_store_fixture  # noqa: F401 (fixture)
+from helpers.mounts import is_mounted
 from helpers.rezrepo import Rez, build_store
 from helpers.workload import drop_page_cache
 
@@ -402,3 +403,14 @@ def test_recording_needs_a_baked_context_and_passes_the_exit_status(launch, tmp_
                            check=False)
     assert result.returncode == 3 and result.stdout == "out\n", result
     assert "Traceback" not in result.stderr
+
+
+def test_recording_with_nothing_mounted_mounts_for_the_run_and_unmounts(launch, tmp_path):
+    launch.mount.unmount()
+    trace = tmp_path / "own-mount.trace"
+    result = launch.lazyfs("trace", "record", launch.baked, "-o", trace,
+                           "--repo", f"{ALIAS}={launch.store}", "--cache", tmp_path / "cache-own",
+                           "--", sys.executable, "-B", "-c", LAUNCH)
+    assert result.stdout == launch.expected
+    assert not is_mounted(launch.mount.path)
+    assert f"{VARIANT}/share/data.bin" in trace_blocks(trace_doc(trace))
