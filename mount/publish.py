@@ -44,6 +44,7 @@ import secrets
 import stat
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 
 import zstandard
@@ -617,7 +618,7 @@ def _lock(dest: str) -> int:
 
 def publish(repo: str, dest: str, key_path: str, *, ttl: int = DEFAULT_TTL,
             valid_for: int = DEFAULT_VALIDITY, chunk_size: int = DEFAULT_CHUNK_SIZE,
-            traces: list[VariantTrace] = (), progress=None,
+            traces: Iterable[VariantTrace] = (), progress=None,
             warn=lambda message: None) -> PublishReport:
     """Publish the repository at `repo` as the next revision of the image in
     `dest`, with launch `traces` of its variants; `progress(report)` is called

@@ -186,6 +186,8 @@ class HttpStore:
 
     # -- launch traces (image/traces.py) ---------------------------------------------
     def trace_roots(self) -> set[bytes]:
+        if self.offline:
+            return set()  # nothing could be replayed: every fetch would be refused
         return set(self._traces_index())
 
     def variant_trace(self, root: bytes) -> VariantTrace | None:
