@@ -56,4 +56,8 @@ def relpath_from_text(text: str) -> bytes:
     """A path from a JSON document (a context, a trace), checked."""
     if not isinstance(text, str):
         raise BadPath(f"a path must be a string, not {type(text).__name__}")
-    return check_relpath(os.fsencode(text))
+    try:
+        relpath = os.fsencode(text)
+    except UnicodeEncodeError:  # JSON can hold surrogates no file name decodes to
+        raise BadPath(f"path {text[:80]!r} is not a file name") from None
+    return check_relpath(relpath)

@@ -429,8 +429,12 @@ def keygen(keyfile):
 @click.option("--ttl", type=int, help="Seconds mounts may use the manifest before asking again [61].")
 @click.option("--valid-for", default="30d", show_default=True,
               help="How long the revision stays valid unless published again (e.g. 30d, 12h).")
+@click.option("--trace", "trace_files", multiple=True, metavar="TRACE",
+              help="Carry the launch traces of REPO_DIR's variants from this trace file "
+                   "(`trace record`; repeatable); they replace those variants' traces of "
+                   "the previous revision, which the other variants keep.")
 @json_option
-def publish(repo_dir, dest_dir, key_path, ttl, valid_for, as_json):
+def publish(repo_dir, dest_dir, key_path, ttl, valid_for, trace_files, as_json):
     """Publish the Rez repository REPO_DIR as the next revision of the signed
     image in DEST_DIR, for a web server to serve as plain files."""
     import contextlib
@@ -439,12 +443,25 @@ def publish(repo_dir, dest_dir, key_path, ttl, valid_for, as_json):
 
     from .publish import TerminalProgress, parse_duration
     from .publish import publish as publish_image
+    from .trace import read_trace_file
 
+    # Every trace file is read before anything is written: a bad one publishes nothing.
+    try:
+        traces = [t for path in trace_files for t in read_trace_file(path)]
+    except UserError as e:
+        raise UserError(f"--trace: {e} (nothing published)") from None
     progress = TerminalProgress() if sys.stderr.isatty() else None
+
+    def warn(message: str) -> None:
+        if progress:
+            progress.clear()
+        _warn(message)
+
     with progress or contextlib.nullcontext():
         report = publish_image(repo_dir, dest_dir, key_path,
                                ttl=DEFAULT_TTL if ttl is None else ttl,
-                               valid_for=parse_duration(valid_for), progress=progress)
+                               valid_for=parse_duration(valid_for), traces=traces,
+                               progress=progress, warn=warn)
     if as_json:
         return _emit_json(report.to_json())
     click.echo(report.line(repo_dir, dest_dir))

@@ -24,6 +24,15 @@ Publishing again is incremental: a file whose identity equals the previous
 revision's is not read again (its chunk list is reused, once its objects are
 checked present), and only objects not there yet are written, so a new
 version that mostly equals an older one adds only its changed bytes.
+
+Launch traces (`--trace`, cachecore/image/traces.py) go into the image with
+each traced file's identity translated to the one the image gives it (the
+content id added), after checking it against the file published: a file
+that changed since the trace was recorded is left out of the trace, with a
+warning, so an image's trace never names a version it does not hold. A
+trace given replaces the previous revision's trace of its variant; every
+other variant keeps its previous trace, checked the same way against what
+is published now; a variant no longer in the tree loses its trace.
 """
 from __future__ import annotations
 
@@ -35,6 +44,7 @@ import secrets
 import stat
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 
 import zstandard
@@ -59,8 +69,15 @@ from cachecore.image.objects import (
     object_name,
     object_path,
 )
+from cachecore.image.traces import (
+    DamagedTraceIndex,
+    decode_trace_index,
+    decode_trace_object,
+    encode_trace_index,
+)
 from cachecore.model import Attr, display_path
 from cachecore.store import FilesystemStore
+from cachecore.trace import BadTrace, VariantTrace, encode, merge_all
 
 from .errors import UserError
 
@@ -120,6 +137,7 @@ class PublishReport:
     objects_existing: int = 0  # already in the image
     bytes_new: int = 0         # bytes of the objects written (compressed, on disk)
     catalogs: int = 0
+    traces: int = 0            # variants with a launch trace in the revision
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -130,7 +148,8 @@ class PublishReport:
                 f"{self.files} file(s), "
                 f"{_mib(self.bytes)}; {self.objects_new} new object(s) ({_mib(self.bytes_new)}), "
                 f"{self.objects_existing} already there; {self.catalogs} catalog(s); "
-                f"{self.seconds:.1f} s")
+                + (f"{self.traces} trace(s); " if self.traces else "")
+                + f"{self.seconds:.1f} s")
 
 
 def _mib(n: int) -> str:
@@ -157,9 +176,15 @@ class TerminalProgress:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._shown:  # clear the line for the summary (or the error)
+        self.clear()
+
+    def clear(self) -> None:
+        """Take the status line away, for the summary, an error or a warning
+        (the next call shows it again)."""
+        if self._shown:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+            self._shown = 0.0
 
 
 # -- the image directory --------------------------------------------------------
@@ -278,6 +303,32 @@ class PreviousRevision:
     def child(self, catalog: Catalog | None, path: bytes) -> Catalog | None:
         return self.load(catalog.children.get(path)) if catalog else None
 
+    def traces(self, warn) -> dict[bytes, VariantTrace]:
+        """The revision's launch traces, by variant root; one whose object is
+        missing or damaged is said (`warn`) and left out."""
+        name = self.manifest.traces if self.manifest else ""
+        if not name:
+            return {}
+        blob = self.objects.read(name)
+        try:
+            index = decode_trace_index(blob) if blob is not None else None
+        except DamagedTraceIndex:
+            index = None
+        if index is None:
+            warn(f"the previous revision's traces index {name} is missing or damaged: "
+                 "its traces are left out")
+            return {}
+        traces = {}
+        for root, trace_name in index.items():
+            data = self.objects.read(trace_name)
+            try:
+                if data is None:
+                    raise BadTrace(f"its object {trace_name} is missing or damaged")
+                traces[root] = decode_trace_object(root, data)
+            except BadTrace as e:
+                warn(f"the previous revision's trace of {os.fsdecode(root)} is left out: {e}")
+        return traces
+
 
 def _read_manifest(dest: str, key, key_path: str) -> Manifest | None:
     path = os.path.join(dest, MANIFEST_PATH)
@@ -301,10 +352,14 @@ def _read_manifest(dest: str, key, key_path: str) -> Manifest | None:
 
 # -- publishing -------------------------------------------------------------------
 class Publisher:
-    """One publish of REPO_DIR into an image directory (see the module docstring)."""
+    """One publish of REPO_DIR into an image directory (see the module docstring).
+
+    traces: variant root -> (the trace to publish, what to call it in warnings)."""
 
     def __init__(self, repo: str, objects: ObjectDir, previous: PreviousRevision,
-                 chunk_size: int, progress=None):
+                 chunk_size: int, progress=None,
+                 traces: dict[bytes, tuple[VariantTrace, str]] | None = None,
+                 warn=lambda message: None):
         self.repo = repo
         self.store = FilesystemStore(repo)
         self.objects = objects
@@ -313,9 +368,16 @@ class Publisher:
         self.progress = progress
         self.report = PublishReport()
         self._referenced: set[str] = set()
+        self.traces = traces or {}
+        self.warn = warn
+        # The published entries the traces name, noted as the tree is listed.
+        self._traced_paths = {_under(root, p) for root, (t, _) in self.traces.items()
+                              for p in [b"", *t.dirs, *(path for path, _ in t.files)]}
+        self._traced_attrs: dict[bytes, Attr] = {}
 
-    def run(self) -> str:
-        """Write every object of the new revision; the root catalog's name."""
+    def run(self) -> tuple[str, str]:
+        """Write every object of the new revision; the names of the root
+        catalog and of the traces index ("" when no trace is left)."""
         root_attr = _published_attr(self._store_call(b"", self.store.stat_root))
         root_catalog = Catalog(root=root_attr)
         prev_root = self.previous.root
@@ -329,7 +391,7 @@ class Publisher:
                 family_catalog.children[version] = self._payload_catalog(
                     version, version_entries, prev_payload)
             root_catalog.children[family] = self._write_catalog(family, family_catalog)
-        return self._write_catalog(b"", root_catalog)
+        return self._write_catalog(b"", root_catalog), self._write_traces()
 
     def _payload_catalog(self, version: bytes, entries: dict[bytes, Attr],
                          previous: Catalog | None) -> str:
@@ -358,6 +420,8 @@ class Publisher:
                 if self.progress:
                     self.progress(self.report)
             published[name] = _published_attr(attr)
+            if self._traced_paths and _join(directory, name) in self._traced_paths:
+                self._traced_attrs[_join(directory, name)] = published[name]
         catalog.listings[directory] = published
         return entries
 
@@ -415,6 +479,63 @@ class Publisher:
         self.report.catalogs += 1
         return name
 
+    def _write_traces(self) -> str:
+        """The trace objects of what is left of each trace once checked against
+        the tree published, and the traces index naming them."""
+        names = {}
+        for root, (trace, what) in sorted(self.traces.items()):
+            published = self._published_trace(trace, what)
+            if published is None:
+                continue
+            data = encode([published])
+            if len(data) > MAX_OBJECT_SIZE:
+                self.warn(f"{what} is left out: {len(data) >> 20} MiB, over the "
+                          f"{MAX_OBJECT_SIZE >> 20} MiB a mount accepts")
+                continue
+            names[root] = object_name(data)
+            self._reference(names[root], new=self.objects.put(names[root], data))
+        self.report.traces = len(names)
+        if not names:
+            return ""
+        index = encode_trace_index(names)
+        name = object_name(index)
+        self._reference(name, new=self.objects.put(name, index))
+        return name
+
+    def _published_trace(self, trace: VariantTrace, what: str) -> VariantTrace | None:
+        """`trace` with each file's identity the image's, less the files that
+        are not (any more) the version it was recorded on; None if nothing is left."""
+        attrs = self._traced_attrs
+        root = attrs.get(trace.root)
+        if root is None or not root.is_dir:
+            self.warn(f"{what} is left out: {os.fsdecode(trace.root)} is not a directory "
+                      f"in {display_path(self.repo)}")
+            return None
+        out = VariantTrace(trace.root, trace.block_size, trace.repo,
+                           [d for d in trace.dirs
+                            if (a := attrs.get(_under(trace.root, d))) is not None and a.is_dir])
+        kept: dict[int, int] = {}
+        changed = []
+        for i, (path, identity) in enumerate(trace.files):
+            attr = attrs.get(_under(trace.root, path))
+            # Recorded on the repository itself (4 numbers: no content id) or
+            # on a mount of an earlier revision of this image (5).
+            if attr is not None and attr.is_file and identity in (attr.identity,
+                                                                  attr.identity[:4]):
+                kept[i] = len(out.files)
+                out.files.append((path, attr.identity))
+            else:
+                changed.append(os.fsdecode(path))
+        out.reads = [(kept[f], b) for f, b in trace.reads if f in kept]
+        if changed:
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            self.warn(f"{what}: {len(changed)} file(s) changed or gone since it was recorded, "
+                      f"left out of it: {', '.join(changed[:3])}{more}")
+        if not out.reads and not out.dirs:
+            self.warn(f"{what} is left out: nothing it names is in the tree published")
+            return None
+        return out
+
     def _store_call(self, path: bytes, fn, *args):
         """A store request; what the repository did to stop it, as PublishFailed."""
         try:
@@ -428,6 +549,11 @@ class Publisher:
 
 def _join(directory: bytes, name: bytes) -> bytes:
     return directory + b"/" + name if directory else name
+
+
+def _under(root: bytes, path: bytes) -> bytes:
+    """A path relative to a variant root (b"": the root itself), relative to the repository."""
+    return root + b"/" + path if path else root
 
 
 def _subdirs(directory: bytes, entries: dict[bytes, Attr]) -> list[bytes]:
@@ -492,9 +618,11 @@ def _lock(dest: str) -> int:
 
 def publish(repo: str, dest: str, key_path: str, *, ttl: int = DEFAULT_TTL,
             valid_for: int = DEFAULT_VALIDITY, chunk_size: int = DEFAULT_CHUNK_SIZE,
-            progress=None) -> PublishReport:
+            traces: Iterable[VariantTrace] = (), progress=None,
+            warn=lambda message: None) -> PublishReport:
     """Publish the repository at `repo` as the next revision of the image in
-    `dest`; `progress(report)` is called as files are done."""
+    `dest`, with launch `traces` of its variants; `progress(report)` is called
+    as files are done, `warn(message)` for each trace (or part of one) left out."""
     started = time.monotonic()
     if ttl < 0:
         raise UserError(f"invalid TTL {ttl} (seconds, 0 or more)")
@@ -513,16 +641,21 @@ def publish(repo: str, dest: str, key_path: str, *, ttl: int = DEFAULT_TTL,
         try:
             _remove_temporaries(dest)
             objects = ObjectDir(dest)
-            publisher = Publisher(repo, objects, PreviousRevision(objects, previous), chunk_size,
-                                  progress)
-            root = publisher.run()
+            revision = PreviousRevision(objects, previous)
+            given = merge_all(list(traces))
+            to_publish = {root: (t, f"the previous revision's trace of {os.fsdecode(root)}")
+                          for root, t in revision.traces(warn).items() if root not in given}
+            to_publish.update((root, (t, f"the trace of {os.fsdecode(root)}"))
+                              for root, t in given.items())
+            publisher = Publisher(repo, objects, revision, chunk_size, progress, to_publish, warn)
+            root, traces_index = publisher.run()
             _sync_filesystem(dest)
             report = publisher.report
             report.revision = (previous.revision if previous else 0) + 1
             report.bytes_new = objects.bytes_written
             now = int(time.time())
             manifest = Manifest(revision=report.revision, root=root, ttl=ttl, published=now,
-                                expires=now + valid_for)
+                                expires=now + valid_for, traces=traces_index)
             _write_replacing(os.path.join(dest, MANIFEST_PATH), manifest.encode(key), fsync=True)
             _fsync_dir(dest)
         except PublishFailed as e:

@@ -4,13 +4,14 @@ can never disagree.
 
 An image is a directory of static files that any web server or bucket serves:
 
-    manifest            the one mutable file: signed, names the root catalog,
-                        a revision that only grows, a TTL and an expiry
-                        (manifest.py); served with a short cache lifetime
-    objects/ab/<hash>   immutable, content-addressed: file chunks and
-                        catalogs, named by the BLAKE3 of their uncompressed
-                        bytes, zstd-compressed when that helps (objects.py);
-                        served cacheable for a year
+    manifest            the one mutable file: signed, names the root catalog
+                        (and the traces index, if any), a revision that only
+                        grows, a TTL and an expiry (manifest.py); served with
+                        a short cache lifetime
+    objects/ab/<hash>   immutable, content-addressed: file chunks, catalogs
+                        and launch traces, named by the BLAKE3 of their
+                        uncompressed bytes, zstd-compressed when that helps
+                        (objects.py); served cacheable for a year
 
 Catalogs (catalog.py) are objects too: the root catalog lists the
 repository root and names one catalog per family; a family catalog lists
@@ -19,4 +20,8 @@ versions are released) and names one payload catalog per version; a payload
 catalog lists every directory below its version directory, immutable. A
 mount loads only the catalogs of what it touches, and a new revision shares
 every unchanged catalog and object with the one before.
+
+Launch traces (traces.py) are objects too: one per traced variant, its
+files' identities those of the image, listed by a traces index the manifest
+names; a mount replays a variant's trace on its first access to it.
 """

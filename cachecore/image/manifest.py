@@ -2,7 +2,9 @@
 
 The manifest is the only file of an image that changes. It names the root
 catalog (and so, through catalog and object names, every byte of the
-revision), a revision number that only grows, how long clients may keep it
+revision), the traces index when the revision carries launch traces
+(traces.py; "" when it does not, and absent from manifests written before
+traces: their readers ignore the field), a revision number that only grows, how long clients may keep it
 (TTL) and when it stops being valid (expiry: a stolen or stale image cannot
 be replayed for ever). It is written last by the publisher, so a publish
 killed at any point leaves the previous revision served and complete.
@@ -11,7 +13,8 @@ File form: a header line, the base64 signature, then the signed JSON:
 
     rez-lazyfs-manifest 1
     <base64 Ed25519 signature of DOMAIN + the JSON bytes>
-    {"expires": ..., "format": 1, "published": ..., "revision": ..., "root": "...", "ttl": ...}
+    {"expires": ..., "format": 1, "published": ..., "revision": ..., "root": "...",
+     "traces": "...", "ttl": ...}
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ class Manifest:
     published: int     # unix time
     expires: int       # unix time after which it is refused
     format: int = FORMAT
+    traces: str = ""   # the traces index's object name (traces.py); "" for none
 
     def encode(self, key: Ed25519PrivateKey) -> bytes:
         body = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -76,7 +80,8 @@ class Manifest:
         try:
             raw = json.loads(body)
             manifest = cls(**{k: raw[k] for k in ("revision", "root", "ttl", "published",
-                                                  "expires", "format")})
+                                                  "expires", "format")},
+                           traces=raw.get("traces", ""))
         except (ValueError, KeyError, TypeError) as e:
             raise BadManifest(f"signed but malformed manifest ({e})") from None
         if manifest.format != FORMAT or not all(
@@ -84,6 +89,8 @@ class Manifest:
                                          manifest.expires)) or manifest.ttl < 0:
             raise BadManifest("signed but malformed manifest (field types)")
         check_name(manifest.root)
+        if manifest.traces != "":
+            check_name(manifest.traces)
         now = time.time() if now is None else now
         if manifest.expires < now:
             raise BadManifest(f"the manifest (revision {manifest.revision}) expired on "

@@ -15,6 +15,10 @@ not fetch them again; chunks land in the block cache through the fetcher,
 keyed by the file's content id, so a file shared by two versions or two
 repositories is fetched once. The manifest is asked for again after its TTL,
 which is how new revisions appear without a remount.
+
+Launch traces the image carries (image/traces.py) come down the same chain:
+the manifest names the traces index, the index names each variant's trace
+object (`ImageTraces`).
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ from ..errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
 from ..image.catalog import Catalog, DamagedCatalog
 from ..image.manifest import MANIFEST_PATH, BadManifest, Manifest, load_public_key
 from ..image.objects import DamagedObject, decode_object, object_path
+from ..image.traces import decode_trace_index, decode_trace_object
 from ..model import CONTENT_ID_SIZE, Attr, display_path
 from ..paths import split_path
+from ..trace import VariantTrace
 
 log = logging.getLogger(__name__)
 _CATALOGS_IN_MEMORY = 256
@@ -52,6 +58,7 @@ class HttpStore:
         self._manifest_until = 0.0
         self._catalogs: OrderedDict[str, Catalog] = OrderedDict()
         self._chunks: OrderedDict[str, bytes] = OrderedDict()
+        self._trace_index: tuple[str, dict[bytes, str]] = ("", {})  # the last one read, by name
 
     @classmethod
     def from_spec(cls, spec, *, offline: bool, index, timeout: float) -> HttpStore:
@@ -63,8 +70,8 @@ class HttpStore:
     def __repr__(self):
         return f"HttpStore({self.root!r})"
 
-    def traces(self):
-        return None
+    def traces(self) -> ImageTraces:
+        return ImageTraces(self)
 
     def close_idle(self) -> None:
         pass
@@ -177,6 +184,38 @@ class HttpStore:
             return NotADirectory(f"{where}: not a directory in the image")
         return NotFound(f"{where}: not in the image")
 
+    # -- launch traces (image/traces.py) ---------------------------------------------
+    def trace_roots(self) -> set[bytes]:
+        if self.offline:
+            return set()  # nothing could be replayed: every fetch would be refused
+        return set(self._traces_index())
+
+    def variant_trace(self, root: bytes) -> VariantTrace | None:
+        """The variant's trace, or None; BadTrace if its object, though it
+        matches its name, is not that trace (the replay logs it and goes without)."""
+        name = self._traces_index().get(root)
+        if name is None:
+            return None
+        data = self._get(object_path(name), f"{display_path(self.root, root)} (trace)",
+                         lambda blob: decode_object(name, blob))
+        return decode_trace_object(root, data)
+
+    def _traces_index(self) -> dict[bytes, str]:
+        """The current revision's {variant root: trace object name}."""
+        name = self._current_manifest().traces
+        if not name:
+            return {}
+        with self._lock:
+            known_name, known = self._trace_index
+        if known_name == name:
+            return known
+        data = self._get(object_path(name), f"{self.root} (traces index)",
+                         lambda blob: decode_object(name, blob))
+        index = decode_trace_index(data)
+        with self._lock:
+            self._trace_index = (name, index)  # immutable: good until the manifest names another
+        return index
+
     # -- the store interface -------------------------------------------------------
     def stat_root(self) -> Attr:
         root = self._catalog(self._current_manifest().root, f"{self.root} (root catalog)").root
@@ -239,3 +278,19 @@ class HttpStore:
             while len(self._chunks) > _CHUNKS_IN_MEMORY:
                 self._chunks.popitem(last=False)
         return data
+
+
+class ImageTraces:
+    """The launch traces of the image's current revision, as a
+    replay.TraceSource (a revision without traces has none)."""
+
+    local = False
+
+    def __init__(self, store: HttpStore):
+        self._store = store
+
+    def roots(self) -> set[bytes]:
+        return self._store.trace_roots()
+
+    def trace(self, root: bytes) -> VariantTrace | None:
+        return self._store.variant_trace(root)

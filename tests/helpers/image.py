@@ -17,7 +17,9 @@ from pathlib import Path
 from cachecore.image.catalog import Catalog, FileChunks
 from cachecore.image.manifest import MANIFEST_PATH, Manifest, load_public_key
 from cachecore.image.objects import decode_object, object_path
+from cachecore.image.traces import decode_trace_index, decode_trace_object
 from cachecore.model import Attr
+from cachecore.trace import VariantTrace
 
 from helpers.walk import FULL_HASH_LIMIT, Entry, sample_ranges
 
@@ -111,11 +113,23 @@ class ImageReader:
                 entries.append(e._replace(relpath=e.relpath[len(directory) + 1:]))
         return sorted(entries)
 
+    def trace_index(self) -> dict[bytes, str]:
+        """{variant root: trace object name}; {} for a revision without traces."""
+        name = self.manifest.traces
+        return decode_trace_index(self.object(name)) if name else {}
+
+    def traces(self) -> dict[bytes, VariantTrace]:
+        return {root: decode_trace_object(root, self.object(name))
+                for root, name in self.trace_index().items()}
+
     def referenced_objects(self) -> set[str]:
-        """Every object the revision names: its catalogs and all file chunks."""
+        """Every object the revision names: its catalogs, all file chunks and
+        its launch traces."""
         names = {c.name for c in self.catalogs}
         for chunks in self.files.values():
             names.update(chunks.chunks)
+        if self.manifest.traces:
+            names |= {self.manifest.traces, *self.trace_index().values()}
         return names
 
 

@@ -1,0 +1,75 @@
+"""The launch traces a published image carries (cachecore/trace.py), so every
+mount of it can replay a variant's start-up with no trace file of its own.
+
+Two kinds of object, content-addressed like every other (objects.py):
+
+* a trace object per traced variant: that variant's trace in the trace file
+  format (trace.encode([trace])), each file's identity the one the image
+  gives it (size, mtime, ctime, inode and content id, as the HTTP store's
+  attributes report them), so a replay applies it to exactly those versions
+  and skips a file once a later revision changes it;
+* the traces index, named by the manifest's `traces` field (and so signed
+  with it): {variant root: trace object name}, JSON.
+
+The publisher writes a variant's trace only after checking every traced
+file's identity against the tree it publishes (mount/publish.py). A mount
+reads the index when it looks for traces, and a trace object on the first
+access to its variant; a revision whose traces did not change names the
+same objects as the one before.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import LazyFSError
+from ..paths import BadPath, relpath_from_text
+from ..trace import BadTrace, VariantTrace, decode
+from .objects import DamagedObject, check_name
+
+FORMAT = "rez-lazyfs-image-traces"
+VERSION = 1
+MAX_TRACES = 100_000  # traced variants in one revision
+
+
+class DamagedTraceIndex(LazyFSError):
+    """A traces index that matches its name but is not well formed."""
+
+
+def encode_trace_index(traces: dict[bytes, str]) -> bytes:
+    return json.dumps({"format": FORMAT, "version": VERSION,
+                       "traces": {os.fsdecode(root): name for root, name in sorted(traces.items())}},
+                      separators=(",", ":")).encode()
+
+
+def decode_trace_index(blob: bytes) -> dict[bytes, str]:
+    """{variant root: trace object name}; DamagedTraceIndex says what is wrong."""
+    try:
+        doc = json.loads(blob)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedTraceIndex(f"damaged traces index: not JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise DamagedTraceIndex("not a traces index (or of an unknown version)")
+    traces = doc.get("traces")
+    if not isinstance(traces, dict) or len(traces) > MAX_TRACES:
+        raise DamagedTraceIndex(f"damaged traces index: not a map of at most {MAX_TRACES} traces")
+    out = {}
+    for text, name in traces.items():
+        try:
+            root = relpath_from_text(text)
+            check_name(name)
+        except (BadPath, DamagedObject) as e:
+            raise DamagedTraceIndex(f"damaged traces index: {e}") from None
+        if root.count(b"/") < 1:
+            raise DamagedTraceIndex(f"damaged traces index: {text[:80]!r} is not a variant root")
+        out[root] = name
+    return out
+
+
+def decode_trace_object(root: bytes, data: bytes) -> VariantTrace:
+    """The trace of `root` from its trace object's verified bytes; BadTrace
+    if they are not one trace of that variant."""
+    traces = decode(data)
+    if len(traces) != 1 or traces[0].root != root:
+        raise BadTrace(f"the trace object of {os.fsdecode(root)} holds other traces")
+    return traces[0]

@@ -1,0 +1,438 @@
+"""Issue 12: a published image carries its variants' launch traces
+(`rez-lazyfs publish --trace`), and every mount of it replays them.
+
+The trace is recorded for real (`rez-lazyfs trace record`) on a mount of the
+repository directory itself; the image of that directory is served by a real
+nginx, read through a real squid, and mounted at the same mount point over
+a fresh cache, so the same baked context launches from it. Real rez
+resolves and sources the contexts; the launch imports a package of modules
+and reads scattered ranges of a data file, and prints the sha256 of all it
+read.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from cachecore.image.manifest import Manifest, load_private_key
+from cachecore.image.objects import encode_object, object_name, object_path
+from cachecore.image.traces import encode_trace_index
+from cachecore.trace import VariantTrace, encode
+from helpers.faults import lazyfs_cli_fixture
+from helpers.http import nginx_origin_fixture, squid_proxy_fixture
+from helpers.image import ImageReader, image_objects
+from helpers.rezrepo import Rez, build_store
+from helpers.trees import write_rez_package
+
+FIXTURES = (nginx_origin_fixture, squid_proxy_fixture, lazyfs_cli_fixture)
+ALIAS = "main"
+BLOCK = 128 * 1024  # the default block size and the image's chunk size
+VARIANT = "app/1.0"
+MODULES = 24
+DATA_SIZE = 20 * BLOCK
+RANGES = [(0, 4096), (3 * BLOCK + 100, 5000), (7 * BLOCK, BLOCK + 10), (12 * BLOCK + 5, 300),
+          (17 * BLOCK + 17, 64)]
+LAUNCH = "import applaunch, sys; sys.stdout.write(applaunch.main())"
+WARNING = "rez-lazyfs: warning: "
+
+
+def _module(i: int) -> str:
+    rng = random.Random(i)
+    body = "\n".join(f"def f{n}(x={rng.randrange(1000)}):\n    return x * {n}\n" for n in range(60))
+    return f"VALUE = {rng.randrange(10**6)}\n{body}\n"
+
+
+def store_entries() -> dict:
+    entries = {
+        f"{VARIANT}/package.py": """
+            name = "app"
+            version = "1.0"
+            def commands():
+                env.PYTHONPATH.prepend("{root}/python")
+                env.APP_DATA = "{root}/share/data.bin"
+        """,
+        f"{VARIANT}/python/applaunch/__init__.py": f"""
+            import hashlib, importlib, os
+            RANGES = {RANGES!r}
+            def main():
+                h = hashlib.sha256()
+                for i in range({MODULES}):
+                    h.update(str(importlib.import_module(f"applaunch.mod_{{i:03d}}").VALUE).encode())
+                with open(os.environ["APP_DATA"], "rb") as f:
+                    for offset, length in RANGES:
+                        f.seek(offset)
+                        h.update(f.read(length))
+                return h.hexdigest() + "\\n"
+        """,
+        f"{VARIANT}/share/data.bin": random.Random(7).randbytes(DATA_SIZE),
+        f"{VARIANT}/share/unused.bin": random.Random(8).randbytes(6 * BLOCK),
+    }
+    for i in range(MODULES):
+        entries[f"{VARIANT}/python/applaunch/mod_{i:03d}.py"] = _module(i)
+    return entries
+
+
+def expected_output(store: Path) -> str:
+    h = hashlib.sha256()
+    for i in range(MODULES):
+        spec = importlib.util.spec_from_file_location(
+            f"m{i}", store / VARIANT / f"python/applaunch/mod_{i:03d}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        h.update(str(module.VALUE).encode())
+    data = (store / VARIANT / "share/data.bin").read_bytes()
+    for offset, length in RANGES:
+        h.update(data[offset:offset + length])
+    return h.hexdigest() + "\n"
+
+
+def lstat_identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.lstat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def blocks_of(trace: VariantTrace) -> dict[bytes, set[int]]:
+    out: dict[bytes, set[int]] = {}
+    for f, b in trace.reads:
+        out.setdefault(trace.files[f][0], set()).add(b)
+    return out
+
+
+def rewrite(path: Path) -> None:
+    """Another version of a module, in place: another value."""
+    path.write_text(path.read_text().replace("VALUE = ", "VALUE = 1 + ", 1))
+
+
+class TracedImage:
+    """A repository, a context resolved from it and baked for one mount
+    point, a mount of the repository at that point (to record on), and an
+    image of the repository on an nginx origin (to mount there instead)."""
+
+    def __init__(self, tmp_path: Path, lazyfs_mount, origin):
+        self.tmp = tmp_path
+        self.rez = Rez(tmp_path)
+        self.source = tmp_path / "svr" / "packages"
+        build_store(self.source, store_entries())
+        self.origin = origin
+        self.image = Path(origin.root)
+        self.key = tmp_path / "signing.key"
+        self.lazyfs("keygen", self.key)
+        self.public_key = Path(f"{self.key}.pub")
+        context = self.rez.resolve(["app"], [self.source], tmp_path / "app.rxt")
+        self.mount = lazyfs_mount({ALIAS: self.source}, block_size=None)
+        self.baked = tmp_path / "app.lazy.rxt"
+        self.lazyfs("bake", context, "-o", self.baked, "--mount", self.mount.path,
+                    "--repo", f"{ALIAS}={self.source}", "--cache", self.mount.cache)
+        self.trace = tmp_path / "app.trace"
+
+    def lazyfs(self, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+        result = self.rez.lazyfs(*args, timeout=timeout)
+        assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
+        assert "Traceback" not in result.stderr, result.stderr
+        return result
+
+    def record(self) -> VariantTrace:
+        """Record the launch on the repository's own mount; the trace of the variant."""
+        self.lazyfs("trace", "record", self.baked, "-o", self.trace, "--",
+                    sys.executable, "-B", "-c", LAUNCH)
+        [trace] = self.trace_file()
+        assert trace.root == VARIANT.encode() and trace.reads
+        return trace
+
+    def trace_file(self) -> list[VariantTrace]:
+        from cachecore.trace import decode
+
+        return decode(self.trace.read_bytes())
+
+    def publish(self, *args) -> tuple[dict, list[str]]:
+        """The report and the warning lines of a publish into the origin's directory."""
+        result = self.lazyfs("publish", self.source, self.image, "--key", self.key, "--json", *args)
+        self.origin.reload()  # nginx keeps files open: serve what was just written
+        lines = result.stderr.splitlines()
+        assert all(line.startswith(WARNING) for line in lines), result.stderr
+        return json.loads(result.stdout), [line[len(WARNING):] for line in lines]
+
+    def reader(self) -> ImageReader:
+        return ImageReader(self.image, self.public_key)
+
+    def mount_image(self, name: str, proxy=None) -> None:
+        """The image at the same mount point, over a fresh cache."""
+        extra = ("--public-key", str(self.public_key)) + (("--proxy", proxy.url) if proxy else ())
+        self.mount.remount(repos={ALIAS: self.origin.url}, cache=self.tmp / f"cache-{name}",
+                           extra_args=extra)
+
+    def launch(self) -> str:
+        result = self.rez.source(self.baked, [sys.executable, "-B", "-c", LAUNCH])
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def variant(self) -> Path:
+        return self.mount.repo_path(ALIAS) / VARIANT
+
+    def settle(self, quiet: float = 1.0, limit: float = 60.0) -> dict:
+        """The mount's stats once its store reads stop moving."""
+        last, still = self.mount.stats(), time.monotonic()
+        deadline = time.monotonic() + limit
+        while time.monotonic() - still < quiet and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.mount.stats()
+            if now["store_reads"] != last["store_reads"]:
+                still = time.monotonic()
+            last = now
+        return last
+
+
+@pytest.fixture
+def origin(nginx_origin):
+    return nginx_origin()
+
+
+@pytest.fixture
+def traced(tmp_path, lazyfs_mount, origin) -> TracedImage:
+    return TracedImage(tmp_path, lazyfs_mount, origin)
+
+
+def wait_for_log(mount, text: str, since: int = 0, limit: float = 30.0) -> bytes:
+    deadline = time.monotonic() + limit
+    while True:
+        found = [line for line in mount.log_lines(since) if text.encode() in line]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no {text!r} in the log within {limit}s"
+        time.sleep(0.1)
+
+
+# -- 1. published, mounted, replayed through squid ------------------------------------
+def test_a_published_trace_is_replayed_through_squid_and_the_launch_reads_the_same_bytes(
+        traced, squid_proxy):
+    recorded = traced.record()
+    expected = expected_output(traced.source)
+    proxy = squid_proxy()
+
+    # An image without traces (as every image before them): mounts, launches, no replay.
+    report, warnings = traced.publish()
+    assert report["traces"] == 0 and not warnings
+    assert traced.reader().manifest.traces == ""
+    traced.mount_image("untraced", proxy)
+    assert traced.launch() == expected
+    stats = traced.settle()
+    assert stats["replay_blocks"] == 0 and stats["errors"] == 0
+    assert not [line for line in traced.mount.log_lines() if b"cannot read the trace" in line]
+
+    # The next revision carries the trace, with the image's identities.
+    report, warnings = traced.publish("--trace", traced.trace)
+    assert report["traces"] == 1 and report["revision"] == 2 and not warnings, warnings
+    reader = traced.reader()
+    [(root, published)] = reader.traces().items()
+    assert root == VARIANT.encode()
+    assert [p for p, _ in published.files] == [p for p, _ in recorded.files]
+    for (path, identity), (_, was) in zip(published.files, recorded.files):
+        attr = reader.attrs[root + b"/" + path]
+        assert identity == attr.identity and len(identity) == 5 and identity[:4] == was
+    assert blocks_of(published) == blocks_of(recorded)
+    assert published.dirs == recorded.dirs
+    trace_objects = {reader.manifest.traces, *reader.trace_index().values()}
+    assert trace_objects <= image_objects(traced.image)
+    assert trace_objects <= reader.referenced_objects()
+
+    # A fresh cache, through a fresh squid: the first access replays the
+    # trace from the image, the launch prints what it printed from the
+    # repository, and the replayed blocks are the ones it reads.
+    proxy = squid_proxy()
+    traced.mount_image("traced", proxy)
+    mark = traced.mount.log_mark()
+    assert traced.launch() == expected
+    line = wait_for_log(traced.mount, f"replayed the trace of {ALIAS}/{VARIANT}", mark)
+    stats = traced.settle()
+    traced_blocks = sum(len(b) for b in blocks_of(published).values())
+    assert stats["replay_blocks"] >= traced_blocks - 2, (stats, line)
+    assert stats["replay_useful"] >= stats["replay_blocks"] - 2, stats
+    assert stats["replay_skipped"] == 0 and stats["errors"] == 0, stats
+    # Every traced chunk came through squid, and the trace; nothing of the
+    # file the launch does not read.
+    chunks = {name for path, blocks in blocks_of(published).items()
+              for name in (reader.files[root + b"/" + path].chunks[b] for b in blocks)}
+    through_squid = {r.url.rsplit("/", 1)[1] for r in proxy.requests("/objects/")}
+    assert chunks <= through_squid
+    assert trace_objects <= through_squid
+    unused = reader.files[root + b"/share/unused.bin"].chunks
+    assert not set(unused) & through_squid
+
+
+# -- 2. a file changed before publishing; publishing again --------------------------------
+def test_a_file_changed_before_publishing_is_left_out_and_publishing_again_keeps_the_rest(traced):
+    recorded = traced.record()
+    traced.mount.unmount()
+    changed = traced.source / VARIANT / "python/applaunch/mod_000.py"
+    rewrite(changed)
+    expected = expected_output(traced.source)
+    # and a variant the repository does not have, by hand
+    ghost = VariantTrace(b"ghost/1.0", BLOCK, ALIAS, [b""])
+    traced.trace.write_bytes(encode([*traced.trace_file(), ghost]))
+
+    report, warnings = traced.publish("--trace", traced.trace)
+    assert report["traces"] == 1
+    assert sorted(warnings) == sorted([
+        f"the trace of {VARIANT}: 1 file(s) changed or gone since it was recorded, left out "
+        "of it: python/applaunch/mod_000.py",
+        f"the trace of ghost/1.0 is left out: ghost/1.0 is not a directory in {traced.source}"])
+    published = traced.reader().traces()[VARIANT.encode()]
+    names = [p for p, _ in published.files]
+    assert b"python/applaunch/mod_000.py" not in names
+    assert names == [p for p, _ in recorded.files if p != b"python/applaunch/mod_000.py"]
+
+    traced.mount_image("changed")
+    assert traced.launch() == expected
+    stats = traced.settle()
+    # nothing skipped at the mount: the image's trace names only what it holds
+    assert stats["replay_blocks"] > 0 and stats["replay_skipped"] == 0 and stats["errors"] == 0
+
+    # Again without --trace, another module changed: the previous revision's
+    # trace is kept, less that module.
+    rewrite(traced.source / VARIANT / "python/applaunch/mod_001.py")
+    report, warnings = traced.publish()
+    assert report["traces"] == 1
+    assert warnings == [f"the previous revision's trace of {VARIANT}: 1 file(s) changed or gone "
+                        "since it was recorded, left out of it: python/applaunch/mod_001.py"]
+    kept = traced.reader().traces()[VARIANT.encode()]
+    assert [p for p, _ in kept.files] == [n for n in names if n != b"python/applaunch/mod_001.py"]
+
+    # Again, nothing changed: the same traces, no object written, nothing said.
+    index = traced.reader().manifest.traces
+    report, warnings = traced.publish()
+    assert report["objects_new"] == 0 and report["traces"] == 1 and not warnings
+    assert traced.reader().manifest.traces == index
+
+    # A trace given replaces the variant's previous one.
+    traced.trace.write_bytes(encode([VariantTrace(
+        VARIANT.encode(), BLOCK, ALIAS, [b"share"],
+        [(b"share/unused.bin", lstat_identity(traced.source / VARIANT / "share/unused.bin"))],
+        [(0, 2)])]))
+    report, warnings = traced.publish("--trace", traced.trace)
+    assert report["traces"] == 1 and not warnings
+    replaced = traced.reader().traces()[VARIANT.encode()]
+    assert [p for p, _ in replaced.files] == [b"share/unused.bin"] and replaced.reads == [(0, 2)]
+
+
+# -- 3. a bad --trace: one line, nothing written ---------------------------------------------
+def test_a_bad_trace_file_fails_with_one_line_and_publishes_nothing(tmp_path, lazyfs_cli):
+    repo, image = tmp_path / "repo", tmp_path / "image"
+    write_rez_package(repo, "fam", "1.0", files={"lib/a.txt": "alpha\n"})
+    key = tmp_path / "signing.key"
+    assert lazyfs_cli.run("keygen", key).returncode == 0
+    good = VariantTrace(b"fam/1.0", BLOCK, ALIAS, [b""],
+                        [(b"lib/a.txt", lstat_identity(repo / "fam/1.0/lib/a.txt"))], [(0, 0)])
+    document = json.loads(encode([good]))
+
+    def variant_with(**fields) -> bytes:
+        return json.dumps({**document, "variants": [{**document["variants"][0], **fields}]}).encode()
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cases = {
+        "missing": (None, "No such file or directory"),
+        "a directory": (bad / "dir", "Is a directory"),
+        "not JSON": (b"\x00garbage", "not JSON"),
+        "another document": (b'{"format": "rez-lazyfs-recording"}', "not a rez-lazyfs trace"),
+        "a bad identity": (variant_with(files=[{"path": "lib/a.txt", "identity": [1, -2]}]),
+                           "identity must be"),
+        "an escaping path": (variant_with(files=[{"path": "../../etc/passwd",
+                                                  "identity": [1, 2, 3, 4]}]), "'..'"),
+        "a path no file has": (variant_with(root="fam/\ud800"), "is not a file name"),
+        "a read past the end": (variant_with(reads=[0, 5, 1]), "past its end"),
+    }
+    (bad / "dir").mkdir()
+
+    def run_cases(dest: Path) -> None:
+        for case, (content, expected) in cases.items():
+            path = bad / case.replace(" ", "-")
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            elif content is not None:
+                path = content
+            result = lazyfs_cli.run("publish", repo, dest, "--key", key,
+                                    "--trace", tmp_path / "good.trace", "--trace", path)
+            line = result.one_line_error()
+            assert result.returncode == 1 and expected in line, (case, line)
+            assert line.startswith("rez-lazyfs: error: --trace: ") and "nothing published" in line
+
+    (tmp_path / "good.trace").write_bytes(encode([good]))
+    run_cases(image)
+    assert not image.exists(), "a refused publish made the image directory"
+
+    published = lazyfs_cli.run("publish", repo, image, "--key", key, "--trace", tmp_path / "good.trace")
+    assert published.returncode == 0 and not published.stderr, published.output
+    manifest, objects = (image / "manifest").read_bytes(), image_objects(image)
+    run_cases(image)
+    assert (image / "manifest").read_bytes() == manifest and image_objects(image) == objects
+    assert [n for n in os.listdir(image) if n.startswith(".tmp-")] == []
+    assert list(ImageReader(image, Path(f"{key}.pub")).traces()) == [b"fam/1.0"]
+
+
+# -- 4. a damaged trace in the image: said and skipped -----------------------------------------
+def test_a_damaged_trace_in_the_image_is_logged_and_skipped(tmp_path, origin, lazyfs_mount):
+    repo, image = tmp_path / "repo", Path(origin.root)
+    files = {f"lib/m{i}.bin": random.Random(i).randbytes(2 * BLOCK + 1 + i) for i in range(4)}
+    version = write_rez_package(repo, "pkg", "1.0", files=files)
+    key = tmp_path / "signing.key"
+    rez = Rez(tmp_path)
+    assert rez.lazyfs("keygen", key).returncode == 0
+    trace = VariantTrace(b"pkg/1.0", BLOCK, ALIAS, [b"", b"lib"],
+                         [(os.fsencode(rel), lstat_identity(version / rel)) for rel in files],
+                         [(i, b) for i in range(len(files)) for b in range(3)])
+    (tmp_path / "pkg.trace").write_bytes(encode([trace]))
+    published = rez.lazyfs("publish", repo, image, "--key", key, "--trace", tmp_path / "pkg.trace")
+    assert published.returncode == 0, published.stderr
+    reader = ImageReader(image, Path(f"{key}.pub"))
+    trace_name = reader.trace_index()[b"pkg/1.0"]
+    options = dict(block_size=None, extra_args=("--public-key", f"{key}.pub"))
+
+    def first_access_then_read(m) -> dict:
+        mark = m.log_mark()
+        variant = m.repo_path(ALIAS) / "pkg/1.0"
+        assert sorted(os.listdir(variant / "lib")) == sorted(Path(r).name for r in files)
+        line = wait_for_log(m, "cannot read the trace", mark)
+        for rel, data in files.items():
+            assert (variant / rel).read_bytes() == data
+        stats = m.stats()
+        assert stats["replay_blocks"] == 0, stats
+        return line
+
+    # Sound: replayed.
+    m = lazyfs_mount({ALIAS: origin.url}, **options)
+    os.listdir(m.repo_path(ALIAS) / "pkg/1.0")
+    wait_for_log(m, "replayed the trace of main/pkg/1.0")
+    m.unmount()
+
+    # Bytes that do not match the object's name: fetched again past the
+    # caches, then given up on; the files are read as ever.
+    blob = (image / object_path(trace_name)).read_bytes()
+    origin.put(object_path(trace_name), blob[:-1] + bytes([blob[-1] ^ 0xFF]))
+    m.expect_log("does not match its name")
+    m.remount(cache=tmp_path / "cache-tampered")
+    line = first_access_then_read(m)
+    assert trace_name.encode() in line, line
+    origin.put(object_path(trace_name), blob)
+
+    # Signed, matching its name, and no trace: the replay says so and goes without.
+    not_a_trace = b'{"format": "rez-lazyfs-trace", "version": 1, "variants": "none"}'
+    index = encode_trace_index({b"pkg/1.0": object_name(not_a_trace)})
+    for data in (not_a_trace, index):
+        origin.put(object_path(object_name(data)), encode_object(data))
+    manifest = reader.manifest
+    resigned = Manifest(**{**asdict(manifest), "revision": manifest.revision + 1,
+                           "traces": object_name(index)})
+    origin.put("manifest", resigned.encode(load_private_key(str(key))))
+    m.remount(cache=tmp_path / "cache-not-a-trace")
+    line = first_access_then_read(m)
+    assert b"variants must be a list" in line, line
