@@ -348,6 +348,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mount-option", action="append", default=[], metavar="ARG")
     ap.add_argument("--output", default="soak_http", help="results name in tests/bench/results")
     args = ap.parse_args(argv)
+    # The code under test is what the daemon loaded when it started, not what
+    # the checkout holds when the report is written half an hour later.
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
     if os.geteuid() != 0:
         print("soak_http.py needs root (network namespaces, drop_caches, FUSE mounts)", file=sys.stderr)
         return 2
@@ -392,8 +396,6 @@ def main(argv=None) -> int:
         net.close()
     with open("/proc/loadavg") as f:
         load_end = " ".join(f.read().split()[:3])
-    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
     minutes_run = soak.samples[-1]["minute"]
     report = {"generated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": "tests/bench/soak_http.py " + " ".join(sys.argv[1:] if argv is None else argv),
