@@ -35,7 +35,7 @@ from .errors import (
     StoreFileChanged,
     StoreUnavailable,
 )
-from .trace import BadTrace, VariantTrace, decode, merge, rescaled
+from .trace import BadTrace, VariantTrace, decode, merge, rescaled, same_version
 
 log = logging.getLogger(__name__)
 TRACE_SUFFIX = ".trace"
@@ -155,7 +155,7 @@ async def replay(repo, trace: VariantTrace) -> None:
                 attr = await repo.getattr(under_root(path))
             except (NotFound, NotADirectory):
                 attr = None
-            if attr is None or not attr.is_file or attr.identity != identity:
+            if attr is None or not attr.is_file or not same_version(identity, attr.identity):
                 counters.replay_skipped += 1  # recorded on another version: never applied
                 continue
             versions[i] = repo.file_version(under_root(path), attr)

@@ -139,6 +139,22 @@ def _path(text, where: str, allow_empty: bool = True) -> bytes:
         raise BadTrace(f"{where}: {e}") from None
 
 
+def same_version(traced: tuple[int, ...], current: tuple[int, ...]) -> bool:
+    """Whether a traced file is the version the store holds now, as far as a
+    trace can tell: the same size and mtime, and the same content id when
+    both name one (a published file).
+
+    Inode numbers and change times are left out on purpose: some stores
+    renumber inodes at every mount (sshfs numbers them in lookup order, so
+    every trace would miss after a remount), and a trace must travel between
+    machines. What a looser match can cost is waste, never a wrong byte: a
+    file rewritten in place with its mtime put back has its current bytes
+    fetched ahead, and every store read still checks the full identity."""
+    if traced[:2] != current[:2]:
+        return False
+    return len(traced) < 5 or len(current) < 5 or traced[4] == current[4]
+
+
 def merge(old: VariantTrace, new: VariantTrace) -> VariantTrace:
     """The union of two traces of one variant, `old`'s first-touch order first.
     A file recorded at another version in `new` (it changed since) takes the
@@ -153,11 +169,12 @@ def merge(old: VariantTrace, new: VariantTrace) -> VariantTrace:
     def file_index(path: bytes, identity) -> int:
         if path not in index:
             index[path] = len(out.files)
-            out.files.append((path, identity))
+            out.files.append((path, newer.get(path, identity)))  # the latest recorded
         return index[path]
 
     seen = set()
-    for source, keep in ((old, lambda p, i: newer.get(p, i) == i), (new, lambda p, i: True)):
+    for source, keep in ((old, lambda p, i: same_version(newer.get(p, i), i)),
+                         (new, lambda p, i: True)):
         for f, b in source.reads:
             path, identity = source.files[f]
             if keep(path, identity):

@@ -50,7 +50,13 @@ from dataclasses import asdict, dataclass, replace
 import zstandard
 
 from cachecore.errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
-from cachecore.image.catalog import DEFAULT_CHUNK_SIZE, Catalog, DamagedCatalog, FileChunks, content_id
+from cachecore.image.catalog import (
+    DEFAULT_CHUNK_SIZE,
+    Catalog,
+    DamagedCatalog,
+    FileChunks,
+    content_id,
+)
 from cachecore.image.manifest import (
     DEFAULT_TTL,
     DEFAULT_VALIDITY,
@@ -77,7 +83,7 @@ from cachecore.image.traces import (
 )
 from cachecore.model import Attr, display_path
 from cachecore.store import FilesystemStore
-from cachecore.trace import BadTrace, VariantTrace, encode, merge_all
+from cachecore.trace import BadTrace, VariantTrace, encode, merge_all, same_version
 
 from .errors import UserError
 
@@ -518,10 +524,9 @@ class Publisher:
         changed = []
         for i, (path, identity) in enumerate(trace.files):
             attr = attrs.get(_under(trace.root, path))
-            # Recorded on the repository itself (4 numbers: no content id) or
-            # on a mount of an earlier revision of this image (5).
-            if attr is not None and attr.is_file and identity in (attr.identity,
-                                                                  attr.identity[:4]):
+            # Recorded on the repository itself (no content id) or on a mount
+            # of an earlier revision of this image (with one).
+            if attr is not None and attr.is_file and same_version(identity, attr.identity):
                 kept[i] = len(out.files)
                 out.files.append((path, attr.identity))
             else:

@@ -225,3 +225,13 @@ def test_a_replay_keeps_to_the_cache_limit(tmp_path, store, caplog):
     assert 2 <= len(counting.reads) <= 2 + repo.fetcher.background_limiter.total_tokens
     assert len(counting.reads) < 8
     assert "the cache is at its limit" in caplog.text
+
+
+def test_a_traced_file_is_the_same_version_by_size_mtime_and_content_id():
+    from cachecore.trace import same_version
+
+    assert same_version((10, 5, 6, 7), (10, 5, 99, 123))      # renumbered inode, new ctime
+    assert not same_version((10, 5, 6, 7), (10, 6, 6, 7))     # another mtime
+    assert not same_version((10, 5, 6, 7), (11, 5, 6, 7))     # another size
+    assert same_version((10, 5, 6, 7), (10, 5, 0, 1, 42))     # recorded on the tree, published
+    assert not same_version((10, 5, 0, 1, 41), (10, 5, 0, 1, 42))  # other content
