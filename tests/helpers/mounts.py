@@ -68,6 +68,17 @@ def processes_with_marker(marker: str) -> list[int]:
     return pids
 
 
+def is_daemon(pid: int) -> bool:
+    """Whether *pid* is a mount daemon (not the `rez-lazyfs mount` command
+    that started it): a daemon's process title is `rez-lazyfs mount MP ...`,
+    written over its command line (the CLI's first word is its interpreter)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().startswith(b"rez-lazyfs mount ")
+    except OSError:
+        return False
+
+
 def _wait_for_exit(marker: str, timeout: float) -> list[int]:
     """Poll until no process carries *marker*; returns the survivors."""
     deadline = time.monotonic() + timeout
