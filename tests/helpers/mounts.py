@@ -70,13 +70,15 @@ def processes_with_marker(marker: str) -> list[int]:
 
 def is_daemon(pid: int) -> bool:
     """Whether *pid* is a mount daemon (not the `rez-lazyfs mount` command
-    that started it): a daemon's process title is `rez-lazyfs mount MP ...`,
-    written over its command line (the CLI's first word is its interpreter)."""
+    that started it, whose first word is its interpreter): a daemon's process
+    title is `rez-lazyfs mount MP ...`, written over its command line once it
+    knows its repositories; until then it is `python -m mount.daemon ...`."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().startswith(b"rez-lazyfs mount ")
+            cmdline = f.read()
     except OSError:
         return False
+    return cmdline.startswith(b"rez-lazyfs mount ") or b"\0mount.daemon\0" in cmdline
 
 
 def _wait_for_exit(marker: str, timeout: float) -> list[int]:
