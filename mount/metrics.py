@@ -25,7 +25,7 @@ LABELS = ["cache", "source"]
 # Counters fields, as Prometheus counters: metric name (before _total), help.
 COUNTERS = {
     "cache_hits": ("cache_hits", "Blocks read from the local block cache."),
-    "cache_misses": ("cache_misses", "Blocks a reader waited for the store for."),
+    "cache_misses": ("cache_misses", "Blocks readers had to wait for the store for."),
     "prefetch_blocks": ("prefetch_blocks", "Blocks fetched ahead of any reader."),
     "store_reads": ("store_reads", "Block reads from the store."),
     "store_bytes": ("store_bytes", "Bytes the block reads from the store returned."),
