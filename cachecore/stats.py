@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 # Bucket upper bounds in seconds: 25 us .. ~105 s, four buckets per doubling.
 LATENCY_BOUNDS = [25e-6 * 2 ** (i / 4) for i in range(89)]
+PERCENTILES = (0.5, 0.95, 0.99)  # of fetch latency, as `stats` shows them
 
 
 @dataclass
@@ -28,10 +29,12 @@ class Counters:
     replay_bytes: int = 0     # bytes those fetches returned
     replay_useful: int = 0    # replayed blocks a reader then read
     replay_skipped: int = 0   # traced files skipped: changed or gone in the store
+    fetch_time_us: int = 0    # microseconds the fetches in fetch_latency took, summed
     fetch_latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1))
 
     def record_latency(self, seconds: float) -> None:
         self.fetch_latency[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self.fetch_time_us += round(seconds * 1e6)
 
     def snapshot(self) -> dict[str, int]:
         """The plain counters (what the live stats xattr shows)."""
@@ -84,6 +87,6 @@ class Counters:
         """Everything `rez-lazyfs stats` shows, for the table and for --json."""
         p = {f"fetch_p{int(q * 100)}_ms": (None if (v := self.latency_percentile(q)) is None
                                             else round(v * 1000, 3))
-             for q in (0.5, 0.95, 0.99)}
+             for q in PERCENTILES}
         ratio = self.hit_ratio
         return {**self.snapshot(), "hit_ratio": None if ratio is None else round(ratio, 4), **p}

@@ -9,10 +9,15 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import Settings, parse_size
 from .errors import UserError
 from .mounts import PROBE_TIMEOUT, NoAnswer, ask, mount_table, silence
+
+if TYPE_CHECKING:
+    from cachecore.stats import Counters
 
 TOTALS_XATTR = "user.rezlazyfs.stats.total"
 
@@ -119,8 +124,19 @@ def _indexed_size(index, store: str, relpath: str) -> tuple[int, int, bool]:
 
 
 # -- stats --------------------------------------------------------------------
-def cache_stats(settings: Settings) -> dict:
-    """Totals per mount (and per command that fetched), and over all of them.
+@dataclass
+class StatsSource:
+    """One mount's (or command's) figures, as `stats` shows them."""
+
+    counters: Counters       # every run of it, in total
+    running: bool            # asked live: exact to the last read
+    updated: float | None    # when they were last saved in the cache
+    stores: dict             # a running mount's stores' own counters, per alias
+
+
+def stats_sources(settings: Settings) -> tuple[dict[str, StatsSource], list[str]]:
+    """The figures of each mount (and of each command that fetched), by name
+    ("mount:MOUNTPOINT", "bake", ...), and warnings about mounts that did not answer.
 
     A running mount is asked directly (its totals xattr), so its figures are
     exact to the last read; others come from what they stored in the cache.
@@ -135,29 +151,37 @@ def cache_stats(settings: Settings) -> dict:
     live = _live_mounts()
     sources = {}
     warnings = []
-    traffic = {}  # running mounts' own store counters (published images)
     for name, record in sorted(stored.items()):
         counters = Counters.from_record(record["counters"])
         running = False
+        traffic = {}  # published images count their own requests
         mountpoint = name[len("mount:"):]
         if name.startswith("mount:") and mountpoint in live:
             try:
                 live_record = json.loads(ask(PROBE_TIMEOUT, os.getxattr, mountpoint, TOTALS_XATTR))
                 counters, running = Counters.from_record(live_record), True
-                traffic[name] = live_record.get("stores", {})
+                traffic = live_record.get("stores", {})
             except NoAnswer:
                 warnings.append(f"{silence(mountpoint, PROBE_TIMEOUT)}; its figures are "
                                 "from its last save")
             except OSError:
                 pass  # another mount at that path, or it just went away
-        sources[name] = (counters, running, record.get("updated"))
+        sources[name] = StatsSource(counters, running, record.get("updated"), traffic)
+    return sources, warnings
+
+
+def cache_stats(settings: Settings) -> dict:
+    """Totals per mount (and per command that fetched), and over all of them."""
+    from cachecore.stats import Counters
+
+    sources, warnings = stats_sources(settings)
     total = Counters()
-    for counters, _, _ in sources.values():
-        total = total + counters
+    for source in sources.values():
+        total = total + source.counters
     return {"cache_dir": settings.cache_dir,
-            "sources": [{"name": name, "running": running, "updated": updated, **c.summary(),
-                         **({"stores": traffic[name]} if traffic.get(name) else {})}
-                        for name, (c, running, updated) in sources.items()],
+            "sources": [{"name": name, "running": s.running, "updated": s.updated,
+                         **s.counters.summary(), **({"stores": s.stores} if s.stores else {})}
+                        for name, s in sources.items()],
             "total": total.summary(), "warnings": warnings}
 
 

@@ -307,12 +307,20 @@ def status(as_json, **options):
 @main.command()
 @cache_options
 @json_option
-def stats(as_json, **options):
+@click.option("--prometheus", is_flag=True,
+              help="The Prometheus text format (for node_exporter's textfile collector).")
+@click.option("--output", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the Prometheus text to FILE atomically (FILE.PID.TID, then renamed "
+                   "over FILE; implies --prometheus).")
+def stats(as_json, prometheus, output, **options):
     """How well the cache works: hits, misses, traffic and fetch latency, per mount and in total."""
     from .admin import cache_stats
     from .config import load_settings
 
-    data = cache_stats(load_settings(need_repos=False, **options))
+    settings = load_settings(need_repos=False, **options)
+    if prometheus or output:
+        return _stats_prometheus(settings, as_json, output)
+    data = cache_stats(settings)
     for warning in data["warnings"]:
         _warn(warning)
     if as_json:
@@ -341,6 +349,22 @@ def stats(as_json, **options):
                                for route, r in sorted(c.get("routes", {}).items()))
             click.echo(f"{source['name']} {alias}: {c['requests']} HTTP requests, "
                        f"{_human(c['bytes'])} on the wire, {c['failovers']} failovers; {routes}")
+
+
+def _stats_prometheus(settings, as_json: bool, output: str | None) -> None:
+    from prometheus_client import generate_latest
+
+    from .metrics import stats_registry, write_textfile
+
+    if as_json:
+        raise UserError("--json is another format than --prometheus (and --output): give one")
+    registry, warnings = stats_registry(settings)
+    for warning in warnings:
+        _warn(warning)
+    if output:
+        write_textfile(output, registry)
+    else:
+        click.echo(generate_latest(registry), nl=False)
 
 
 @main.command()

@@ -24,7 +24,7 @@ import time
 
 from .config import Settings, is_url
 from .errors import UserError
-from .mounts import PROBE_TIMEOUT, NoAnswer, ask, may_stall, mount_at, silence
+from .mounts import PROBE_TIMEOUT, NoAnswer, ask, daemon_title, may_stall, mount_at, silence
 
 log = logging.getLogger("rez_lazyfs")
 READY_TIMEOUT = 60.0
@@ -335,6 +335,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
     check_mountpoint(settings.mountpoint)
     cache = open_cache(settings)
     specs = repo_specs(settings, cache)
+    _name_process(daemon_title(settings.mountpoint, specs))
     check_stores(settings, specs, cache.index)
 
     totals_name = "mount:" + settings.mountpoint
@@ -405,6 +406,21 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
     trio.run(run)
 
 
+def _name_process(title: str) -> None:
+    """ps, top and systemctl status show `title`; the process's name (comm,
+    15 bytes: what top shows by default and the journal's _COMM) and that of
+    every thread started after this is rez-lazyfs."""
+    import setproctitle
+
+    # The title is written over the command line only, never over the
+    # environment that follows it in memory, so /proc/PID/environ stays what
+    # it was; the daemon is started with room for its title (mount_fs).
+    os.environ["SPT_NOENV"] = "1"
+    setproctitle.setproctitle(title)
+    del os.environ["SPT_NOENV"]
+    setproctitle.setthreadtitle("rez-lazyfs")
+
+
 def _permission_ttl(settings: Settings) -> float:
     """Other users' access is checked against the modes listed: on a mount they
     reach, listings are revalidated after permission_ttl (SECURITY.md)."""
@@ -451,9 +467,11 @@ def mount_fs(settings: Settings, foreground: bool = False) -> None:
     read_end, write_end = os.pipe()
     with _open_log(settings.log_file) as stderr:
         child = subprocess.Popen(
-            # The mount point last, so `ps` (and mounts.serving_process) can tell
-            # which mount a daemon serves.
-            [sys.executable, "-m", "mount.daemon", str(write_end), settings.mountpoint],
+            # Its process title (serve) is written over this command line, so
+            # the title as it will be with the repositories given is the last
+            # argument: room for it, and what `ps` shows until it is set.
+            [sys.executable, "-m", "mount.daemon", str(write_end),
+             daemon_title(settings.mountpoint, settings.repos)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
             pass_fds=(write_end,), start_new_session=True, cwd="/",
             env={**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -565,4 +583,4 @@ def unmount(mountpoint: str, lazy: bool = False) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(_daemon_main(int(sys.argv[1])))  # argv[2], the mount point, is for ps
+    sys.exit(_daemon_main(int(sys.argv[1])))  # argv[2], the title, is room for it

@@ -57,6 +57,15 @@ def _unescape(field: bytes) -> str:
     return os.fsdecode(_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field))
 
 
+def _escape(path: str) -> str:
+    """A path as mountinfo writes it, space, tab, newline and backslash as
+    \\ooo, and its bytes that are not UTF-8 too (os.fsdecode made them
+    surrogates), so that the text can be encoded: _unescape reads it back."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else
+                   f"\\{ord(c) - 0xDC00:03o}" if "\udc80" <= c <= "\udcff" else c
+                   for c in path)
+
+
 def mount_table() -> list[MountEntry]:
     """Every mount this process can see, in mount order (a stacked mount after
     the one it covers)."""
@@ -169,21 +178,28 @@ def _reaped(pid: int, wait: float = 0.0) -> bool:
         time.sleep(0.01)
 
 
+def daemon_title(mountpoint: str, repos) -> str:
+    """What ps, top and systemctl status show for the daemon serving
+    `mountpoint` (its process title): `rez-lazyfs mount MOUNTPOINT ALIAS=STORE
+    ...`, paths written as the mount table writes them, so the title splits
+    into its words at spaces (serving_process reads the mount point back)."""
+    return " ".join(["rez-lazyfs", "mount", _escape(mountpoint),
+                     *(f"{repo.alias}={_escape(repo.path)}" for repo in repos)])
+
+
 def serving_process(mountpoint: str, asker: int) -> tuple[int, str] | None:
     """(pid, state letter from /proc/PID/stat) of the rez-lazyfs daemon serving
-    `mountpoint`, found by its command line: the daemon is started with its
-    mount point as last argument; a foreground mount (`rez-lazyfs mount MP
-    --foreground`) has it among its own. `asker` (the command asking) is not it."""
+    `mountpoint`, found by its process title (daemon_title), which a daemon
+    (or a foreground mount) takes before it mounts. `asker` (the command
+    asking) is not it."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == asker:
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
-            daemon = "mount.daemon" in argv and argv[-1] == mountpoint
-            foreground = (any(a.endswith("rez-lazyfs") for a in argv[:2]) and "mount" in argv
-                          and mountpoint in argv and ("--foreground" in argv or "-f" in argv))
-            if not (daemon or foreground):
+                words = f.read().split(b"\0", 1)[0].split(b" ")
+            if words[:2] != [b"rez-lazyfs", b"mount"] or len(words) < 3 \
+                    or _unescape(words[2]) != mountpoint:
                 continue
             with open(f"/proc/{entry}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0].decode()

@@ -208,7 +208,9 @@ class LazyMount:
                            env=env, capture_output=True, text=True)
         if r.returncode:
             raise WorkloadFailed(f"rez-lazyfs mount failed: {(r.stderr or r.stdout).strip()[-500:]}")
-        daemons = [p for p in pids_with_marker(self.marker) if b"mount.daemon" in _cmdline(p)]
+        # the daemon's process title, over its command line: `rez-lazyfs mount MP ...`
+        daemons = [p for p in pids_with_marker(self.marker)
+                   if _cmdline(p).startswith(b"rez-lazyfs mount ")]
         if len(daemons) != 1:
             raise WorkloadFailed(f"expected one rez-lazyfs daemon with our marker, found {daemons}")
         self.pid = daemons[0]

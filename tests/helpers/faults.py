@@ -63,6 +63,7 @@ from helpers.mounts import (
     LazyfsMounter,
     LazyMount,
     MountOptions,
+    is_daemon,
     is_mounted,
     processes_with_marker,
     yield_then_check,
@@ -817,7 +818,7 @@ class LazyfsCli:
         return CliResult(argv, code, out.read_text(errors="replace"), err.read_text(errors="replace"), mounted)
 
     def daemons(self) -> list[int]:
-        return [pid for pid in processes_with_marker(self.marker) if _is_daemon(pid)]
+        return [pid for pid in processes_with_marker(self.marker) if is_daemon(pid)]
 
     def teardown(self) -> list[str]:
         problems = []
@@ -865,17 +866,9 @@ def lazyfs_mount_at_fixture(tmp_path):
 
 
 # -- small tools ------------------------------------------------------------------
-def _is_daemon(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"mount.daemon" in f.read()
-    except OSError:
-        return False
-
-
 def daemon_pid(m: LazyMount) -> int:
     """The one mount daemon serving *m* (found by the fixture's env marker)."""
-    pids = [pid for pid in m.daemon_pids() if _is_daemon(pid)]
+    pids = [pid for pid in m.daemon_pids() if is_daemon(pid)]
     assert len(pids) == 1, f"expected one daemon for {m.path}, found {pids}"
     return pids[0]
 

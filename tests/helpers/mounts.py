@@ -68,6 +68,19 @@ def processes_with_marker(marker: str) -> list[int]:
     return pids
 
 
+def is_daemon(pid: int) -> bool:
+    """Whether *pid* is a mount daemon (not the `rez-lazyfs mount` command
+    that started it, whose first word is its interpreter): a daemon's process
+    title is `rez-lazyfs mount MP ...`, written over its command line once it
+    knows its repositories; until then it is `python -m mount.daemon ...`."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return cmdline.startswith(b"rez-lazyfs mount ") or b"\0mount.daemon\0" in cmdline
+
+
 def _wait_for_exit(marker: str, timeout: float) -> list[int]:
     """Poll until no process carries *marker*; returns the survivors."""
     deadline = time.monotonic() + timeout

@@ -487,6 +487,7 @@ def test_latency_histogram_merges_and_gives_percentiles():
     b.cache_hits = 3
     total = Counters.from_record(json_round_trip((a + b).to_record()))
     assert total.cache_hits == 3 and sum(total.fetch_latency) == 101
+    assert total.fetch_time_us == sum(range(1, 101)) * 1000 + 5_000_000  # a histogram's sum
     # Buckets are 2^(1/4) apart: a percentile is within 19% above the true value.
     assert 0.050 <= total.latency_percentile(0.5) <= 0.050 * 1.19
     assert 0.099 <= total.latency_percentile(0.99) <= 0.100 * 1.19
