@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers.faults import daemon_pid, lazyfs_mount_at_fixture  # noqa: F401 (a fixture)
+from helpers.mounts import LAZYFS
 from helpers.rezrepo import Rez, build_store
+from helpers.users import public_tmp_fixture, throwaway_user_fixture  # noqa: F401 (fixtures)
 from helpers.workload import read_whole, row_of
 
 from .test_contexts import (  # noqa: F401 (shot is a fixture)
@@ -144,8 +147,7 @@ def test_status_right_after_a_read_attributes_the_file_to_its_package(tmp_path, 
 
 def test_a_stopped_daemon_is_a_clear_error_within_the_probe_timeout(shot: Shot, lazyfs_mount):
     m = lazyfs_mount({ALIAS: shot.store}, block_size=None)
-    # The daemon, and nothing else started with its marker, is stopped.
-    (pid,) = m.daemon_pids()
+    pid = daemon_pid(m)
     silent = f"{m.path} does not answer within {PROBE_TIMEOUT:g}s (daemon pid {pid} is stopped)"
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -182,3 +184,33 @@ def test_the_other_commands_take_the_mount_too(command, shot: Shot, lazyfs_mount
     assert run_fails(shot.rez, *args, "--mount", m.path, "--cache", other, *tail) == (
         f"rez-lazyfs: error: --cache {other} contradicts the mount at {m.path}, "
         f"which uses {m.cache}")
+
+
+def test_another_users_mount_tells_them_nothing_and_bake_works_as_before(
+        public_tmp, throwaway_user, lazyfs_mount_at):
+    """A mount's settings are its owner's (as its other xattrs): another user's
+    status --mount is refused; their bake for that mount point takes --repo
+    and their own --cache, as without a mount (its cache is not theirs)."""
+    store = public_tmp / "store"
+    build_store(store, FRESH_STORE)
+    (public_tmp / "rez").mkdir()
+    rez = Rez(public_tmp / "rez")
+    context = rez.resolve(["pkg0"], [store], public_tmp / "rez" / "pkg0.rxt")
+    m = lazyfs_mount_at.at(public_tmp / "mnt", {ALIAS: store}, cache=public_tmp / "cache")
+    home = public_tmp / "home"
+    home.mkdir()
+    os.chown(home, throwaway_user.uid, throwaway_user.gid)
+    env = {**rez.environ([public_tmp / "no-packages-here"]), "HOME": str(home),
+           "XDG_CONFIG_HOME": str(home / "config"), "XDG_CACHE_HOME": str(home / "cache")}
+
+    refused = throwaway_user.run([LAZYFS, "status", "--mount", m.path], env=env)
+    assert (refused.returncode, refused.stderr.decode()) == (
+        1, f"rez-lazyfs: error: the mount at {m.path} is not yours: only its owner or root "
+           "can use its settings\n")
+    baked = home / "pkg0.lazy.rxt"
+    result = throwaway_user.run([LAZYFS, "bake", context, "-o", baked, "--mount", m.path,
+                                 "--repo", f"{ALIAS}={store}", "--cache", home / "mine"], env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    doc = json.loads(baked.read_text())
+    assert [h["variables"]["location"] for h in doc["resolved_packages"]] == [f"{m.path}/{ALIAS}"]
+    assert (home / "mine" / "index").is_dir()
