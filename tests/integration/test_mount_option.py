@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
@@ -53,8 +52,7 @@ def assert_no_cache_but_the_mounts(rez: Rez, m) -> None:
 
 
 def test_bake_populate_and_status_take_everything_from_the_mount(shot: Shot, lazyfs_mount):
-    # A 64K mount: a command taking the default 128K would be refused by the cache.
-    m = lazyfs_mount({ALIAS: shot.store}, block_size="64K")
+    m = lazyfs_mount({ALIAS: shot.store})
     baked = shot.workdir / "shot.lazy.rxt"
 
     run_ok(shot.rez, "bake", shot.context, "-o", baked, "--mount", m.path)
@@ -167,7 +165,7 @@ def test_a_stopped_daemon_is_a_clear_error_within_the_probe_timeout(shot: Shot, 
         assert time.monotonic() - started < PROBE_TIMEOUT + STARTUP
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert not Path(shot.workdir / "out.rxt").exists()
+    assert not (shot.workdir / "out.rxt").exists()
     run_ok(shot.rez, "status", "--mount", m.path)  # thawed, it answers again
 
 
