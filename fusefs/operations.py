@@ -44,6 +44,12 @@ CACHED_XATTR = b"user.rezlazyfs.cached"            # "cached_bytes/size" of a fi
 # Reading it forgets every listing at and below the directory (`rez-lazyfs
 # forget`): a read, because a read-only mount refuses setxattr before we see it.
 FORGET_XATTR = b"user.rezlazyfs.forget"
+# What the mount serves (JSON: mount point, cache directory, block size, log
+# file, repositories), so commands given `--mount` use the same (mount/running.py).
+CONFIG_XATTR = b"user.rezlazyfs.config"
+# Reading it writes the uses noted in memory to the index now, rather than at
+# the next periodic flush, so `status` and `clean` see the latest reads.
+FLUSH_XATTR = b"user.rezlazyfs.flush"
 # Launch trace recording (`rez-lazyfs trace record`), asked of the mount root:
 #   start:PID      record what the process tree of PID reads; answers the recording's id
 #   stop:ID        stop; answers {"bytes": N, "parts": P} (the recording, in parts)
@@ -121,11 +127,15 @@ class LazyOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, repositories: dict[str, Repository], counters: Counters,
-                 block_size: int, totals=None):
+                 block_size: int, totals=None, config: dict | None = None, flush=None):
+        """config: what CONFIG_XATTR answers; flush: an async function writing
+        the noted uses to the index (FLUSH_XATTR)."""
         super().__init__()
         self.repos = repositories
         self.counters = counters
         self.totals = totals or (lambda: counters)
+        self._config = json.dumps(config or {}, sort_keys=True).encode()
+        self._flush_uses = flush  # not self.flush: that is FUSE's flush of a file handle
         self.block_size = block_size
         self.inodes = InodeTable()
         self._uid, self._gid = os.getuid(), os.getgid()
@@ -384,7 +394,8 @@ class LazyOperations(pyfuse3.Operations):
         alias, relpath = self._known(inode)
         recording = alias is None and name.startswith(TRACE_XATTR)
         if not recording and name not in (STATS_XATTR, TOTALS_XATTR, STORE_PATH_XATTR,
-                                          POLICY_XATTR, CACHED_XATTR, FORGET_XATTR):
+                                          POLICY_XATTR, CACHED_XATTR, FORGET_XATTR,
+                                          CONFIG_XATTR, FLUSH_XATTR):
             raise FUSEError(pyfuse3.ENOATTR)
         if not self._for_owner(ctx):
             raise FUSEError(errno.EACCES)
@@ -399,6 +410,11 @@ class LazyOperations(pyfuse3.Operations):
             if name == TOTALS_XATTR:
                 return json.dumps({**self.totals().to_record(), **self._store_traffic()},
                                   sort_keys=True).encode()
+            if name == CONFIG_XATTR:
+                return self._config
+            if name == FLUSH_XATTR and self._flush_uses is not None:
+                await self._flush_uses()
+                return b"flushed"
             raise FUSEError(pyfuse3.ENOATTR)
         repo = self.repos[alias]
         if name == STORE_PATH_XATTR:
@@ -512,7 +528,7 @@ class LazyOperations(pyfuse3.Operations):
         if not self._for_owner(ctx):
             return []
         if alias is None:
-            return [STATS_XATTR, TOTALS_XATTR]
+            return [STATS_XATTR, TOTALS_XATTR, CONFIG_XATTR]
         names = [STORE_PATH_XATTR, POLICY_XATTR]
         if (await self.repos[alias].getattr(relpath)).is_file:
             names.append(CACHED_XATTR)

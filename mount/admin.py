@@ -35,12 +35,22 @@ def _live_mounts() -> set[str]:
     return {m.path for m in mount_table() if m.fstype == "fuse.rez-lazyfs"}
 
 
+def _flush_running_mounts(settings: Settings, cache) -> list[str]:
+    """Have the running mounts of this cache write the uses they noted, so a
+    file read a moment ago is attributed (mount/running.py); warnings."""
+    from .running import flush_mounts_of
+
+    recorded = {name[len("mount:"):] for name in cache.stored_totals() if name.startswith("mount:")}
+    return flush_mounts_of(settings.cache_dir, recorded & _live_mounts())
+
+
 # -- status -------------------------------------------------------------------
 def cache_status(settings: Settings) -> dict:
     from cachecore.clean import release_orphaned_pins, scan_cache
 
     cache = _open_existing(settings)
     try:
+        warnings = _flush_running_mounts(settings, cache)
         held = release_orphaned_pins(cache.index)  # so PINNED shows what is pinned
         files = scan_cache(cache.blocks, cache.index)
         repos = {r.path: r.alias for r in cache.recorded_repos()}
@@ -87,7 +97,8 @@ def cache_status(settings: Settings) -> dict:
         return {"cache_dir": settings.cache_dir,
                 "size_bytes": sum(f.bytes for f in files.values()),
                 "limit_bytes": settings.cache_limit or None, "variants": out,
-                "released_pins": len(held.released), "unanswered_pins": len(held.unanswered)}
+                "released_pins": len(held.released), "unanswered_pins": len(held.unanswered),
+                "warnings": warnings}
     finally:
         cache.close()
 
@@ -201,6 +212,7 @@ def clean(settings: Settings, *, max_size: str | None, max_days: float | None,
     cache = _open_existing(settings)
     show = sys.stderr.isatty() if progress is None else progress
     try:
+        warnings = _flush_running_mounts(settings, cache)
         if show:
             size = sum(f.bytes for f in scan_cache(cache.blocks, cache.index).values())
             with click.progressbar(length=max(size - (limit or 0), 0) or 1, label="cleaning",
@@ -214,6 +226,7 @@ def clean(settings: Settings, *, max_size: str | None, max_days: float | None,
         cache.close()
     result = vars(report)
     result["limit_bytes"] = limit
+    result["warnings"] = warnings
     if limit is not None and report.size_after > limit:
         result["warning"] = (f"still over the limit: {report.pinned_bytes} bytes are pinned "
                              "by baked contexts")

@@ -43,6 +43,14 @@ def cache_options(f):
                         help="Cache directory [config, else ~/.cache/rez-lazyfs].")(f)
 
 
+def mount_option(f):
+    """--mount: a command on a cache takes it (and the repositories and block
+    size) from the mount running there (mount/running.py: settings_from_mount)."""
+    return click.option("--mount", "mountpoint", metavar="MOUNTPOINT",
+                        help="Use the cache, repositories and block size of the rez-lazyfs "
+                             "mount running at MOUNTPOINT.")(f)
+
+
 def published_options(f):
     """--public-key and --proxy: how published images given by --repo are read."""
     f = click.option("--proxy", metavar="PROXIES",
@@ -104,7 +112,8 @@ def _warn(message: str) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the baked context.")
 @click.option("--mount", "mountpoint", metavar="DIRECTORY",
-              help="The mount point the baked context points at [config mountpoint].")
+              help="The mount point the baked context points at [config mountpoint]; a "
+                   "mount running there gives the cache and repositories.")
 @repo_options
 @cache_options
 @click.option("--strict", is_flag=True, help="Fail if a variant is not in a mirrored repository.")
@@ -114,11 +123,11 @@ def _warn(message: str) -> None:
                    "(`trace record`; repeatable).")
 def bake(context, output, mountpoint, strict, populate, trace_files, **options):
     """Write a deep copy of CONTEXT (.rxt) whose variants live under the mount."""
-    from .config import load_settings
     from .context import bake_context, populate_context
+    from .running import settings_from_mount
     from .trace import read_trace_file
 
-    settings = load_settings(mountpoint, **options)
+    settings = settings_from_mount(mountpoint, fallback=True, **options)
     traces = [t for path in trace_files for t in read_trace_file(path)]
     deep = bake_context(context, output, settings, strict=strict, traces=traces, warn=_warn)
     click.echo(f"baked {len(deep.variants)} variant(s) onto {deep.mountpoint}: {output}"
@@ -145,27 +154,29 @@ def seed_options(f):
 @main.command()
 @click.argument("context", type=click.Path(dir_okay=False))
 @seed_options
+@mount_option
 def populate(context, **options):
     """Fetch every payload block of every variant of a baked CONTEXT into the cache."""
-    from .config import load_settings
     from .context import populate_context
+    from .running import settings_from_mount
 
-    _report_populate(populate_context(context, load_settings(need_repos=False, **options),
+    _report_populate(populate_context(context, settings_from_mount(need_repos=False, **options),
                                       warn=_warn))
 
 
 @main.command()
 @click.argument("context", type=click.Path(dir_okay=False))
 @seed_options
+@mount_option
 def seed(context, **options):
     """Put the definitions (and launch traces) embedded in a baked CONTEXT into
     the cache (checked against the store when it answers; taken from the file
     alone when not). CONTEXT may also be a trace file (`trace record`)."""
-    from .config import load_settings
     from .context import seed_context
+    from .running import settings_from_mount
     from .trace import is_trace_file, seed_traces
 
-    settings = load_settings(need_repos=False, **options)
+    settings = settings_from_mount(need_repos=False, **options)
     if is_trace_file(context):
         seeded = seed_traces(context, settings)
         click.echo(f"seeded the trace(s) of {len(seeded)} variant(s) "
@@ -200,10 +211,10 @@ def trace_record(context, output, mountpoint, command, **options):
 
         rez-lazyfs trace record shot.lazy.rxt -o maya.trace -- maya -batch -command quit
     """
-    from .config import load_settings
+    from .running import settings_from_mount
     from .trace import record
 
-    settings = load_settings(mountpoint, need_repos=False, **options)
+    settings = settings_from_mount(mountpoint, fallback=True, need_repos=False, **options)
     sys.exit(record(context, output, list(command), settings,
                     say=lambda m: click.echo(f"rez-lazyfs: {m}", err=True)))
 
@@ -228,15 +239,16 @@ def trace_show(trace_file, as_json):
 @click.argument("context", type=click.Path(dir_okay=False))
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--mount", "mountpoint", metavar="DIRECTORY",
-              help="The mount point the exported context will be mounted at [config mountpoint].")
+              help="The mount point the exported context will be mounted at [config "
+                   "mountpoint]; a mount running there gives the repositories.")
 @repo_options
 @cache_options
 def export(context, directory, mountpoint, **options):
     """A standalone CONTEXT: DIRECTORY gets it baked plus a populated cache of its variants."""
-    from .config import load_settings
     from .context import export_context
+    from .running import settings_from_mount
 
-    settings = load_settings(mountpoint, **options)
+    settings = settings_from_mount(mountpoint, fallback=True, **options)
     counts = export_context(context, directory, settings, warn=_warn)
     _report_populate(counts)
     click.echo(f"exported to {directory}; mount it offline with:\n"
@@ -281,13 +293,16 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 @main.command()
 @cache_options
+@mount_option
 @json_option
 def status(as_json, **options):
     """What the cache holds: one row per package version seen, with its variants."""
     from .admin import cache_status
-    from .config import load_settings
+    from .running import settings_from_mount
 
-    data = cache_status(load_settings(need_repos=False, **options))
+    data = cache_status(settings_from_mount(need_repos=False, **options))
+    for warning in data["warnings"]:
+        _warn(warning)
     if as_json:
         return _emit_json(data)
     _report_pins(data["released_pins"], data["unanswered_pins"], dry_run=False)
@@ -306,6 +321,7 @@ def status(as_json, **options):
 
 @main.command()
 @cache_options
+@mount_option
 @json_option
 @click.option("--prometheus", is_flag=True,
               help="The Prometheus text format (for node_exporter's textfile collector).")
@@ -315,9 +331,9 @@ def status(as_json, **options):
 def stats(as_json, prometheus, output, **options):
     """How well the cache works: hits, misses, traffic and fetch latency, per mount and in total."""
     from .admin import cache_stats
-    from .config import load_settings
+    from .running import settings_from_mount
 
-    settings = load_settings(need_repos=False, **options)
+    settings = settings_from_mount(need_repos=False, **options)
     if prometheus or output:
         return _stats_prometheus(settings, as_json, output)
     data = cache_stats(settings)
@@ -369,6 +385,7 @@ def _stats_prometheus(settings, as_json: bool, output: str | None) -> None:
 
 @main.command()
 @cache_options
+@mount_option
 @click.option("--max-size", help="Evict least recently used data until the cache is this small.")
 @click.option("--max-days", type=float, help="Evict whatever was not used for this many days.")
 @click.option("--dry-run", is_flag=True, help="Say what would be evicted; evict nothing.")
@@ -376,10 +393,12 @@ def _stats_prometheus(settings, as_json: bool, output: str | None) -> None:
 def clean(max_size, max_days, dry_run, as_json, **options):
     """Keep the cache bounded. Pinned data stays; running mounts keep working."""
     from . import admin
-    from .config import load_settings
+    from .running import settings_from_mount
 
-    report = admin.clean(load_settings(need_repos=False, **options), max_size=max_size,
+    report = admin.clean(settings_from_mount(need_repos=False, **options), max_size=max_size,
                          max_days=max_days, dry_run=dry_run)
+    for warning in report["warnings"]:
+        _warn(warning)
     if as_json:
         return _emit_json(report)
     verb = "would evict" if dry_run else "evicted"
@@ -404,7 +423,7 @@ def _report_pins(released: int, unanswered: int, dry_run: bool) -> None:
 
 @main.command()
 @click.argument("target")
-@click.option("--mount", "mountpoint", type=click.Path(file_okay=False),
+@click.option("--mount", "mountpoint", metavar="MOUNTPOINT",
               help="Tell this running mount only (its daemon forgets in its own cache too).")
 @repo_options
 @cache_options
@@ -415,23 +434,25 @@ def forget(target, mountpoint, **options):
     For a payload that changed after it was listed (a release listed while it
     was still being copied): drops its listings from the cache and from the
     memory of running mounts of that cache."""
-    from .config import load_settings
     from .forget import forget as forget_target
+    from .running import settings_from_mount
 
-    settings = None if mountpoint else load_settings(need_repos=False, **options)
+    # With --mount, only to refuse options that contradict it: the mount forgets.
+    settings = settings_from_mount(mountpoint, need_repos=False, **options)
     for line in forget_target(settings, target, mountpoint):
         click.echo(line)
 
 
 @main.command()
 @cache_options
+@mount_option
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines.")
 def logs(follow, **options):
     """The mount daemon's log (one line per fetch error, naming the file)."""
     from .admin import show_logs
-    from .config import load_settings
+    from .running import settings_from_mount
 
-    show_logs(load_settings(need_repos=False, **options), follow)
+    show_logs(settings_from_mount(need_repos=False, **options), follow)
 
 
 @main.command()

@@ -24,7 +24,7 @@ import time
 
 from .config import Settings, is_url
 from .errors import UserError
-from .mounts import PROBE_TIMEOUT, NoAnswer, ask, daemon_title, may_stall, mount_at, silence
+from .mounts import PROBE_TIMEOUT, NoAnswer, ask, canonical, daemon_title, may_stall, mount_at, silence
 
 log = logging.getLogger("rez_lazyfs")
 READY_TIMEOUT = 60.0
@@ -38,17 +38,6 @@ READY_TIMEOUT = 60.0
 # What a FUSE mount whose daemon is gone answers (ECONNABORTED: a request in flight).
 _DEAD_MOUNT = (errno.ENOTCONN, errno.ECONNABORTED)
 FUSERMOUNT_TIMEOUT = 30.0
-
-
-def _canonical(path: str) -> str:
-    """`path` absolute, its parent's symlinks resolved (not the path itself: if
-    it is a mount point, resolving it would ask the mount), as mountinfo has it."""
-    path = os.path.abspath(path)
-    try:
-        parent = ask(PROBE_TIMEOUT, os.path.realpath, os.path.dirname(path))
-    except NoAnswer:
-        return path
-    return os.path.join(parent, os.path.basename(path))
 
 
 def _mount_state(path: str) -> str:
@@ -90,7 +79,7 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess:
 
 
 def check_mountpoint(path: str) -> None:
-    path = _canonical(path)
+    path = canonical(path)
     state = _mount_state(path)
     if state == "stale":
         # A daemon that died leaves "Transport endpoint is not connected".
@@ -201,7 +190,7 @@ def check_store_paths(settings: Settings, specs) -> None:
     """A store at or below the mount point would be served by the mount itself
     (a tree without end, and a daemon asking itself); a mount point below a
     store would appear inside its own tree. Compared with symlinks resolved."""
-    mountpoint = _canonical(settings.mountpoint)
+    mountpoint = canonical(settings.mountpoint)
     for repo in specs:
         if is_url(repo.path):
             continue
@@ -332,6 +321,8 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
 
     from fusefs.operations import LazyOperations
 
+    from .running import served_config
+
     check_mountpoint(settings.mountpoint)
     cache = open_cache(settings)
     specs = repo_specs(settings, cache)
@@ -350,7 +341,9 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                                    cache_may_stall=cache_can_stall,
                                    permission_ttl=_permission_ttl(settings))
         ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
-                             totals=lambda: base + cache.counters)
+                             totals=lambda: base + cache.counters,
+                             config=served_config(settings, specs, cache.blocks.block_size),
+                             flush=lambda: cache.flush(totals_name, base))
         for repo in repos.values():  # before the first lookup, which may start a replay
             await repo.refresh_traces()
         options = set(pyfuse3.default_options) | {
@@ -456,7 +449,7 @@ def mount_fs(settings: Settings, foreground: bool = False) -> None:
     """Mount as configured. Without `foreground`, returns once the mount answers."""
     # As the mount table will show it: totals, `ps` and the read-ahead setting
     # find the mount by this name.
-    settings.mountpoint = _canonical(settings.mountpoint)
+    settings.mountpoint = canonical(settings.mountpoint)
     if foreground:
         setup_logging(settings, to_stderr=True)
         serve(settings)
@@ -565,7 +558,7 @@ def unmount(mountpoint: str, lazy: bool = False) -> str | None:
     """Unmount with fusermount3 (-u, or -u -z if lazy). A mount that does not
     answer is unmounted all the same (the kernel does not need its daemon for
     that): the returned line says what was found."""
-    path = _canonical(mountpoint)
+    path = canonical(mountpoint)
     state = _mount_state(path)
     if state not in ("mounted", "stale", "silent"):
         raise UserError(f"{path} is not mounted")

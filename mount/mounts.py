@@ -92,6 +92,17 @@ def mount_at(path: str) -> MountEntry | None:
     return found
 
 
+def canonical(path: str) -> str:
+    """`path` absolute, its parent's symlinks resolved (not the path itself: if
+    it is a mount point, resolving it would ask the mount), as mountinfo has it."""
+    path = os.path.abspath(path)
+    try:
+        parent = ask(PROBE_TIMEOUT, os.path.realpath, os.path.dirname(path))
+    except NoAnswer:
+        return path
+    return os.path.join(parent, os.path.basename(path))
+
+
 def filesystem_of(path: str) -> MountEntry | None:
     """The mount holding `path` (an absolute path with symlinks resolved)."""
     best = None

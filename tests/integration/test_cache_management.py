@@ -654,7 +654,7 @@ def test_xattrs_tell_where_a_file_comes_from_and_how_much_is_cached(tmp_path, la
     # A directory has no "cached"; one below a version directory is immutable.
     assert xattrs(repo / "pkg/1.0/lib/python") == {
         XATTR + "store_path": f"{store}/pkg/1.0/lib/python".encode(), XATTR + "policy": b"immutable"}
-    assert sorted(os.listxattr(m.path)) == [XATTR + "stats", XATTR + "stats.total"]
+    assert sorted(os.listxattr(m.path)) == [XATTR + "config", XATTR + "stats", XATTR + "stats.total"]
 
     read_range(repo / payload, 0, BLOCK)
     assert cached(repo / payload) == f"{BLOCK}/{size}".encode()

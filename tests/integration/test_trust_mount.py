@@ -164,7 +164,8 @@ def test_xattrs_of_the_mount_answer_only_its_owner(public_tmp, throwaway_user, r
     seen = {}
     for name, path in (("user.rezlazyfs.store_path", target), ("user.rezlazyfs.policy", target),
                        ("user.rezlazyfs.cached", target), ("user.rezlazyfs.stats", mp),
-                       ("user.rezlazyfs.stats.total", mp),
+                       ("user.rezlazyfs.stats.total", mp), ("user.rezlazyfs.config", mp),
+                       ("user.rezlazyfs.flush", mp),
                        ("user.rezlazyfs.forget", mp / "main/fam/1.0")):
         seen[name] = outcome(throwaway_user.run(["getfattr", "--only-values", "-n", name, path]))
     dump = throwaway_user.run(["getfattr", "-d", "-m", "-", target])
@@ -172,7 +173,7 @@ def test_xattrs_of_the_mount_answer_only_its_owner(public_tmp, throwaway_user, r
     owner = os.getxattr(target, "user.rezlazyfs.store_path").decode()
     forgot = [line for line in m.log_lines() if b"forgot" in line]
     report.row("another user reads the mount's xattrs (store_path, policy, cached, stats, "
-               "stats.total, forget) with getfattr on an --allow-other mount",
+               "stats.total, config, flush, forget) with getfattr on an --allow-other mount",
                f"{sorted(set(seen.values()))} for all {len(seen)}; getfattr -d lists "
                f"{len(listed)} of ours; the owner (root) still reads store_path "
                f"({owner.replace(str(public_tmp), 'TMP')}); forgets done for the user: {len(forgot)}")
