@@ -39,7 +39,9 @@ def cache_options(f):
     """--cache and --config: every command that touches the cache takes them."""
     f = click.option("--config", type=click.Path(dir_okay=False),
                      help="TOML config file [~/.config/rez-lazyfs/config.toml].")(f)
-    return click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
+    # A plain string, like mount points: click.Path would stat it, which hangs
+    # on a cache disk that stalls (an NFS home directory).
+    return click.option("--cache", "cache_dir", metavar="DIRECTORY",
                         help="Cache directory [config, else ~/.cache/rez-lazyfs].")(f)
 
 
