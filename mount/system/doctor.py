@@ -123,7 +123,7 @@ def _fuse_device() -> Check:
                      "modprobe fuse (in a container: --device /dev/fuse)")
     if not stat.S_ISCHR(st.st_mode):
         return Check(name, PROBLEM, f"{FUSE_DEVICE} is not a character device",
-                     "rm /dev/fuse && modprobe -r fuse && modprobe fuse (as root)")
+                     "rm /dev/fuse && mknod -m 0666 /dev/fuse c 10 229 (as root)")
     found = f"{FUSE_DEVICE} (character device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}, " \
             f"mode {stat.S_IMODE(st.st_mode):04o})"
     try:
@@ -239,10 +239,11 @@ def _inspect_cache_dir(path: str, owner: tuple[int, int] | None) -> dict:
     try:
         check_cache_dir(path, create=False)
     except UntrustedCache as e:
-        return {"problem": untrusted_cache_message(e), "fix": e.fix}
+        return {"problem": untrusted_cache_message(e),
+                "fix": e.fix or "a cache directory of your own (--cache DIR)"}
     except OSError as e:
-        fix = {errno.EROFS: f"a cache on a writable disk (--cache DIR), with --shared-cache {path}",
-               errno.EACCES: "a cache directory this user can write (--cache DIR)"}.get(e.errno, "")
+        fix = f"a cache on a writable disk (--cache DIR), with --shared-cache {path}" \
+            if e.errno == errno.EROFS else "a cache directory this user can write (--cache DIR)"
         return {"problem": unusable_cache_message(path, e), "fix": fix}
     existing = path
     while not os.path.lexists(existing):
@@ -464,7 +465,8 @@ def _daemon(path: str, state: str, daemon: tuple[int, str] | None) -> Check:
             return Check(name, PROBLEM, "none: it died, and the kernel answers every request "
                          "with ENOTCONN", f"rez-lazyfs umount {path}")
         return Check(name, WARNING, f"no rez-lazyfs daemon serving {path} was found among the "
-                     "processes this user can see")
+                     "processes this user can see",
+                     f"rez-lazyfs doctor --mount {path}, as the mount's owner or root")
     pid, letter = daemon
     if letter in "Tt":
         return Check(name, PROBLEM, f"pid {pid} is stopped: every request waits",
@@ -486,7 +488,8 @@ def _connection_read_ahead(settings, entry) -> Check:
         with open(knob) as f:
             kib = int(f.read())
     except (OSError, ValueError) as e:
-        return Check(name, WARNING, f"{knob} cannot be read ({getattr(e, 'strerror', e)})")
+        return Check(name, WARNING, f"{knob} cannot be read ({getattr(e, 'strerror', e)})",
+                     f"rez-lazyfs doctor --mount {entry.path}, as root")
     asked = max(settings.read_ahead // 1024, 4) if settings.read_ahead else None
     if asked and kib != asked:
         return Check(name, WARNING, f"{kib} KiB ({knob}), not the {asked} KiB asked for "
@@ -511,7 +514,8 @@ def _connection_limits(entry) -> Check:
                              "max_background and congestion_threshold cannot be read",
                              f"mount -t fusectl none {FUSE_CONNECTIONS} (as root)")
             return Check(name, WARNING, f"{directory}/{knob} cannot be read "
-                         f"({getattr(e, 'strerror', e)})")
+                         f"({getattr(e, 'strerror', e)})",
+                         f"rez-lazyfs doctor --mount {entry.path}, as root")
     found = f"max_background {values['max_background']}, congestion_threshold " \
             f"{values['congestion_threshold']}, {values['waiting']} request(s) waiting ({directory})"
     if values["max_background"] < KERNEL_MAX_BACKGROUND:

@@ -197,6 +197,25 @@ def test_dead_mount(tmp_path, lazyfs_mount, lazyfs_cli):
         m.mounted = False
 
 
+def test_daemon_stopped(tmp_path, lazyfs_mount, lazyfs_cli):
+    m = lazyfs_mount({"main": make_store(tmp_path / "store")})
+    pid = daemon_pid(m)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        result, checks, took = doctor(lazyfs_cli, "--mount", m.path)
+        assert result.returncode == 1 and set(problems(checks)) == {"mount", "daemon"}, checks
+        assert checks["mount"]["found"] == f"{m.path} does not answer within " \
+            f"{PROBE_TIMEOUT:g}s (daemon pid {pid} is stopped)"
+        assert checks["daemon"]["fix"] == f"kill -CONT {pid}"
+        assert checks["cache"]["level"] == "ok", "the daemon's cache, found from /proc"
+        assert took <= PROBE_TIMEOUT + SLACK, took
+        fixed = subprocess.run(checks["daemon"]["fix"].split(), capture_output=True, timeout=30)
+        assert fixed.returncode == 0, fixed.stderr
+        assert doctor(lazyfs_cli, "--mount", m.path)[0].returncode == 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 # -- allow_other without user_allow_other --------------------------------------------------
 
 def test_allow_other_without_user_allow_other(public_tmp, throwaway_user):
