@@ -484,8 +484,10 @@ def demo(workdir, keep):
 @repo_options
 @cache_options
 @click.option("--store-timeout", type=float, help="Seconds a store has to answer [15].")
-@click.option("--offline", is_flag=True, default=None, help="Check for a mount that never contacts the store.")
-@click.option("--allow-other", is_flag=True, default=None, help="Check for a mount other users can use.")
+@click.option("--offline", is_flag=True, default=None,
+              help="Check for a mount that never contacts the store.")
+@click.option("--allow-other", is_flag=True, default=None,
+              help="Check for a mount other users can use.")
 # The file fusermount3 reads; an option so that tests can give a file of their own.
 @click.option("--fuse-conf", default="/etc/fuse.conf", hidden=True)
 @json_option

@@ -76,7 +76,8 @@ class Check:
     fix: str = ""  # for anything not ok: how to fix it (a command where there is one)
 
     def line(self) -> str:
-        return f"{self.level:<7}  {self.name}: {self.found}" + (f"; fix: {self.fix}" if self.fix else "")
+        fix = f"; fix: {self.fix}" if self.fix else ""
+        return f"{self.level:<7}  {self.name}: {self.found}{fix}"
 
 
 def report(checks: list[Check]) -> dict:
@@ -87,7 +88,8 @@ def report(checks: list[Check]) -> dict:
             "checks": [asdict(c) for c in checks]}
 
 
-def diagnose(load_settings, *, running: str | None = None, fuse_conf: str = FUSE_CONF) -> list[Check]:
+def diagnose(load_settings, *, running: str | None = None,
+             fuse_conf: str = FUSE_CONF) -> list[Check]:
     """Every check, in order. `load_settings()` gives the settings (a config
     that does not load is itself a problem, and the checks that need no
     settings still run); `running`: the mount point of a running mount to
@@ -517,7 +519,8 @@ def _connection_limits(entry) -> Check:
                          f"({getattr(e, 'strerror', e)})",
                          f"rez-lazyfs doctor --mount {entry.path}, as root")
     found = f"max_background {values['max_background']}, congestion_threshold " \
-            f"{values['congestion_threshold']}, {values['waiting']} request(s) waiting ({directory})"
+            f"{values['congestion_threshold']}, {values['waiting']} request(s) waiting " \
+            f"({directory})"
     if values["max_background"] < KERNEL_MAX_BACKGROUND:
         return Check(name, WARNING, f"{found}: at most {values['max_background']} reads reach "
                      f"the daemon at once (the kernel's default is {KERNEL_MAX_BACKGROUND})",

@@ -193,7 +193,8 @@ def test_dead_mount(tmp_path, lazyfs_mount, lazyfs_cli):
         assert result.returncode == 0, result.output
     finally:
         if is_mounted(m.path):
-            subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True, timeout=60)
+            subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True,
+                           timeout=60)
         m.mounted = False
 
 
