@@ -31,6 +31,10 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 class UntrustedCache(LazyFSError):
     """A cache directory (or a file in it) that someone other than its owner could have written."""
 
+    def __init__(self, message: str, fix: str = ""):
+        super().__init__(message)
+        self.fix = fix  # what makes it trusted, where something safe does (`doctor` says it)
+
 
 def _describe(st) -> str:
     return f"owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
@@ -39,10 +43,12 @@ def _describe(st) -> str:
 def _check_owned(path: str, st, uid: int) -> None:
     if st.st_uid != uid:
         raise UntrustedCache(f"{path} is not owned by uid {uid} ({_describe(st)}): "
-                             "a cache must belong to the user who runs the mount")
+                             "a cache must belong to the user who runs the mount",
+                             fix=f"mount as uid {st.st_uid}, its owner, or give a cache "
+                                 "directory of your own (--cache DIR)")
     if st.st_mode & 0o022:
         raise UntrustedCache(f"{path} is writable by group or others ({_describe(st)}): "
-                             f"chmod go-w {path}")
+                             f"chmod go-w {path}", fix=f"chmod go-w {path}")
 
 
 def check_ancestors(path: str) -> None:
@@ -57,10 +63,13 @@ def check_ancestors(path: str) -> None:
             raise UntrustedCache(f"cannot check {current}: {e.strerror}") from None
         if st.st_uid not in (0, uid):
             raise UntrustedCache(f"{current}, above the cache, is owned by uid {st.st_uid}: "
-                                 "its owner could replace the cache")
+                                 "its owner could replace the cache",
+                                 fix="give a cache directory below directories of root's or "
+                                     "your own (--cache DIR)")
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
             raise UntrustedCache(f"{current}, above the cache, is writable by group or others "
-                                 f"({_describe(st)}): anyone could replace the cache")
+                                 f"({_describe(st)}): anyone could replace the cache",
+                                 fix=f"chmod go-w {current} (or chmod +t {current}, as /tmp)")
         parent = os.path.dirname(current)
         if parent == current:
             return

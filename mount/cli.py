@@ -39,7 +39,9 @@ def cache_options(f):
     """--cache and --config: every command that touches the cache takes them."""
     f = click.option("--config", type=click.Path(dir_okay=False),
                      help="TOML config file [~/.config/rez-lazyfs/config.toml].")(f)
-    return click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
+    # A plain string, like mount points: click.Path would stat it, which hangs
+    # on a cache disk that stalls (an NFS home directory).
+    return click.option("--cache", "cache_dir", metavar="DIRECTORY",
                         help="Cache directory [config, else ~/.cache/rez-lazyfs].")(f)
 
 
@@ -534,6 +536,40 @@ def demo(workdir, keep):
     from .demo import run_demo
 
     run_demo(Path(workdir) if workdir else None, keep)
+
+
+@main.command()
+@click.argument("mountpoint", required=False)
+@click.option("--mount", "running", metavar="MP",
+              help="Check the running mount at MP instead: answering, its daemon, read-ahead, "
+                   "FUSE limits, its cache.")
+@repo_options
+@cache_options
+@click.option("--store-timeout", type=float, help="Seconds a store has to answer [15].")
+@click.option("--offline", is_flag=True, default=None,
+              help="Check for a mount that never contacts the store.")
+@click.option("--allow-other", is_flag=True, default=None,
+              help="Check for a mount other users can use.")
+# The file fusermount3 reads; an option so that tests can give a file of their own.
+@click.option("--fuse-conf", default="/etc/fuse.conf", hidden=True)
+@json_option
+def doctor(mountpoint, running, fuse_conf, as_json, **options):
+    """Check what breaks mounts in practice (FUSE, the cache, the stores, the
+    mount point; or, with --mount, a running mount): one line per check, ok,
+    warning or problem, with its fix. Exit status 1 if there is a problem."""
+    from .config import load_settings
+    from .system.doctor import PROBLEM, diagnose, report
+
+    if mountpoint and running:
+        raise UserError("give MOUNTPOINT or --mount MP, not both")
+    checks = diagnose(lambda: load_settings(mountpoint, need_repos=False, **options),
+                      running=running, fuse_conf=fuse_conf)
+    if as_json:
+        _emit_json(report(checks))
+    else:
+        for check in checks:
+            click.echo(check.line())
+    sys.exit(1 if any(c.level == PROBLEM for c in checks) else 0)
 
 
 main.add_command(service)

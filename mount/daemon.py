@@ -40,7 +40,7 @@ _DEAD_MOUNT = (errno.ENOTCONN, errno.ECONNABORTED)
 FUSERMOUNT_TIMEOUT = 30.0
 
 
-def _mount_state(path: str) -> str:
+def mount_state(path: str) -> str:
     """'missing', 'notdir', 'stale', 'silent', 'mounted' or 'free', within
     PROBE_TIMEOUT: whether something is mounted there comes from the mount
     table; whether it answers, from a statfs, which always reaches the
@@ -80,49 +80,85 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess:
 
 def check_mountpoint(path: str) -> None:
     path = canonical(path)
-    state = _mount_state(path)
+    state = mount_state(path)
     if state == "stale":
         # A daemon that died leaves "Transport endpoint is not connected".
         _fusermount("-u", "-z", path)
-        if _mount_state(path) == "stale":
+        if mount_state(path) == "stale":
             raise UserError(f"{path} holds a dead mount that could not be cleared")
         log.info("cleared a dead mount at %s", path)
-        state = _mount_state(path)
-    if state == "missing":
-        raise UserError(f"mountpoint {path} does not exist")
-    if state == "notdir":
-        raise UserError(f"mountpoint {path} is not a directory")
+        state = mount_state(path)
     if state == "silent":
         raise UserError(f"{silence(path, PROBE_TIMEOUT)}: it is mounted already "
                         f"(rez-lazyfs umount {path} first)")
     if state == "mounted":
         raise UserError(f"{path} is already a mount point (rez-lazyfs umount {path} first)")
+    problem = mountpoint_problem(path, state)
+    if problem:
+        raise UserError(problem)
+
+
+def mountpoint_problem(path: str, state: str) -> str | None:
+    """What keeps a mount off `path`, a mount point in `state` 'missing',
+    'notdir' or 'free' (mount_state), or None if nothing does."""
+    if state == "missing":
+        return f"mountpoint {path} does not exist"
+    if state == "notdir":
+        return f"mountpoint {path} is not a directory"
     try:
         if ask(PROBE_TIMEOUT, os.listdir, path):
-            raise UserError(f"mountpoint {path} is not empty")
+            return f"mountpoint {path} is not empty"
     except PermissionError:
-        raise UserError(f"mountpoint {path} is not readable") from None
+        return f"mountpoint {path} is not readable"
     except (OSError, NoAnswer) as e:
-        raise UserError(f"cannot use mountpoint {path}: "
-                        f"{getattr(e, 'strerror', None) or e}") from None
+        return f"cannot use mountpoint {path}: {getattr(e, 'strerror', None) or e}"
+    return None
 
 
 def prepare_cache_dir(path: str) -> None:
     """The cache directory exists, is trusted (cachecore/cachedir.py) and writable."""
-    from cachecore.cachedir import UntrustedCache, check_tree, open_owned
+    from cachecore.cachedir import UntrustedCache
 
     try:
-        _make_private_dirs(path)
-        check_tree(path, (), create=False)
-        probe = os.path.join(path, f".probe-{os.getpid()}")
-        os.close(open_owned(probe, os.O_WRONLY | os.O_CREAT))
-        os.unlink(probe)
+        check_cache_dir(path, create=True)
     except UntrustedCache as e:
-        raise UserError(f"refusing the cache directory: {e}") from None
+        raise UserError(untrusted_cache_message(e)) from None
     except OSError as e:
-        hint = (" (to use a read-only cache, mount with a writable --cache and "
-                f"--shared-cache {path})") if e.errno == errno.EROFS else ""
-        raise UserError(f"cache directory {path} is not usable: {e.strerror}{hint}") from None
+        raise UserError(unusable_cache_message(path, e)) from None
+
+
+def check_cache_dir(path: str, *, create: bool) -> None:
+    """That `path` is trusted (cachecore/cachedir.py) and writable, by
+    writing a file there; with `create`, made first (mode 0700, its missing
+    parents too), else a missing `path` only has to be creatable.
+    UntrustedCache or OSError if not."""
+    from cachecore.cachedir import check_ancestors, check_tree, open_owned
+
+    if create:
+        _make_private_dirs(path)
+    elif not os.path.lexists(path):
+        first_missing = os.path.abspath(path)
+        while not os.path.lexists(os.path.dirname(first_missing)):
+            first_missing = os.path.dirname(first_missing)
+        check_ancestors(first_missing)
+        parent = os.path.dirname(first_missing)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), parent)
+        return
+    check_tree(path, (), create=False)
+    probe = os.path.join(path, f".probe-{os.getpid()}")
+    os.close(open_owned(probe, os.O_WRONLY | os.O_CREAT))
+    os.unlink(probe)
+
+
+def untrusted_cache_message(e) -> str:
+    return f"refusing the cache directory: {e}"
+
+
+def unusable_cache_message(path: str, e: OSError) -> str:
+    hint = (" (to use a read-only cache, mount with a writable --cache and "
+            f"--shared-cache {path})") if e.errno == errno.EROFS else ""
+    return f"cache directory {path} is not usable: {e.strerror}{hint}"
 
 
 def _make_private_dirs(path: str) -> None:
@@ -151,7 +187,7 @@ def _isdir_within(path: str, seconds: float) -> bool | None:
 def _image_answers(repo, seconds: float, index) -> bool | None:
     """Whether a published image's manifest can be fetched and verifies (None:
     no answer in time). A manifest that does not verify, has expired or is
-    older than one this cache saw is a clear error."""
+    older than one this cache saw (`index`; None: no cache yet) is a clear error."""
     from cachecore.errors import LazyFSError, StoreUnavailable
     from cachecore.image.manifest import (
         MANIFEST_PATH,
@@ -175,7 +211,7 @@ def _image_answers(repo, seconds: float, index) -> bool | None:
         return None
     except LazyFSError:
         return False
-    seen = index.get_text(f"revision:{repo.path.rstrip('/')}")
+    seen = index.get_text(f"revision:{repo.path.rstrip('/')}") if index is not None else None
     if seen and seen.isdigit() and manifest.revision < int(seen):
         raise UserError(f"repository {repo.alias!r} ({repo.path}) serves revision "
                         f"{manifest.revision}, older than revision {seen} seen before: refusing it")
@@ -207,23 +243,39 @@ def check_store_paths(settings: Settings, specs) -> None:
                             f"repository {repo.alias!r}: the mount would appear in its own tree")
 
 
+def store_problem(repo, seconds: float, index) -> str | None:
+    """Why the store of `repo` cannot be read now ("does not answer" within
+    `seconds`, "has no image", "is not a directory"), or None if it answers.
+    A published image's manifest that cannot be trusted is a UserError."""
+    published = is_url(repo.path)
+    reachable = _image_answers(repo, seconds, index) if published else \
+        _isdir_within(repo.path, seconds)
+    if reachable:
+        return None
+    return "does not answer" if reachable is None else \
+        "has no image" if published else "is not a directory"
+
+
+def offline_problem(repo, index) -> str | None:
+    """Why an --offline mount cannot serve `repo` (None if it can)."""
+    if index is None or not index.knows_store(repo.path):
+        return f"--offline: the cache holds nothing for repository {repo.alias!r} ({repo.path})"
+    return None
+
+
 def check_stores(settings: Settings, specs, index) -> None:
     """A store path never seen is a typo: refuse it. One seen before may just be away."""
     check_store_paths(settings, specs)
     for repo in specs:
         if settings.offline:
-            if not index.knows_store(repo.path):
-                raise UserError(f"--offline: the cache holds nothing for repository "
-                                f"{repo.alias!r} ({repo.path})")
+            problem = offline_problem(repo, index)
+            if problem:
+                raise UserError(problem)
             continue
-        published = is_url(repo.path)
-        reachable = _image_answers(repo, settings.store_timeout, index) if published else \
-            _isdir_within(repo.path, settings.store_timeout)
-        if reachable:
+        why = store_problem(repo, settings.store_timeout, index)
+        if why is None:
             continue
         if not index.knows_store(repo.path):
-            why = "does not answer" if reachable is None else \
-                "has no image" if published else "is not a directory"
             raise UserError(f"store path {repo.path} for repository {repo.alias!r} {why}")
         log.warning("store %s for repository %r is unreachable; serving what is cached",
                     repo.path, repo.alias)
@@ -559,7 +611,7 @@ def unmount(mountpoint: str, lazy: bool = False) -> str | None:
     answer is unmounted all the same (the kernel does not need its daemon for
     that): the returned line says what was found."""
     path = canonical(mountpoint)
-    state = _mount_state(path)
+    state = mount_state(path)
     if state not in ("mounted", "stale", "silent"):
         raise UserError(f"{path} is not mounted")
     note = silence(path, PROBE_TIMEOUT) if state == "silent" else None
