@@ -24,7 +24,16 @@ import time
 
 from .config import Settings, is_url
 from .errors import UserError
-from .mounts import PROBE_TIMEOUT, NoAnswer, ask, canonical, daemon_title, may_stall, mount_at, silence
+from .mounts import (
+    PROBE_TIMEOUT,
+    NoAnswer,
+    ask,
+    canonical,
+    daemon_title,
+    may_stall,
+    mount_at,
+    silence,
+)
 
 log = logging.getLogger("rez_lazyfs")
 READY_TIMEOUT = 60.0

@@ -33,8 +33,8 @@ from ..daemon import (
     offline_problem,
     open_cache,
     store_problem,
-    unusable_cache_message,
     untrusted_cache_message,
+    unusable_cache_message,
 )
 from ..errors import UserError
 from ..mounts import (
