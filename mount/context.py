@@ -285,7 +285,7 @@ def _check_embedded_paths(deep: DeepData, path: str) -> None:
                             "which is not a definition file of any of its variants: refused")
 
 
-def _load_baked(ctx_path: str) -> tuple[DeepData, tuple[str, tuple[int, ...]]]:
+def load_baked(ctx_path: str) -> tuple[DeepData, tuple[str, tuple[int, ...]]]:
     """The checked section of a baked context, and the context file as a pin holder."""
     deep = DeepData.from_context(load_context(ctx_path), ctx_path)
     _check_embedded_paths(deep, ctx_path)
@@ -567,7 +567,7 @@ def seed_context(ctx_path: str, settings: Settings, *, warn=lambda message: None
     other bytes. Returns (listings written, files written)."""
     from .daemon import open_cache
 
-    deep, holder = _load_baked(ctx_path)
+    deep, holder = load_baked(ctx_path)
     cache = open_cache(settings)
     try:
         return _seed(cache, deep, holder, settings, warn)[1]
@@ -579,7 +579,7 @@ def _seed(cache, deep: DeepData, holder, settings: Settings, warn) -> tuple[Deep
     """Seed the cache; returns the section with this machine's store paths, and counts."""
     import trio
 
-    deep = replace(deep, repos=_store_paths(deep, settings, cache, warn))
+    deep = replace(deep, repos=store_paths(deep, settings, cache, warn))
     seedings = trio.run(_gather, cache, deep, settings, warn)
     listings, keys = _write_seedings(cache, seedings)
     cache.index.pin(_pin_name(holder[0]), keys, holder)
@@ -595,7 +595,7 @@ def _keep_traces(cache, deep: DeepData) -> None:
         cache.index.put_trace(store_id(deep.repos[t.repo]), t)
 
 
-def _store_paths(deep: DeepData, settings: Settings, cache, warn) -> dict[str, str]:
+def store_paths(deep: DeepData, settings: Settings, cache, warn) -> dict[str, str]:
     """alias -> the store path seeding files the section's data under.
 
     What this machine says (--repo, the config, then what the cache records)
@@ -769,22 +769,39 @@ def populate_context(ctx_path: str, settings: Settings, *, progress: bool | None
                      warn=lambda message: None) -> dict:
     """Seed, then fetch every payload block of every variant of a baked context.
     Resumable: blocks already cached are skipped. Returns counts."""
-    import trio
-
     from .daemon import open_cache
 
-    deep, holder = _load_baked(ctx_path)
+    deep, holder = load_baked(ctx_path)
     cache = open_cache(settings)
     show = sys.stderr.isatty() if progress is None else progress
     try:
-        deep, _ = _seed(cache, deep, holder, settings, warn)
-        specs = _specs(deep, settings, cache)
-        return trio.run(_populate, cache, specs, deep, settings, show)
+        specs, roots = seed_for_populating(cache, deep, holder, settings, warn)
+        return populate_trees(cache, specs, roots, settings, show=show, what="the context")
     finally:
         cache.close()
 
 
-async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool) -> dict:
+def seed_for_populating(cache, deep: DeepData, holder, settings: Settings,
+                        warn) -> tuple[list, set[tuple[str, bytes]]]:
+    """Seed a loaded baked context (load_baked); returns its repositories as
+    this machine reaches them, and its variant roots: what populate_trees takes."""
+    deep, _ = _seed(cache, deep, holder, settings, warn)
+    return (_specs(deep, settings, cache),
+            {(v["repo"], os.fsencode(v["root"])) for v in deep.variants})
+
+
+def populate_trees(cache, specs, roots: set[tuple[str, bytes]], settings: Settings, *,
+                   show: bool, what: str) -> dict:
+    """Fetch every block of every file below *roots* ((alias, path) in the
+    repositories *specs* name) that the cache lacks. *what* they are, for
+    the refusal when they do not fit. Returns counts."""
+    import trio
+
+    return trio.run(_populate, cache, specs, roots, settings, show, what)
+
+
+async def _populate(cache, specs, roots: set[tuple[str, bytes]], settings: Settings, show: bool,
+                    what: str) -> dict:
     import click
     import trio
 
@@ -794,7 +811,6 @@ async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool
                                store_timeout=settings.store_timeout,
                                store_threads=settings.store_threads)
     files = []  # (repo, FileVersion)
-    roots = {(v["repo"], os.fsencode(v["root"])) for v in deep.variants}
     try:
         for alias, root in sorted(roots):
             repo, pending = repos[alias], [root]
@@ -807,7 +823,7 @@ async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool
                     elif attr.is_file:
                         files.append((repo, await repo.open(child)))
     except LazyFSError as e:
-        raise UserError(f"cannot list the context's variants: {e}") from None
+        raise UserError(f"cannot list the files of {what}: {e}") from None
 
     bs = cache.blocks.block_size
     missing = []  # (repo, version, block index, length)
@@ -817,7 +833,7 @@ async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool
             if index not in present:
                 missing.append((repo, version, index, min(bs, version.size - offset)))
     needed = sum(m[3] for m in missing)
-    _check_room(settings, cache, needed)
+    _check_room(settings, cache, needed, what)
 
     fetched = {"files": len(files), "blocks_fetched": 0, "bytes_fetched": 0,
                "blocks_already_cached": sum(-(-v.size // bs) for _, v in files) - len(missing)}
@@ -850,17 +866,17 @@ async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool
     return fetched
 
 
-def _check_room(settings: Settings, cache, needed: int) -> None:
+def _check_room(settings: Settings, cache, needed: int, what: str) -> None:
     free = shutil.disk_usage(cache.directory).free
     if needed > free:
-        raise UserError(f"the context needs {_human(needed)} more in the cache but "
+        raise UserError(f"{what} needs {_human(needed)} more in the cache but "
                         f"{cache.directory} has only {_human(free)} free")
     if settings.cache_limit:
         from cachecore.clean import scan_cache
 
         used = sum(f.bytes for f in scan_cache(cache.blocks, cache.index).values())
         if used + needed > settings.cache_limit:
-            raise UserError(f"the context needs {_human(needed)} more in the cache, which holds "
+            raise UserError(f"{what} needs {_human(needed)} more in the cache, which holds "
                             f"{_human(used)} of its {_human(settings.cache_limit)} limit")
 
 
