@@ -108,11 +108,14 @@ def _warn(message: str) -> None:
 @repo_options
 @cache_options
 @click.option("--strict", is_flag=True, help="Fail if a variant is not in a mirrored repository.")
+@click.option("--force", is_flag=True,
+              help="Bake onto the mount variants rez would not cache too (cachable or "
+                   "relocatable False, default_cachable* settings).")
 @click.option("--populate", is_flag=True, help="Also fetch every payload block the context uses.")
 @click.option("--trace", "trace_files", multiple=True, type=click.Path(dir_okay=False),
               help="Embed the launch traces of the context's variants from this trace file "
                    "(`trace record`; repeatable).")
-def bake(context, output, mountpoint, strict, populate, trace_files, **options):
+def bake(context, output, mountpoint, strict, force, populate, trace_files, **options):
     """Write a deep copy of CONTEXT (.rxt) whose variants live under the mount."""
     from .config import load_settings
     from .context import bake_context, populate_context
@@ -120,7 +123,8 @@ def bake(context, output, mountpoint, strict, populate, trace_files, **options):
 
     settings = load_settings(mountpoint, **options)
     traces = [t for path in trace_files for t in read_trace_file(path)]
-    deep = bake_context(context, output, settings, strict=strict, traces=traces, warn=_warn)
+    deep = bake_context(context, output, settings, strict=strict, force=force, traces=traces,
+                        warn=_warn)
     click.echo(f"baked {len(deep.variants)} variant(s) onto {deep.mountpoint}: {output}"
                + (f" (with the traces of {len(deep.traces)})" if deep.traces else ""))
     if populate:

@@ -411,13 +411,18 @@ async def _first_private(repos, deep: DeepData) -> str | None:
     return None
 
 
-def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict]) -> list[dict]:
-    """Each mirrored variant's root, relative to its repository, computed by rez itself.
+def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict],
+                   store_locations: list[str | None]) -> list[tuple[dict, bool]]:
+    """Each mirrored variant's root, relative to its repository, and whether
+    rez would cache it (mount/localisable.py), computed by rez itself.
 
     rez evaluates package.py to find a variant's subpath; we let it do so on a
     private replica of the collected definitions, so neither the store nor a
-    running mount is needed.
+    running mount is needed. *store_locations*: where each variant's
+    repository is in its store (None: a published image).
     """
+    from .localisable import as_from_their_repositories
+
     with tempfile.TemporaryDirectory(prefix="rez-lazyfs-bake-") as tmp:
         replica = os.path.realpath(tmp)
         for (alias, relpath), (_identity, data) in deep.files.items():
@@ -433,25 +438,59 @@ def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict]) -> list[di
                     if attr.is_link:
                         os.symlink(attr.target, os.path.join(directory, name))
         local = {**baked, "resolved_packages": []}
-        for handle in mirrored:
+        locations: dict[str, list[str]] = {}  # replica location -> the real ones
+        for handle, store_location in zip(mirrored, store_locations):
             copy = json.loads(json.dumps(handle))
             copy["variables"]["location"] = os.path.join(
                 replica, os.path.relpath(handle["variables"]["location"], deep.mountpoint))
+            locations[copy["variables"]["location"]] = [
+                *filter(None, [store_location]), handle["variables"]["location"]]
             local["resolved_packages"].append(copy)
+        with as_from_their_repositories(locations):
+            variants = context_variants(local)
         records = []
-        for handle, variant in zip(mirrored, context_variants(local)):
+        for handle, variant in zip(mirrored, variants):
             alias, _ = _repo_relative(handle["variables"]["location"], deep.mountpoint)
             root = os.path.relpath(variant.root, os.path.join(replica, alias))
-            records.append({"repo": alias, "name": variant.name, "version": variant.version,
-                            "root": "" if root == "." else root})
+            records.append(({"repo": alias, "name": variant.name, "version": variant.version,
+                             "root": "" if root == "." else root}, variant.cachable))
         return records
 
 
+def _left_in_store(handle: dict, variant: dict, store_location: str | None, warn) -> bool:
+    """Point a variant rez would not cache back at its store (REP-003: not
+    localisable); False if it has no store path (a published image's)."""
+    name = f"{variant['name']}-{variant['version']}".rstrip("-")
+    if store_location is None:
+        warn(f"rez would not cache {name} (cachable or relocatable is False, or a "
+             "default_cachable* setting says so), but its repository is a published image, "
+             "which has no store path to leave it at: baked onto the mount")
+        return False
+    handle["variables"]["location"] = store_location
+    warn(f"rez would not cache {name} (cachable or relocatable is False, or a "
+         f"default_cachable* setting says so): left at its store path {store_location} "
+         "(--force bakes it onto the mount)")
+    return True
+
+
+def _store_location(original: str, mount_root: str, repos: dict[str, str]) -> str | None:
+    """Where a repository the context names (by its location before baking)
+    is in its store; None for a published image, which has no such path."""
+    alias, inside = _repo_relative(original, mount_root)
+    if not alias:
+        return original  # the context was resolved against the store itself
+    if is_url(repos[alias]):
+        return None
+    return os.path.normpath(os.path.join(os.path.realpath(repos[alias]), os.fsdecode(inside)))
+
+
 def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: bool = False,
-                 traces: list | None = None, warn=lambda message: None) -> DeepData:
+                 force: bool = False, traces: list | None = None,
+                 warn=lambda message: None) -> DeepData:
     """Write a deep copy of IN pointing at the mount; pin its definitions in the cache.
-    `traces` (trace.VariantTrace): those of the context's variants are embedded
-    and kept in the cache too."""
+    Variants rez would not cache (mount/localisable.py) stay at their store
+    path, with a warning, unless *force*. `traces` (trace.VariantTrace):
+    those of the context's variants are embedded and kept in the cache too."""
     import trio
 
     from .daemon import open_cache, repo_specs
@@ -468,9 +507,13 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
     for name in unmapped:
         warn(f"not in any mirrored repository, left as it is: {name}")
     mount_root = os.path.realpath(settings.mountpoint)
-    mirrored = [h for h in baked["resolved_packages"]
-                if h["variables"].get("repository_type") == "filesystem"
-                and _repo_relative(h["variables"]["location"], mount_root)[0] in repos]
+    mirrored, store_locations = [], []
+    for h, original in zip(baked["resolved_packages"], doc["resolved_packages"]):
+        if (h["variables"].get("repository_type") == "filesystem"
+                and _repo_relative(h["variables"]["location"], mount_root)[0] in repos):
+            mirrored.append(h)
+            store_locations.append(_store_location(original["variables"]["location"],
+                                                   mount_root, repos))
     deep = DeepData(mountpoint=mount_root, repos=repos)
     cache = open_cache(settings)
     try:
@@ -481,7 +524,19 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
                                       store_timeout=settings.store_timeout)
             await _collect(live, mirrored, mount_root, deep)
             # rez evaluates package.py files: a thread, not the event loop.
-            deep.variants = await trio.to_thread.run_sync(_variant_roots, baked, deep, mirrored)
+            found = await trio.to_thread.run_sync(_variant_roots, baked, deep, mirrored,
+                                                  store_locations)
+            kept = []
+            for h, where, (record, cachable) in zip(mirrored, store_locations, found):
+                if not (cachable or force) and _left_in_store(h, record, where, warn):
+                    continue
+                kept.append((h, record))
+            if len(kept) < len(mirrored):  # embed only what the variants baked need
+                deep.roots.clear()
+                deep.listings.clear()
+                deep.files.clear()
+                await _collect(live, [h for h, _ in kept], mount_root, deep)
+            deep.variants = [record for _, record in kept]
             await _collect_trees(live, deep)
             private = await _first_private(live, deep)
             await cache.flush("bake", cache.totals_of("bake"))
