@@ -196,21 +196,32 @@ def pinned_files(index: MetadataIndex, block_size: int,
 
 
 def _listed_keys(index: MetadataIndex, store: str, relpath: bytes, block_size: int) -> set[str]:
-    """Keys of the files the index lists at *relpath* (a file or a directory
-    tree) in *store*. Walked with a stack: a tree may be deeper than Python's stack."""
-    parent, _, name = relpath.rpartition(b"/")
-    found = index.get_listing(store, parent)
-    top = found[0].get(name) if found else None
+    """Keys of the files the index lists at *relpath* (a directory tree, or a
+    file) in *store*. Walked with a stack: a tree may be deeper than Python's stack."""
     keys: set[str] = set()
-    pending = [(relpath, top)] if top is not None else []
+    pending = [relpath] if index.get_listing(store, relpath) is not None else []
+    if not pending:  # a file, if its directory's listing names one
+        parent, _, name = relpath.rpartition(b"/")
+        found = index.get_listing(store, parent)
+        attr = found[0].get(name) if found else None
+        if attr is not None and attr.is_file:
+            keys.update(_keys_of(store, relpath, attr, block_size))
     while pending:
-        path, attr = pending.pop()
-        if attr.is_file:
-            key = block_key(store, path, attr.identity, block_size)
-            keys.update((key, unverified_key(key)))
-        elif attr.is_dir and (listing := index.get_listing(store, path)) is not None:
-            pending.extend((path + b"/" + child, entry) for child, entry in listing[0].items())
+        directory = pending.pop()
+        listing = index.get_listing(store, directory)
+        for name, attr in (listing[0] if listing else {}).items():
+            path = directory + b"/" + name
+            if attr.is_dir:
+                pending.append(path)
+            elif attr.is_file:
+                keys.update(_keys_of(store, path, attr, block_size))
     return keys
+
+
+def _keys_of(store: str, relpath: bytes, attr, block_size: int) -> tuple[str, str]:
+    """A file version's block keys: from the store, and seeded unconfirmed."""
+    key = block_key(store, relpath, attr.identity, block_size)
+    return key, unverified_key(key)
 
 
 def scan_cache(blocks: BlockCache, index: MetadataIndex,
