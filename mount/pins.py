@@ -156,9 +156,13 @@ def _origins(targets: list[str], sync: bool) -> dict[str, list[PackageVersion | 
     origins: dict[str, list] = {}
     for text in targets:
         if not _names_a_file(text, os.getcwd()):
+            try:
+                package = parse_package_version(text)
+            except UserError as e:
+                raise UserError(f"{e}, nor a file") from None
             if sync:
                 raise UserError(f"--sync takes list files; {text} is a package version")
-            origins.setdefault(COMMAND_LINE, []).append(parse_package_version(text))
+            origins.setdefault(COMMAND_LINE, []).append(package)
         elif _is_context_file(text):
             if sync:
                 raise UserError(f"--sync takes list files; {text} is a context")
@@ -233,7 +237,7 @@ async def _resolve(cache, settings: Settings, wanted: list, contexts: dict, warn
         holders, unasked = [], []
         for alias in [p.alias] if p.alias else sorted(repos):
             try:
-                await repos[alias].listing(os.fsencode(p.relpath))  # status shows its size
+                await _list_down_to(repos[alias], os.fsencode(p.relpath))
                 holders.append(alias)
             except (NotFound, NotADirectory):
                 pass
@@ -253,6 +257,16 @@ async def _resolve(cache, settings: Settings, wanted: list, contexts: dict, warn
         resolved[CONTEXT_PIN + path] = pin_record(
             [], holder, paths=[list(p) for p in sorted(paths)], pin=path, kind="context")
     return resolved, (specs, roots)
+
+
+async def _list_down_to(repo, relpath: bytes) -> None:
+    """List the directories from the repository root down to *relpath*
+    (NotFound if it is not there): what a mount looks up to reach it, so it
+    is found offline, and status shows its size."""
+    await repo.root_attr()
+    parts = relpath.split(b"/")
+    for depth in range(len(parts) + 1):
+        await repo.listing(b"/".join(parts[:depth]))
 
 
 def _apply(index, wanted: dict[str, set[str]], resolved: dict[str, dict], sync: bool) -> list[dict]:
