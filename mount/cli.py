@@ -306,7 +306,7 @@ def status(as_json, **options):
              _ago(v["last_used"]), "yes" if v["pinned"] else "no",
              ",".join(v["traces"]) or "no", v["store_path"],
              v["local_path"] or "-"] for v in data["variants"]])
-    pinned = [p for p in data["pins"] if p["from"]]  # pin's (bake's pins show as PINNED alone)
+    pinned = [p for p in data["pins"] if p["from"]]  # `pin`'s; bake's show as PINNED only
     if pinned:
         click.echo("")
         _table(["PIN", "KIND", "CACHED", "FILES", "FROM"],

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 from .config import Settings
@@ -179,8 +180,6 @@ def pin(settings: Settings, targets: list[str], *, sync: bool = False, populate:
     """Pin what *targets* name (module docstring); with *sync*, also unpin
     what each list file pinned and no longer names. Returns
     {"changes": [{"pin", "kind", "change", "from"}], "populated": counts (with *populate*)}."""
-    import sys
-
     import trio
 
     from .context import load_baked

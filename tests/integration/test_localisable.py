@@ -45,6 +45,8 @@ NOT_CACHABLE = {"nocache", "norel"}  # with rez's configuration left as shipped
 
 
 class Shop:
+    """A store of those packages, and rez with a configuration of the test's."""
+
     def __init__(self, tmp_path, config: str = ""):
         self.tmp_path = tmp_path
         self.store = tmp_path / "svr" / "packages"
@@ -54,23 +56,15 @@ class Shop:
             f.write(config.replace("STORE", os.path.realpath(self.store)))
 
     def bake(self, context, mountpoint, *options, env: dict | None = None):
+        """The baked context, and the packages the warnings say were left in the store."""
         out = self.tmp_path / "baked.rxt"
-        result = self.lazyfs("bake", context, "-o", out, "--mount", mountpoint,
-                             "--repo", f"{ALIAS}={self.store}", "--cache",
-                             self.tmp_path / "cache", *options, env=env)
+        result = self.rez.lazyfs("bake", context, "-o", out, "--mount", mountpoint,
+                                 "--repo", f"{ALIAS}={self.store}", "--cache",
+                                 self.tmp_path / "cache", *options, env=env)
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
         left = {line[len(WARNING):].split("-1.0 ")[0] for line in result.stderr.splitlines()
                 if line.startswith(WARNING)}
         return out, left
-
-    def lazyfs(self, *args, env: dict | None = None) -> subprocess.CompletedProcess:
-        if not env:
-            return self.rez.lazyfs(*args)
-        from helpers.mounts import LAZYFS
-
-        environ = {**self.rez.environ([self.tmp_path / "no-packages-here"]), **env}
-        return subprocess.run([str(LAZYFS), *map(str, args)], env=environ, capture_output=True,
-                              text=True, stdin=subprocess.DEVNULL, timeout=120)
 
 
 def locations(baked) -> dict[str, str]:
