@@ -2,9 +2,12 @@
 
 The unit of eviction is one file version (all its blocks): last-used times are
 kept per file, and a DCC that used a file will want all of it again. Pinned
-file versions (definitions of baked contexts) are never evicted, but a pin
-lasts only while the file it is for does: one whose context file is gone, or
-is another file now, is released (release_orphaned_pins) before each clean.
+file versions are never evicted. A pin names file keys (the definitions of a
+baked context), paths in stores (`rez-lazyfs pin` of a package version or a
+context: every file listed at or below them, when the clean runs, so blocks
+fetched after pinning are kept too), or both (PinnedFiles). A pin for a file
+lasts only while that file does: one whose context file is gone, or is
+another file now, is released (release_orphaned_pins) before each clean.
 
 Eviction only unlinks cache files. A reader that already opened one still
 reads whole blocks from it; one that looks next finds it missing and fetches
@@ -21,8 +24,9 @@ from dataclasses import dataclass, field
 
 import filelock
 
-from .blocks import BlockCache
+from .blocks import BlockCache, unverified_key
 from .index import MetadataIndex
+from .stores import block_key
 
 log = logging.getLogger(__name__)
 # Seconds the files holding pins get, all together, to answer a stat: a
@@ -51,6 +55,7 @@ class CleanReport:
     dry_run: bool
     released_pins: int = 0    # pins whose context file is gone or replaced
     unanswered_pins: int = 0  # kept: their context file did not answer in time
+    pins: int = 0             # pins held, whose files were kept
 
 
 @dataclass
@@ -148,10 +153,83 @@ def _stat_within(paths: set[str], timeout: float) -> dict:
         return dict(answers)
 
 
+@dataclass
+class PinnedFiles:
+    """What the pins keep, as of now."""
+
+    by_key: dict[str, set[str]]                # file key -> names of the pins keeping it
+    by_path: dict[tuple[str, str], set[str]]   # (store, path) -> names of the pins at it
+    names: set[str]                            # every pin held
+
+    def pins_of(self, f: CachedFile) -> set[str]:
+        """The pins keeping *f*: by its key, or by the store path its use
+        was recorded under (a file whose listing the index lost meanwhile,
+        a `forget`, is kept all the same)."""
+        names = set(self.by_key.get(f.key, ()))
+        if f.info is not None and self.by_path:
+            parts = f.info["path"].split("/")
+            for depth in range(1, len(parts) + 1):
+                names |= self.by_path.get((f.info["store"], "/".join(parts[:depth])), set())
+        return names
+
+
+def pinned_files(index: MetadataIndex, block_size: int,
+                 released: frozenset[str] = frozenset()) -> PinnedFiles:
+    """What the pins (but those named in *released*) keep: their own keys,
+    and the key of every file the index lists at or below their paths, with
+    the key its blocks have when seeded unconfirmed (blocks.unverified_key)."""
+    pinned = PinnedFiles({}, {}, set())
+    listed: dict[tuple[str, str], set[str]] = {}
+    for name, record in index.pin_records().items():
+        if name in released:
+            continue
+        pinned.names.add(name)
+        keys = set(record["keys"])
+        for store, path in record.get("paths", ()):
+            if (store, path) not in listed:
+                listed[(store, path)] = _listed_keys(index, store, os.fsencode(path), block_size)
+            keys |= listed[(store, path)]
+            pinned.by_path.setdefault((store, path), set()).add(name)
+        for key in keys:
+            pinned.by_key.setdefault(key, set()).add(name)
+    return pinned
+
+
+def _listed_keys(index: MetadataIndex, store: str, relpath: bytes, block_size: int) -> set[str]:
+    """Keys of the files the index lists at *relpath* (a directory tree, or a
+    file) in *store*. Walked with a stack: a tree may be deeper than Python's stack."""
+    keys: set[str] = set()
+    pending = [relpath] if index.get_listing(store, relpath) is not None else []
+    if not pending:  # a file, if its directory's listing names one
+        parent, _, name = relpath.rpartition(b"/")
+        found = index.get_listing(store, parent)
+        attr = found[0].get(name) if found else None
+        if attr is not None and attr.is_file:
+            keys.update(_keys_of(store, relpath, attr, block_size))
+    while pending:
+        directory = pending.pop()
+        listing = index.get_listing(store, directory)
+        for name, attr in (listing[0] if listing else {}).items():
+            path = directory + b"/" + name
+            if attr.is_dir:
+                pending.append(path)
+            elif attr.is_file:
+                keys.update(_keys_of(store, path, attr, block_size))
+    return keys
+
+
+def _keys_of(store: str, relpath: bytes, attr, block_size: int) -> tuple[str, str]:
+    """A file version's block keys: from the store, and seeded unconfirmed."""
+    key = block_key(store, relpath, attr.identity, block_size)
+    return key, unverified_key(key)
+
+
 def scan_cache(blocks: BlockCache, index: MetadataIndex,
-               released: frozenset[str] = frozenset()) -> dict[str, CachedFile]:
-    """Every file version with blocks on disk, by key (pins named in
-    *released* count as gone: a dry run's).
+               released: frozenset[str] = frozenset(),
+               pins: PinnedFiles | None = None) -> dict[str, CachedFile]:
+    """Every file version with blocks on disk, by key, marked pinned by
+    *pins* (else by what the pins keep now, but those named in *released*:
+    a dry run's).
 
     Last used is the later of the recorded use and the cache file's mtime
     (its last block written), so files nobody recorded (a daemon killed
@@ -172,9 +250,10 @@ def scan_cache(blocks: BlockCache, index: MetadataIndex,
         if key in files:
             files[key].info = info
             files[key].last_used = max(files[key].last_used, last_used)
-    pinned = set().union(*(keys for name, keys in index.pins().items() if name not in released))
-    for key in pinned & files.keys():
-        files[key].pinned = True
+    if pins is None:
+        pins = pinned_files(index, blocks.block_size, released)
+    for f in files.values():
+        f.pinned = bool(pins.pins_of(f))
     return files
 
 
@@ -195,7 +274,8 @@ def clean_cache(blocks: BlockCache, index: MetadataIndex, *, max_size: int | Non
     lock = filelock.FileLock(os.path.join(os.path.dirname(blocks.blocks_dir), "clean.lock"))
     with lock:
         held = release_orphaned_pins(index, dry_run=dry_run)
-        files = scan_cache(blocks, index, frozenset(held.released))
+        pins = pinned_files(index, blocks.block_size, frozenset(held.released))
+        files = scan_cache(blocks, index, pins=pins)
         size = sum(f.bytes for f in files.values())
         now = time.time() if now is None else now
         candidates = sorted((f for f in files.values() if not f.pinned), key=lambda f: f.last_used)
@@ -220,4 +300,4 @@ def clean_cache(blocks: BlockCache, index: MetadataIndex, *, max_size: int | Non
                      len(victims), evicted, size - evicted)
         return CleanReport(size, size - evicted, len(victims), evicted,
                            sum(f.bytes for f in files.values() if f.pinned), dry_run,
-                           len(held.released), len(held.unanswered))
+                           len(held.released), len(held.unanswered), len(pins.names))

@@ -28,6 +28,14 @@ DB_NAME = "cache.db"  # diskcache's database file in a Cache directory
 _LEGACY_CONTEXT_PIN = "context:"
 
 
+def pin_record(file_keys, holder: tuple[str, tuple[int, ...]] | None = None, **rest) -> dict:
+    """A pin's record in the ledger (MetadataIndex.pin_records says what the fields are)."""
+    record: dict = {"keys": sorted(set(file_keys)), **rest}
+    if holder is not None:
+        record["holder"] = {"path": holder[0], "identity": list(holder[1])}
+    return record
+
+
 class MetadataIndex:
     """Blocking (SQLite); callers run it in worker threads. `directory` is
     a checked cache directory (cachedir.check_tree)."""
@@ -180,33 +188,53 @@ class MetadataIndex:
         *holder* is the file the pin is for (a baked context), by path and
         identity (clean.holder_identity): the pin lasts only while that file
         does (clean.release_orphaned_pins)."""
-        record: dict = {"keys": sorted(set(file_keys))}
-        if holder is not None:
-            record["holder"] = {"path": holder[0], "identity": list(holder[1])}
-        self.set_record("p", name, json.dumps(record))
+        self.set_record("p", name, json.dumps(pin_record(file_keys, holder)))
 
     def unpin(self, name: str) -> None:
         self._ledger.delete("p:" + name)
 
     def pins(self) -> dict[str, set[str]]:
-        """Pin name -> the file keys it keeps."""
-        return {name: set(record["keys"] if isinstance(record, dict) else record)
-                for name, record in self._pin_records().items()}
+        """Pin name -> the file keys it names itself (clean.PinnedFiles adds
+        those below its paths)."""
+        return {name: set(record["keys"]) for name, record in self.pin_records().items()}
 
     def pin_holders(self) -> dict[str, tuple[str, tuple[int, ...] | None]]:
         """Pin name -> (path, identity) of the file it is for; identity None
         when only the path is known (a pin written before holders were)."""
         holders = {}
-        for name, record in self._pin_records().items():
-            if isinstance(record, list):  # before pins named their holder: its list of keys
-                if name.startswith(_LEGACY_CONTEXT_PIN):
-                    holders[name] = (name[len(_LEGACY_CONTEXT_PIN):], None)
-            elif "holder" in record:
-                holders[name] = (record["holder"]["path"], tuple(record["holder"]["identity"]))
+        for name, record in self.pin_records().items():
+            if "holder" in record:
+                holder = record["holder"]
+                holders[name] = (holder["path"],
+                                 None if holder["identity"] is None else tuple(holder["identity"]))
         return holders
 
-    def _pin_records(self) -> dict[str, dict | list]:
-        return {name: json.loads(text) for name, text in self.records("p").items()}
+    def pin_records(self) -> dict[str, dict]:
+        """Pin name -> its record: "keys" (file keys), and where present
+        "holder" (the file it lasts with), "paths" ([store, path] whose
+        listed files it keeps, clean.PinnedFiles), "pin", "kind" and "from"
+        (what `rez-lazyfs pin` was given, and by which list files or the
+        command line: mount/pins.py)."""
+        records = {}
+        for name, text in self.records("p").items():
+            record = json.loads(text)
+            if isinstance(record, list):  # before pins named their holder: its list of keys
+                record = {"keys": record}
+                if name.startswith(_LEGACY_CONTEXT_PIN):
+                    record["holder"] = {"path": name[len(_LEGACY_CONTEXT_PIN):], "identity": None}
+            records[name] = record
+        return records
+
+    def change_pins(self, change) -> None:
+        """change(pin_records()) -> {name: new record, or None to unpin},
+        read and written in one transaction: two commands changing pins at
+        once cannot lose each other's changes."""
+        with self._ledger.transact():
+            for name, record in change(self.pin_records()).items():
+                if record is None:
+                    self.unpin(name)
+                else:
+                    self.set_record("p", name, json.dumps(record, sort_keys=True))
 
     def record_uses(self, uses: list[tuple[str, dict, int]]) -> None:
         """(file key, file info, when used) for file versions read: one transaction."""

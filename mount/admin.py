@@ -46,13 +46,20 @@ def _flush_running_mounts(settings: Settings, cache) -> list[str]:
 
 # -- status -------------------------------------------------------------------
 def cache_status(settings: Settings) -> dict:
-    from cachecore.clean import release_orphaned_pins, scan_cache
+    from cachecore.clean import pinned_files, release_orphaned_pins, scan_cache
+
+    from .pins import pins_held
 
     cache = _open_existing(settings)
     try:
         warnings = _flush_running_mounts(settings, cache)
         held = release_orphaned_pins(cache.index)  # so PINNED shows what is pinned
-        files = scan_cache(cache.blocks, cache.index)
+        pinned = pinned_files(cache.index, cache.blocks.block_size)
+        files = scan_cache(cache.blocks, cache.index, pins=pinned)
+
+        def cached_bytes(f) -> int:
+            return _payload_bytes(cache.blocks, f) if f.info else f.bytes
+
         repos = {r.path: r.alias for r in cache.recorded_repos()}
         mounts = sorted(((rec.get("updated", 0), name[len("mount:"):])
                          for name, rec in cache.stored_totals().items() if name.startswith("mount:")),
@@ -75,10 +82,15 @@ def cache_status(settings: Settings) -> dict:
                 parts = f.info["path"].split("/")
                 key = (f.info["store"], parts[0], parts[1] if len(parts) > 2 else "")
             row = rows.setdefault(key, _empty_row())
-            row["bytes_cached"] += (_payload_bytes(cache.blocks, f) if f.info else f.bytes)
+            row["bytes_cached"] += cached_bytes(f)
             row["files_cached"] += 1
             row["last_used"] = max(row["last_used"], f.last_used)
             row["pinned"] |= f.pinned
+        for store, path in pinned.by_path:  # a pinned package version shows, cached or not
+            if cache.index.get_listing(store, os.fsencode(path)) is not None:  # a directory
+                family, _, below = path.partition("/")
+                rows.setdefault((store, family, below.partition("/")[0]),
+                                _empty_row())["pinned"] = True
         out = []
         for (store, family, version), row in sorted(rows.items()):
             relpath = f"{family}/{version}" if version else family
@@ -98,7 +110,8 @@ def cache_status(settings: Settings) -> dict:
                 "size_bytes": sum(f.bytes for f in files.values()),
                 "limit_bytes": settings.cache_limit or None, "variants": out,
                 "released_pins": len(held.released), "unanswered_pins": len(held.unanswered),
-                "warnings": warnings}
+                "warnings": warnings,
+                "pins": pins_held(cache.index, pinned, files, cached_bytes)}
     finally:
         cache.close()
 
@@ -229,7 +242,7 @@ def clean(settings: Settings, *, max_size: str | None, max_days: float | None,
     result["warnings"] = warnings
     if limit is not None and report.size_after > limit:
         result["warning"] = (f"still over the limit: {report.pinned_bytes} bytes are pinned "
-                             "by baked contexts")
+                             "(`rez-lazyfs status --json` lists the pins)")
     return result
 
 

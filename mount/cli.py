@@ -119,11 +119,14 @@ def _warn(message: str) -> None:
 @repo_options
 @cache_options
 @click.option("--strict", is_flag=True, help="Fail if a variant is not in a mirrored repository.")
+@click.option("--force", is_flag=True,
+              help="Bake onto the mount variants rez would not cache too (cachable or "
+                   "relocatable False, default_cachable* settings).")
 @click.option("--populate", is_flag=True, help="Also fetch every payload block the context uses.")
 @click.option("--trace", "trace_files", multiple=True, type=click.Path(dir_okay=False),
               help="Embed the launch traces of the context's variants from this trace file "
                    "(`trace record`; repeatable).")
-def bake(context, output, mountpoint, strict, populate, trace_files, **options):
+def bake(context, output, mountpoint, strict, force, populate, trace_files, **options):
     """Write a deep copy of CONTEXT (.rxt) whose variants live under the mount."""
     from .context import bake_context, populate_context
     from .running import settings_from_mount
@@ -131,7 +134,8 @@ def bake(context, output, mountpoint, strict, populate, trace_files, **options):
 
     settings = settings_from_mount(mountpoint, fallback=True, **options)
     traces = [t for path in trace_files for t in read_trace_file(path)]
-    deep = bake_context(context, output, settings, strict=strict, traces=traces, warn=_warn)
+    deep = bake_context(context, output, settings, strict=strict, force=force, traces=traces,
+                        warn=_warn)
     click.echo(f"baked {len(deep.variants)} variant(s) onto {deep.mountpoint}: {output}"
                + (f" (with the traces of {len(deep.traces)})" if deep.traces else ""))
     if populate:
@@ -319,6 +323,12 @@ def status(as_json, **options):
              _ago(v["last_used"]), "yes" if v["pinned"] else "no",
              ",".join(v["traces"]) or "no", v["store_path"],
              v["local_path"] or "-"] for v in data["variants"]])
+    pinned = [p for p in data["pins"] if p["from"]]  # `pin`'s; bake's show as PINNED only
+    if pinned:
+        click.echo("")
+        _table(["PIN", "KIND", "CACHED", "FILES", "FROM"],
+               [[p["pin"], p["kind"], _human(p["bytes_cached"]), p["files_cached"],
+                 ", ".join(p["from"])] for p in pinned])
 
 
 @main.command()
@@ -408,6 +418,8 @@ def clean(max_size, max_days, dry_run, as_json, **options):
     click.echo(f"{verb} {report['evicted_files']} file(s), {_human(report['evicted_bytes'])}; "
                f"cache {_human(report['size_before'])} -> {_human(report['size_after'])} "
                f"({_human(report['pinned_bytes'])} pinned)")
+    if report["pins"]:
+        click.echo(f"kept what {report['pins']} pin(s) hold (`rez-lazyfs status` lists them)")
     if "warning" in report:
         _warn(report["warning"])
 
@@ -421,6 +433,65 @@ def _report_pins(released: int, unanswered: int, dry_run: bool) -> None:
     if unanswered:
         _warn(f"{unanswered} baked context file(s) did not answer within {HOLDER_TIMEOUT:g}s; "
               "their pins are kept")
+
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True, metavar="PKG-VERSION|CONTEXT|LIST...")
+@click.option("--sync", is_flag=True,
+              help="Make the pins from each LIST exactly its lines: what it no longer names is "
+                   "unpinned (unless pinned otherwise too).")
+@click.option("--populate", is_flag=True, help="Also fetch every file of what is pinned.")
+@mount_option
+@seed_options
+@json_option
+def pin(targets, sync, populate, as_json, **options):
+    """Keep what TARGETS name in the cache whatever clean does: a package
+    version (FAMILY-VERSION in every repository that holds it,
+    ALIAS:FAMILY-VERSION in one), a baked context (its variants), or a LIST
+    file of those, one a line (# comments). Pinning again changes nothing.
+
+        rez-lazyfs pin --sync /studio/toolsets/production.txt --populate
+    """
+    from .pins import pin as pin_targets
+    from .running import settings_from_mount
+
+    report = pin_targets(settings_from_mount(need_repos=False, **options), list(targets),
+                         sync=sync, populate=populate, warn=_warn)
+    if as_json:
+        return _emit_json(report)
+    _report_pin_changes(report["changes"])
+    if "populated" in report:
+        _report_populate(report["populated"])
+
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True, metavar="PKG-VERSION|CONTEXT|LIST...")
+@mount_option
+@cache_options
+@json_option
+def unpin(targets, as_json, **options):
+    """Let clean evict what TARGETS pinned: a package version or context
+    (whichever list pinned it too), or what a LIST file pinned (a pin that
+    something else pinned too stays)."""
+    from .pins import unpin as unpin_targets
+    from .running import settings_from_mount
+
+    report = unpin_targets(settings_from_mount(need_repos=False, **options), list(targets))
+    if as_json:
+        return _emit_json(report)
+    _report_pin_changes(report["changes"])
+    for text in report["not_pinned"]:
+        click.echo(f"not pinned: {text}")
+
+
+def _report_pin_changes(changes: list[dict]) -> None:
+    counts = dict.fromkeys(("pinned", "updated", "unchanged", "unpinned"), 0)
+    for c in changes:
+        counts[c["change"]] += 1
+        if c["change"] != "unchanged":
+            origins = f" (from {', '.join(c['from'])})" if c["from"] else ""
+            click.echo(f"{c['change']} {c['pin']}{origins}")
+    click.echo(", ".join(f"{n} {change}" for change, n in counts.items()))
 
 
 @main.command()

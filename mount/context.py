@@ -285,7 +285,7 @@ def _check_embedded_paths(deep: DeepData, path: str) -> None:
                             "which is not a definition file of any of its variants: refused")
 
 
-def _load_baked(ctx_path: str) -> tuple[DeepData, tuple[str, tuple[int, ...]]]:
+def load_baked(ctx_path: str) -> tuple[DeepData, tuple[str, tuple[int, ...]]]:
     """The checked section of a baked context, and the context file as a pin holder."""
     deep = DeepData.from_context(load_context(ctx_path), ctx_path)
     _check_embedded_paths(deep, ctx_path)
@@ -411,13 +411,18 @@ async def _first_private(repos, deep: DeepData) -> str | None:
     return None
 
 
-def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict]) -> list[dict]:
-    """Each mirrored variant's root, relative to its repository, computed by rez itself.
+def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict],
+                   store_locations: list[str | None]) -> list[tuple[dict, bool]]:
+    """Each mirrored variant's root, relative to its repository, and whether
+    rez would cache it (mount/localisable.py), computed by rez itself.
 
     rez evaluates package.py to find a variant's subpath; we let it do so on a
     private replica of the collected definitions, so neither the store nor a
-    running mount is needed.
+    running mount is needed. *store_locations*: where each variant's
+    repository is in its store (None: a published image).
     """
+    from .localisable import as_from_their_repositories
+
     with tempfile.TemporaryDirectory(prefix="rez-lazyfs-bake-") as tmp:
         replica = os.path.realpath(tmp)
         for (alias, relpath), (_identity, data) in deep.files.items():
@@ -433,25 +438,59 @@ def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict]) -> list[di
                     if attr.is_link:
                         os.symlink(attr.target, os.path.join(directory, name))
         local = {**baked, "resolved_packages": []}
-        for handle in mirrored:
+        locations: dict[str, list[str]] = {}  # replica location -> the real ones
+        for handle, store_location in zip(mirrored, store_locations):
             copy = json.loads(json.dumps(handle))
             copy["variables"]["location"] = os.path.join(
                 replica, os.path.relpath(handle["variables"]["location"], deep.mountpoint))
+            locations[copy["variables"]["location"]] = [
+                *filter(None, [store_location]), handle["variables"]["location"]]
             local["resolved_packages"].append(copy)
+        with as_from_their_repositories(locations):
+            variants = context_variants(local)
         records = []
-        for handle, variant in zip(mirrored, context_variants(local)):
+        for handle, variant in zip(mirrored, variants):
             alias, _ = _repo_relative(handle["variables"]["location"], deep.mountpoint)
             root = os.path.relpath(variant.root, os.path.join(replica, alias))
-            records.append({"repo": alias, "name": variant.name, "version": variant.version,
-                            "root": "" if root == "." else root})
+            records.append(({"repo": alias, "name": variant.name, "version": variant.version,
+                             "root": "" if root == "." else root}, variant.cachable))
         return records
 
 
+def _left_in_store(handle: dict, variant: dict, store_location: str | None, warn) -> bool:
+    """Point a variant rez would not cache back at its store (REP-003: not
+    localisable); False if it has no store path (a published image's)."""
+    name = f"{variant['name']}-{variant['version']}".rstrip("-")
+    if store_location is None:
+        warn(f"rez would not cache {name} (cachable or relocatable is False, or a "
+             "default_cachable* setting says so), but its repository is a published image, "
+             "which has no store path to leave it at: baked onto the mount")
+        return False
+    handle["variables"]["location"] = store_location
+    warn(f"rez would not cache {name} (cachable or relocatable is False, or a "
+         f"default_cachable* setting says so): left at its store path {store_location} "
+         "(--force bakes it onto the mount)")
+    return True
+
+
+def _store_location(original: str, mount_root: str, repos: dict[str, str]) -> str | None:
+    """Where a repository the context names (by its location before baking)
+    is in its store; None for a published image, which has no such path."""
+    alias, inside = _repo_relative(original, mount_root)
+    if not alias:
+        return original  # the context was resolved against the store itself
+    if is_url(repos[alias]):
+        return None
+    return os.path.normpath(os.path.join(os.path.realpath(repos[alias]), os.fsdecode(inside)))
+
+
 def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: bool = False,
-                 traces: list | None = None, warn=lambda message: None) -> DeepData:
+                 force: bool = False, traces: list | None = None,
+                 warn=lambda message: None) -> DeepData:
     """Write a deep copy of IN pointing at the mount; pin its definitions in the cache.
-    `traces` (trace.VariantTrace): those of the context's variants are embedded
-    and kept in the cache too."""
+    Variants rez would not cache (mount/localisable.py) stay at their store
+    path, with a warning, unless *force*. `traces` (trace.VariantTrace):
+    those of the context's variants are embedded and kept in the cache too."""
     import trio
 
     from .daemon import open_cache, repo_specs
@@ -468,9 +507,13 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
     for name in unmapped:
         warn(f"not in any mirrored repository, left as it is: {name}")
     mount_root = os.path.realpath(settings.mountpoint)
-    mirrored = [h for h in baked["resolved_packages"]
-                if h["variables"].get("repository_type") == "filesystem"
-                and _repo_relative(h["variables"]["location"], mount_root)[0] in repos]
+    mirrored, store_locations = [], []
+    for h, original in zip(baked["resolved_packages"], doc["resolved_packages"]):
+        if (h["variables"].get("repository_type") == "filesystem"
+                and _repo_relative(h["variables"]["location"], mount_root)[0] in repos):
+            mirrored.append(h)
+            store_locations.append(_store_location(original["variables"]["location"],
+                                                   mount_root, repos))
     deep = DeepData(mountpoint=mount_root, repos=repos)
     cache = open_cache(settings)
     try:
@@ -481,7 +524,19 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
                                       store_timeout=settings.store_timeout)
             await _collect(live, mirrored, mount_root, deep)
             # rez evaluates package.py files: a thread, not the event loop.
-            deep.variants = await trio.to_thread.run_sync(_variant_roots, baked, deep, mirrored)
+            found = await trio.to_thread.run_sync(_variant_roots, baked, deep, mirrored,
+                                                  store_locations)
+            kept = []
+            for h, where, (record, cachable) in zip(mirrored, store_locations, found):
+                if not (cachable or force) and _left_in_store(h, record, where, warn):
+                    continue
+                kept.append((h, record))
+            if len(kept) < len(mirrored):  # embed only what the variants baked need
+                deep.roots.clear()
+                deep.listings.clear()
+                deep.files.clear()
+                await _collect(live, [h for h, _ in kept], mount_root, deep)
+            deep.variants = [record for _, record in kept]
             await _collect_trees(live, deep)
             private = await _first_private(live, deep)
             await cache.flush("bake", cache.totals_of("bake"))
@@ -567,7 +622,7 @@ def seed_context(ctx_path: str, settings: Settings, *, warn=lambda message: None
     other bytes. Returns (listings written, files written)."""
     from .daemon import open_cache
 
-    deep, holder = _load_baked(ctx_path)
+    deep, holder = load_baked(ctx_path)
     cache = open_cache(settings)
     try:
         return _seed(cache, deep, holder, settings, warn)[1]
@@ -579,7 +634,7 @@ def _seed(cache, deep: DeepData, holder, settings: Settings, warn) -> tuple[Deep
     """Seed the cache; returns the section with this machine's store paths, and counts."""
     import trio
 
-    deep = replace(deep, repos=_store_paths(deep, settings, cache, warn))
+    deep = replace(deep, repos=store_paths(deep, settings, cache, warn))
     seedings = trio.run(_gather, cache, deep, settings, warn)
     listings, keys = _write_seedings(cache, seedings)
     cache.index.pin(_pin_name(holder[0]), keys, holder)
@@ -595,7 +650,7 @@ def _keep_traces(cache, deep: DeepData) -> None:
         cache.index.put_trace(store_id(deep.repos[t.repo]), t)
 
 
-def _store_paths(deep: DeepData, settings: Settings, cache, warn) -> dict[str, str]:
+def store_paths(deep: DeepData, settings: Settings, cache, warn) -> dict[str, str]:
     """alias -> the store path seeding files the section's data under.
 
     What this machine says (--repo, the config, then what the cache records)
@@ -769,22 +824,39 @@ def populate_context(ctx_path: str, settings: Settings, *, progress: bool | None
                      warn=lambda message: None) -> dict:
     """Seed, then fetch every payload block of every variant of a baked context.
     Resumable: blocks already cached are skipped. Returns counts."""
-    import trio
-
     from .daemon import open_cache
 
-    deep, holder = _load_baked(ctx_path)
+    deep, holder = load_baked(ctx_path)
     cache = open_cache(settings)
     show = sys.stderr.isatty() if progress is None else progress
     try:
-        deep, _ = _seed(cache, deep, holder, settings, warn)
-        specs = _specs(deep, settings, cache)
-        return trio.run(_populate, cache, specs, deep, settings, show)
+        specs, roots = seed_for_populating(cache, deep, holder, settings, warn)
+        return populate_trees(cache, specs, roots, settings, show=show, what="the context")
     finally:
         cache.close()
 
 
-async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool) -> dict:
+def seed_for_populating(cache, deep: DeepData, holder, settings: Settings,
+                        warn) -> tuple[list, set[tuple[str, bytes]]]:
+    """Seed a loaded baked context (load_baked); returns its repositories as
+    this machine reaches them, and its variant roots: what populate_trees takes."""
+    deep, _ = _seed(cache, deep, holder, settings, warn)
+    return (_specs(deep, settings, cache),
+            {(v["repo"], os.fsencode(v["root"])) for v in deep.variants})
+
+
+def populate_trees(cache, specs, roots: set[tuple[str, bytes]], settings: Settings, *,
+                   show: bool, what: str) -> dict:
+    """Fetch every block of every file below *roots* ((alias, path) in the
+    repositories *specs* name) that the cache lacks. *what* they are, for
+    the refusal when they do not fit. Returns counts."""
+    import trio
+
+    return trio.run(_populate, cache, specs, roots, settings, show, what)
+
+
+async def _populate(cache, specs, roots: set[tuple[str, bytes]], settings: Settings, show: bool,
+                    what: str) -> dict:
     import click
     import trio
 
@@ -794,7 +866,6 @@ async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool
                                store_timeout=settings.store_timeout,
                                store_threads=settings.store_threads)
     files = []  # (repo, FileVersion)
-    roots = {(v["repo"], os.fsencode(v["root"])) for v in deep.variants}
     try:
         for alias, root in sorted(roots):
             repo, pending = repos[alias], [root]
@@ -807,7 +878,7 @@ async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool
                     elif attr.is_file:
                         files.append((repo, await repo.open(child)))
     except LazyFSError as e:
-        raise UserError(f"cannot list the context's variants: {e}") from None
+        raise UserError(f"cannot list the files of {what}: {e}") from None
 
     bs = cache.blocks.block_size
     missing = []  # (repo, version, block index, length)
@@ -817,7 +888,7 @@ async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool
             if index not in present:
                 missing.append((repo, version, index, min(bs, version.size - offset)))
     needed = sum(m[3] for m in missing)
-    _check_room(settings, cache, needed)
+    _check_room(settings, cache, needed, what)
 
     fetched = {"files": len(files), "blocks_fetched": 0, "bytes_fetched": 0,
                "blocks_already_cached": sum(-(-v.size // bs) for _, v in files) - len(missing)}
@@ -850,17 +921,17 @@ async def _populate(cache, specs, deep: DeepData, settings: Settings, show: bool
     return fetched
 
 
-def _check_room(settings: Settings, cache, needed: int) -> None:
+def _check_room(settings: Settings, cache, needed: int, what: str) -> None:
     free = shutil.disk_usage(cache.directory).free
     if needed > free:
-        raise UserError(f"the context needs {_human(needed)} more in the cache but "
+        raise UserError(f"{what} needs {_human(needed)} more in the cache but "
                         f"{cache.directory} has only {_human(free)} free")
     if settings.cache_limit:
         from cachecore.clean import scan_cache
 
         used = sum(f.bytes for f in scan_cache(cache.blocks, cache.index).values())
         if used + needed > settings.cache_limit:
-            raise UserError(f"the context needs {_human(needed)} more in the cache, which holds "
+            raise UserError(f"{what} needs {_human(needed)} more in the cache, which holds "
                             f"{_human(used)} of its {_human(settings.cache_limit)} limit")
 
 

@@ -50,6 +50,7 @@ class ContextVariant:
     index: int | None  # position in the package's `variants` list; None if it has none
     subpath: str | None  # root relative to the package's version directory; None if no variants
     root: str | None  # what rez binds to {root} and REZ_<NAME>_ROOT; None for combined packages
+    cachable: bool  # rez's Package.is_cachable: may the payload move from its repository
 
     @property
     def qualified_name(self) -> str:
@@ -198,6 +199,7 @@ def context_variants(doc: dict) -> list[ContextVariant]:
                     index=variables.get("index"),
                     subpath=variant.subpath,
                     root=variant.root,
+                    cachable=variant.parent.is_cachable,
                 ))
             except (RezError, OSError) as e:
                 name = _qualified_name(variables["name"], variables.get("version"))

@@ -88,12 +88,14 @@ class Rez:
         )
         return env
 
-    def lazyfs(self, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+    def lazyfs(self, *args, timeout: float = 120,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """One non-daemon `rez-lazyfs` command, with this rez config (bake uses
-        rez's API) and no user configuration of either tool."""
+        rez's API), no user configuration of either tool, and *env* on top."""
         from helpers.mounts import LAZYFS
 
-        env = self.environ([self.workdir / "no-packages-here"])
+        extra, env = env, self.environ([self.workdir / "no-packages-here"])
+        env.update(extra or {})
         xdg = self.workdir / "xdg"
         env.update(XDG_CONFIG_HOME=str(xdg / "config"), XDG_CACHE_HOME=str(xdg / "cache"),
                    XDG_DATA_HOME=str(xdg / "data"), XDG_STATE_HOME=str(xdg / "state"))
