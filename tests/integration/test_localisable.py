@@ -55,12 +55,14 @@ class Shop:
         with open(self.rez.config, "a") as f:
             f.write(config.replace("STORE", os.path.realpath(self.store)))
 
-    def bake(self, context, mountpoint, *options, env: dict | None = None):
-        """The baked context, and the packages the warnings say were left in the store."""
+    def bake(self, context, mountpoint, *options, cache=None, env: dict | None = None):
+        """The baked context, and the packages the warnings say were left in the store.
+        `cache`: the running mount's, when one runs at `mountpoint` (bake --mount
+        refuses another)."""
         out = self.tmp_path / "baked.rxt"
         result = self.rez.lazyfs("bake", context, "-o", out, "--mount", mountpoint,
                                  "--repo", f"{ALIAS}={self.store}", "--cache",
-                                 self.tmp_path / "cache", *options, env=env)
+                                 cache or self.tmp_path / "cache", *options, env=env)
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
         left = {line[len(WARNING):].split("-1.0 ")[0] for line in result.stderr.splitlines()
                 if line.startswith(WARNING)}
@@ -89,7 +91,7 @@ def test_variants_rez_would_not_cache_stay_at_their_store_path_and_run_from_ther
     packages_path = shop.store if resolved_on == "the store" else m.repo_path(ALIAS)
     context = shop.rez.resolve(PACKAGES, [packages_path], tmp_path / "shot.rxt")
 
-    baked, left = shop.bake(context, m.path)
+    baked, left = shop.bake(context, m.path, cache=m.cache)
 
     assert left == NOT_CACHABLE
     store, mounted = os.path.realpath(shop.store), os.path.join(os.path.realpath(m.path), ALIAS)
@@ -114,7 +116,7 @@ def test_force_bakes_every_variant_onto_the_mount(tmp_path, lazyfs_mount):
     m = lazyfs_mount({ALIAS: shop.store}, block_size=None)
     context = shop.rez.resolve(PACKAGES, [shop.store], tmp_path / "shot.rxt")
 
-    baked, left = shop.bake(context, m.path, "--force")
+    baked, left = shop.bake(context, m.path, "--force", cache=m.cache)
 
     assert left == set()
     mounted = os.path.join(os.path.realpath(m.path), ALIAS)
