@@ -41,6 +41,7 @@ class MountEntry:
     path: str      # where it is mounted
     fstype: str    # e.g. "ext4", "nfs4", "fuse.rez-lazyfs"
     device: str    # major:minor (a FUSE connection's number is its minor)
+    source: str = ""  # what was mounted: a device, a server's export, a FUSE fsname
 
 
 class NoAnswer(Exception):
@@ -68,7 +69,8 @@ def mount_table() -> list[MountEntry]:
                 fields, tail = left.split(b" "), right.split(b" ")
                 if len(fields) >= 5 and tail:
                     entries.append(MountEntry(_unescape(fields[4]), _unescape(tail[0]),
-                                              fields[2].decode()))
+                                              fields[2].decode(),
+                                              _unescape(tail[1]) if len(tail) > 1 else ""))
     except OSError:
         pass
     return entries
@@ -173,7 +175,10 @@ def serving_process(mountpoint: str, asker: int) -> tuple[int, str] | None:
     """(pid, state letter from /proc/PID/stat) of the rez-lazyfs daemon serving
     `mountpoint`, found by its command line: the daemon is started with its
     mount point as last argument; a foreground mount (`rez-lazyfs mount MP
-    --foreground`) has it among its own. `asker` (the command asking) is not it."""
+    --foreground`) has it among its own. `asker` (the command asking) is not it.
+    A daemon comes before a foreground command: the foreground command of a
+    transparent mount is the supervisor of its daemon (mount/supervisor.py)."""
+    found = None
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == asker:
             continue
@@ -189,8 +194,10 @@ def serving_process(mountpoint: str, asker: int) -> tuple[int, str] | None:
                 state = f.read().rsplit(b")", 1)[1].split()[0].decode()
         except (OSError, IndexError):
             continue
-        return int(entry), state
-    return None
+        if daemon:
+            return int(entry), state
+        found = found or (int(entry), state)
+    return found
 
 
 def silence(mountpoint: str, timeout: float) -> str:
