@@ -1,0 +1,358 @@
+"""Transparent mode (issue 13): `rez-lazyfs mount --over STORE` puts the
+cached view of the repository at the store's own path, over the store,
+which the daemon keeps reading through a descriptor opened before it
+mounted. Real mounts, real rez, real processes: the store is a FaultFS
+mount (tests/helpers/faults.py: it counts every read that reaches it, and
+fails or stalls on demand) or a bind mount standing for NFS, and the
+transparent mount goes on top of it, as it would on top of a filer's mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.faults import (
+    ERROR_PREFIX,
+    fault_store_fixture,
+    in_child,
+    lazyfs_cli_fixture,
+    report_fixture,
+    scratch_mounts_fixture,
+)
+from helpers.mounts import LAZYFS
+from helpers.over import lazyfs_mounted_at, over_mount_fixture
+from helpers.rezrepo import Rez, build_store
+from helpers.trees import KiB, deterministic_bytes, write_file
+
+from .test_contexts import PROBE, REQUEST, ROOTS, STORE
+
+# pytest finds these fixtures here; tests use them as report, fault_store,
+# scratch_mounts, lazyfs_cli and over_mount (requested last: torn down first).
+FIXTURES = (report_fixture, fault_store_fixture, scratch_mounts_fixture, lazyfs_cli_fixture,
+            over_mount_fixture)
+
+AREAS = {
+    "test_a_context": "transparent: contexts",
+    "test_a_package": "transparent: absolute paths",
+    "test_remounted": "transparent: store gone",
+    "test_a_killed": "transparent: fail open",
+    "test_refusals": "transparent: refusals",
+}
+
+BLOCK = 64 * KiB  # the fixtures mount with --block-size 64K
+STORE_TIMEOUT = 2.0
+SLACK = 1.5  # seconds on top of a bound (process start, a loaded machine)
+# README, "Transparent mode": how long a path answers ENOTCONN after its
+# daemon is killed (the supervisor detaches the mount the moment it dies;
+# ~10 ms measured), and how long until a new daemon serves it again.
+DEAD_FOR = 1.0
+REMOUNTED_WITHIN = 15.0
+
+
+def mount_entry(path: Path) -> list[str] | None:
+    """The fields of the top mount at *path* in /proc/self/mountinfo after
+    the separator (fstype, source, options), or None."""
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = line.rstrip(b"\n").partition(b" - ")
+            if left.split(b" ")[4] == os.fsencode(path):
+                found = right.decode().split(" ")
+    return found
+
+
+def wait_for(condition, timeout: float, step: float = 0.02) -> float:
+    """Seconds until condition() held; fails after *timeout*."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"not within {timeout}s: {condition}"
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+def read_bypassing_page_cache(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return f.read()
+
+
+# -- 1. a context resolved against the store runs unchanged -----------------------------------
+
+def test_a_context_resolved_against_the_store_runs_unchanged_through_the_cache(
+        tmp_path, report, fault_store, over_mount):
+    source = tmp_path / "source"
+    build_store(source, STORE)
+    fs = fault_store(source)
+    (tmp_path / "rez").mkdir()
+    rez = Rez(tmp_path / "rez")
+    context = rez.resolve(REQUEST, [fs.path], tmp_path / "shot.rxt")  # before any mount
+    original = context.read_bytes()
+
+    m = over_mount(fs.path)
+    assert mount_entry(fs.path)[:2] == ["fuse.rez-lazyfs", "rez-lazyfs-over"]
+    fs.set()  # count from here
+    first = rez.source(context, [sys.executable, "-c", PROBE, *ROOTS])
+    assert first.returncode == 0, first.stderr
+    seen = json.loads(first.stdout)
+    store = str(fs.path)
+    assert seen["roots"] == {name: f"{store}/{root}" for name, root in ROOTS.items()}
+    assert seen["lazyhello"] == f"lazyhello ran from {store}/tools/1.0/bin/lazyhello\n"
+    assert seen["modules"] == {
+        "lazymod": f"{store}/tools/1.0/python/lazymod.py",
+        "plugin_variant": f"{store}/plugin/1.0/pyver-2/python/plugin_variant.py"}
+    counts, stats = fs.counts(), m.stats()
+    # Every read that reached the store was the daemon's: each file read from
+    # the store is cached now, and no block of it was read twice.
+    read_from_store = sorted(counts["by_file"])
+    cached = {rel: os.getxattr(fs.path / rel, "user.rezlazyfs.cached").decode()
+              for rel in read_from_store}
+    assert read_from_store and all(not c.startswith("0/") for c in cached.values()), cached
+    assert all(n == 1 for offsets in counts["by_file"].values() for n in offsets.values()), counts
+    assert stats["store_reads"] >= len(read_from_store) and stats["bytes_served"] > 0
+
+    fs.set()
+    again = rez.source(context, [sys.executable, "-c", PROBE, *ROOTS])
+    assert again.returncode == 0 and json.loads(again.stdout) == seen, again.stderr
+    assert fs.counts()["reads"] == 0, fs.counts()
+    assert m.stats()["store_reads"] == stats["store_reads"]
+    assert context.read_bytes() == original, "the context was changed"
+    report.row("a context resolved by rez-env against the store before the mount, sourced "
+               "with rez-env --input through `mount --over STORE`",
+               f"runs; every root is the store's own path; first run: {counts['reads']} reads "
+               f"of {len(read_from_store)} files reached the store, all the daemon's (each "
+               f"block once, each now cached); second run: 0 reads reached the store")
+
+
+# -- 2. absolute self-references: a script exec'ing its own path, an absolute rpath --------------
+
+LIB_C = r"""
+const char *helper_message(void) { return "hello from libhelper"; }
+"""
+PROGRAM_C = r"""
+#include <stdio.h>
+const char *helper_message(void);
+int main(void) { printf("%s\n", helper_message()); return 0; }
+"""
+
+
+def test_a_package_naming_its_own_store_path_runs_unchanged(tmp_path, report, over_mount):
+    store = tmp_path / "svr" / "packages"
+    version = store / "pkg" / "1.0"
+    build_store(store, {
+        "pkg/1.0/package.py": "name = 'pkg'\nversion = '1.0'\n",
+        # A wrapper naming its package by absolute store path, as sites write them.
+        "pkg/1.0/bin/tool": f"#!/bin/sh\nexec {version}/bin/helper \"$@\"\n",
+        "pkg/1.0/bin/helper": "#!/bin/sh\necho \"helper ran as $0 with $*\"\n",
+    })
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "lib.c").write_text(LIB_C)
+    (build / "prog.c").write_text(PROGRAM_C)
+    (version / "lib").mkdir()
+    for args in (["-shared", "-fPIC", "-o", version / "lib/libhelper.so", "lib.c"],
+                 # An absolute rpath into its own package, as the build machine wrote it.
+                 ["-o", version / "bin/prog", "prog.c", "-L", version / "lib", "-lhelper",
+                  f"-Wl,-rpath,{version}/lib"]):
+        done = subprocess.run(["gcc", *map(str, args)], cwd=build, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+    m = over_mount(store)
+    tool = subprocess.run([version / "bin/tool", "x"], capture_output=True, text=True, cwd="/")
+    assert tool.returncode == 0 and tool.stdout == f"helper ran as {version}/bin/helper with x\n", \
+        tool.stderr
+    prog = subprocess.run([version / "bin/prog"], capture_output=True, text=True, cwd="/")
+    assert prog.returncode == 0 and prog.stdout == "hello from libhelper\n", prog.stderr
+    # All of it came through the mount: each file is in its cache.
+    cached = {rel: os.getxattr(version / rel, "user.rezlazyfs.cached").decode()
+              for rel in ("bin/tool", "bin/helper", "bin/prog", "lib/libhelper.so")}
+    sizes = {rel: (version / rel).stat().st_size for rel in cached}
+    assert cached == {rel: f"{size}/{size}" for rel, size in sizes.items()}, cached
+    assert m.stats()["store_reads"] >= len(cached)
+    report.row("a wrapper exec'ing /STORE/pkg/1.0/bin/helper and a program linked with an "
+               "absolute rpath into /STORE/pkg/1.0/lib, run through `mount --over STORE`",
+               "both run unchanged; the script, the helper, the program and its library "
+               "are each cached whole by the mount")
+
+
+# -- 3. the store goes away: the cache serves what was read, EIO for the rest ---------------------
+
+def test_remounted_over_a_store_gone_or_failing_serves_what_was_read(
+        tmp_path, report, fault_store, scratch_mounts, over_mount):
+    source = tmp_path / "source"
+    files = {
+        "fam/1.0/package.py": b"name = 'fam'\nversion = '1.0'\n",
+        "fam/1.0/lib/read.bin": deterministic_bytes(3 * BLOCK + 5, seed=1300),
+        "fam/1.0/lib/unread.bin": deterministic_bytes(2 * BLOCK, seed=1301),
+        "fam/1.0/data/unlisted/x.txt": b"in a directory never listed\n",
+    }
+    for rel, content in files.items():
+        write_file(source / rel, content)
+    # The store's filesystem: a bind mount standing for the filer's NFS mount.
+    store = scratch_mounts.bind(source, tmp_path / "svr" / "packages")
+    m = over_mount(store, store_timeout=STORE_TIMEOUT)
+    lib = store / "fam/1.0/lib"
+    assert read_bypassing_page_cache(lib / "read.bin") == files["fam/1.0/lib/read.bin"]
+    assert sorted(os.listdir(lib)) == ["read.bin", "unread.bin"]
+    assert os.listdir(store / "fam/1.0/data") == ["unlisted"]
+    m.unmount()
+    scratch_mounts.umount(store)  # the filer's mount goes: an empty directory is left
+    assert os.listdir(store) == []
+
+    m.expect_log(str(store))
+    m.remount()
+    assert mount_entry(store)[0] == "fuse.rez-lazyfs"
+    outcome, took = in_child("read", lib / "read.bin", timeout=30)
+    assert outcome == _sha(files["fam/1.0/lib/read.bin"]), outcome
+    assert sorted(os.listdir(lib)) == ["read.bin", "unread.bin"]
+    unread, unread_t = in_child("read", lib / "unread.bin", timeout=30)
+    unlisted, unlisted_t = in_child("list", store / "fam/1.0/data/unlisted", timeout=30)
+    report.row("unmounted, the store's filesystem unmounted (an empty directory left), "
+               "`mount --over` again from the cache",
+               f"a file read before: {'sha256 ok' if outcome == _sha(files['fam/1.0/lib/read.bin']) else outcome} "
+               f"in {took:.2f}s; a file listed, never read: {unread} in {unread_t:.2f}s; a "
+               f"directory never listed: {unlisted} in {unlisted_t:.2f}s")
+    assert unread == "EIO" and unread_t <= STORE_TIMEOUT + SLACK, (unread, unread_t)
+    assert unlisted == "EIO" and unlisted_t <= STORE_TIMEOUT + SLACK, (unlisted, unlisted_t)
+    m.unmount()
+
+    # The same, with the store there but failing every request (a filer
+    # answering EIO) while it is mounted over.
+    fs = fault_store(source)
+    failing = over_mount(fs.path, store_timeout=STORE_TIMEOUT, cache=tmp_path / "cache-failing")
+    failing.expect_log(str(fs.path))
+    flib = fs.path / "fam/1.0/lib"
+    assert read_bypassing_page_cache(flib / "read.bin") == files["fam/1.0/lib/read.bin"]
+    assert sorted(os.listdir(flib)) == ["read.bin", "unread.bin"]
+    fs.set("eio")
+    outcome, took = in_child("read", flib / "read.bin", timeout=30)
+    unread, unread_t = in_child("read", flib / "unread.bin", timeout=30)
+    report.row("mounted over a store that then fails every request with EIO",
+               f"a file read before: {'sha256 ok' if outcome == _sha(files['fam/1.0/lib/read.bin']) else outcome} "
+               f"in {took:.2f}s; a file never read: {unread} in {unread_t:.2f}s")
+    assert outcome == _sha(files["fam/1.0/lib/read.bin"]) and took <= SLACK, (outcome, took)
+    assert unread == "EIO" and unread_t <= STORE_TIMEOUT + SLACK, (unread, unread_t)
+    fs.set()
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- 4. the daemon is killed while a reader loops ----------------------------------------------------
+
+READER = r"""
+import errno, hashlib, json, os, sys, time
+path, want, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+changes, counts, last = [], {}, None
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            outcome = "ok" if hashlib.sha256(f.read()).hexdigest() == want else "WRONG BYTES"
+    except OSError as e:
+        outcome = errno.errorcode.get(e.errno, str(e.errno))
+    counts[outcome] = counts.get(outcome, 0) + 1
+    if outcome != last:
+        changes.append([time.monotonic(), outcome])
+        last = outcome
+    time.sleep(0.002)
+print(json.dumps({"changes": changes, "counts": counts}))
+"""
+
+
+def test_a_killed_daemon_leaves_the_path_served(tmp_path, report, fault_store, over_mount):
+    source = tmp_path / "source"
+    data = deterministic_bytes(3 * BLOCK + 11, seed=1400)
+    write_file(source / "fam/1.0/package.py", "name = 'fam'\n")
+    write_file(source / "fam/1.0/lib/big.bin", data)
+    fs = fault_store(source)
+    m = over_mount(fs.path, store_timeout=STORE_TIMEOUT)
+    target = fs.path / "fam/1.0/lib/big.bin"
+    assert read_bypassing_page_cache(target) == data
+    [daemon] = m.daemons()
+    [supervisor] = m.supervisors()
+    m.expect_log("was killed by SIGKILL")
+
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(target), _sha(data), "12"],
+                              stdout=subprocess.PIPE, text=True, cwd="/")
+    time.sleep(2.0)
+    fs.set()
+    killed = time.monotonic()
+    os.kill(daemon, signal.SIGKILL)
+    remounted = wait_for(lambda: lazyfs_mounted_at(fs.path) and m.daemons()
+                         and m.daemons() != [daemon], REMOUNTED_WITHIN)
+    beneath_reads = fs.counts()["reads"]
+    out, _ = reader.communicate(timeout=60)
+    seen = json.loads(out)
+    changes = [(t - killed, outcome) for t, outcome in seen["changes"]]
+    failing = [t for t, outcome in changes if outcome != "ok"]
+    dead_for = 0.0
+    if failing:
+        back = [t for t, outcome in changes if outcome == "ok" and t > failing[0]]
+        dead_for = (back[0] if back else 99.0) - failing[0]
+    report.row("SIGKILL of a transparent mount's daemon while a reader re-reads a 4-block "
+               "file through the path in a loop (page cache dropped each time)",
+               f"outcomes: {seen['counts']}; errors for {dead_for * 1000:.0f} ms "
+               f"({', '.join(f'{o} at +{t * 1000:.0f} ms' for t, o in changes if t > -1)}); "
+               f"the store beneath served {beneath_reads} reads meanwhile; a new daemon "
+               f"mounted {remounted:.1f}s after the kill")
+    report.measure("transparent mount: errors at the path after a SIGKILL of its daemon",
+                   f"{dead_for * 1000:.0f} ms")
+    assert "WRONG BYTES" not in seen["counts"], seen
+    assert dead_for <= DEAD_FOR, changes
+    assert changes[-1][1] == "ok" and seen["counts"]["ok"] > 100, seen
+    assert beneath_reads > 0, "the store beneath never served the path"
+    assert m.supervisors() == [supervisor]
+    # The new daemon serves from the cache: nothing more reaches the store.
+    fs.set()
+    assert read_bypassing_page_cache(target) == data
+    assert fs.counts()["reads"] == 0
+    assert m.stats()["cache_hits"] > 0
+
+
+# -- 5. refusals -----------------------------------------------------------------------------------
+
+def test_refusals(tmp_path, report, lazyfs_cli, over_mount):
+    store = tmp_path / "svr" / "packages"
+    write_file(store / "fam/1.0/package.py", "name = 'fam'\n")
+    cache = tmp_path / "cache"
+    (tmp_path / "a-file").write_text("not a directory\n")
+    (tmp_path / "link").symlink_to(store)
+    (cache / "sub").mkdir(parents=True, mode=0o700)
+    os.chmod(cache, 0o700)
+    write_file(tmp_path / "other/fam/1.0/package.py", "name = 'fam'\n")
+    mounted = over_mount(tmp_path / "other", cache=tmp_path / "cache-other")
+    cases = [
+        ("a file", tmp_path / "a-file", (), "is not a directory"),
+        ("a missing path", tmp_path / "nowhere", (), "does not exist"),
+        ("a symlink", tmp_path / "link", (), "is a symlink"),
+        ("a transparent mount already", mounted.path, (), "is already a rez-lazyfs mount"),
+        ("inside a rez-lazyfs mount", mounted.path / "fam", (), "inside the rez-lazyfs mount"),
+        ("inside the cache directory", cache / "sub", (), "inside the cache directory"),
+        ("a store holding the cache directory", store, ("--cache", store / "cache"),
+         "the cache directory"),
+        ("a URL", "http://pkgs.example/main", (), "not a URL"),
+    ]
+    for what, path, extra, says in cases:
+        result = lazyfs_cli.run("mount", "--over", path, *(extra or ("--cache", cache)),
+                                track=False)
+        report.row(f"`mount --over` of {what}", result.summary())
+        assert result.returncode == 1, (what, result.output)
+        line = result.one_line_error()
+        assert says in line, (what, line)
+        assert not (isinstance(path, Path) and path != mounted.path and path.exists()
+                    and lazyfs_mounted_at(path)), f"{what}: mounted anyway"
+    assert not (store / "cache").exists(), "a refused mount created its cache"
