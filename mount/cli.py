@@ -125,7 +125,7 @@ def bake(context, output, mountpoint, strict, populate, trace_files, **options):
     settings = load_settings(mountpoint, **options)
     traces = [t for path in trace_files for t in read_trace_file(path)]
     deep = bake_context(context, output, settings, strict=strict, traces=traces, warn=_warn)
-    click.echo(f"baked {len(deep.variants)} variant(s) onto {deep.mountpoint}: {output}"
+    click.echo(f"baked {len(deep.variants)} variant(s) onto {deep.destination}: {output}"
                + (f" (with the traces of {len(deep.traces)})" if deep.traces else ""))
     if populate:
         _report_populate(populate_context(output, settings, warn=_warn))

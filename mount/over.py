@@ -59,11 +59,10 @@ def is_over(entry: MountEntry | None) -> bool:
 
 
 def local_root(mountpoint: str, repo) -> str:
-    """Where a repository (RepoConfig or RepoSpec, with `over`) shows on this
-    machine: its own path under a transparent mount, else MOUNTPOINT/ALIAS."""
-    if getattr(repo, "over", False) or mountpoint == repo.path:
-        return repo.path
-    return os.path.join(mountpoint, repo.alias)
+    """Where a mount at `mountpoint` shows a repository (RepoConfig or
+    RepoSpec): at its own path if the mount is its transparent mount, else at
+    MOUNTPOINT/ALIAS."""
+    return repo.path if mountpoint == repo.path else os.path.join(mountpoint, repo.alias)
 
 
 # -- refusals -------------------------------------------------------------------

@@ -34,7 +34,7 @@ from helpers.over import lazyfs_mounted_at, over_mount_fixture
 from helpers.rezrepo import Rez, build_store
 from helpers.trees import KiB, deterministic_bytes, write_file
 
-from .test_contexts import PROBE, REQUEST, ROOTS, STORE
+from .test_contexts import PROBE, REQUEST, ROOTS, STORE, files_the_context_uses
 
 # pytest finds these fixtures here; tests use them as report, fault_store,
 # scratch_mounts, lazyfs_cli and over_mount (requested last: torn down first).
@@ -290,10 +290,12 @@ def test_a_killed_daemon_leaves_the_path_served(tmp_path, report, fault_store, o
                               stdout=subprocess.PIPE, text=True, cwd="/")
     time.sleep(2.0)
     fs.set()
+    mark = m.log_mark()
     killed = time.monotonic()
     os.kill(daemon, signal.SIGKILL)
-    remounted = wait_for(lambda: lazyfs_mounted_at(fs.path) and m.daemons()
-                         and m.daemons() != [daemon], REMOUNTED_WITHIN)
+    remounted = wait_for(lambda: any(b"is served by the cache again" in line
+                                     for line in m.log_lines(mark)), REMOUNTED_WITHIN)
+    assert lazyfs_mounted_at(fs.path) and daemon not in m.daemons() and len(m.daemons()) == 1
     beneath_reads = fs.counts()["reads"]
     out, _ = reader.communicate(timeout=60)
     seen = json.loads(out)
@@ -356,3 +358,65 @@ def test_refusals(tmp_path, report, lazyfs_cli, over_mount):
         assert not (isinstance(path, Path) and path != mounted.path and path.exists()
                     and lazyfs_mounted_at(path)), f"{what}: mounted anyway"
     assert not (store / "cache").exists(), "a refused mount created its cache"
+
+
+# -- the cache commands with a transparent mount ------------------------------------------------
+
+def test_bake_populate_status_stats_and_clean_with_a_transparent_mount(
+        tmp_path, report, fault_store, over_mount):
+    source = tmp_path / "source"
+    build_store(source, STORE)
+    fs = fault_store(source)
+    (tmp_path / "rez").mkdir()
+    rez = Rez(tmp_path / "rez")
+    context = rez.resolve(REQUEST, [fs.path], tmp_path / "shot.rxt")
+    m = over_mount(fs.path)
+    store = str(fs.path)
+
+    baked = tmp_path / "shot.lazy.rxt"
+    done = rez.lazyfs("bake", context, "-o", baked, "--mount", fs.path,
+                      "--repo", f"main={fs.path}", "--cache", m.cache)
+    assert done.returncode == 0 and f"onto {store}:" in done.stdout, done.stderr
+    doc, original = json.loads(baked.read_text()), json.loads(context.read_text())
+    assert [h["variables"]["location"] for h in doc["resolved_packages"]] == \
+        [h["variables"]["location"] for h in original["resolved_packages"]] == [store] * len(ROOTS)
+    assert doc["package_paths"] == original["package_paths"] == [store]
+    assert doc["package_caching"] is False and doc["rez_lazyfs"]["over"] == {"main": store}
+
+    # populate reads the store beneath the mount (the daemon's descriptor), into
+    # the mount's cache, under the keys the daemon reads: nothing is read twice.
+    fs.set()
+    done = rez.lazyfs("populate", baked, "--cache", m.cache)
+    assert done.returncode == 0, done.stderr
+    populated = fs.counts()["reads"]
+    fs.set()
+    used = files_the_context_uses(source)
+    for rel in used:
+        assert read_bypassing_page_cache(fs.path / rel) == (source / rel).read_bytes(), rel
+    through_mount = fs.counts()["reads"]
+    sourced = rez.source(baked, [sys.executable, "-c", PROBE, *ROOTS])
+    assert sourced.returncode == 0, sourced.stderr
+    assert json.loads(sourced.stdout)["roots"] == {n: f"{store}/{r}" for n, r in ROOTS.items()}
+    assert through_mount == 0 and populated > 0, (populated, through_mount)
+
+    status = json.loads(rez.lazyfs("status", "--json", "--cache", m.cache).stdout)
+    rows = {(v["package"], v["version"]): v for v in status["variants"]}
+    assert rows[("tools", "1.0")]["local_path"] == f"{store}/tools/1.0"
+    assert rows[("tools", "1.0")]["pinned"] and rows[("tools", "1.0")]["files_cached"] > 1
+    stats = json.loads(rez.lazyfs("stats", "--json", "--cache", m.cache).stdout)
+    running = {s["name"]: s["running"] for s in stats["sources"]}
+    assert running[f"mount:{store}"] is True, running
+
+    cleaned = json.loads(rez.lazyfs("clean", "--max-size", "0", "--json", "--cache", m.cache).stdout)
+    assert cleaned["evicted_files"] > 0
+    fs.set()
+    lazyhello = fs.path / "tools/1.0/bin/lazyhello"
+    assert read_bypassing_page_cache(lazyhello) == (source / "tools/1.0/bin/lazyhello").read_bytes()
+    report.row("bake, populate, status, stats and clean of a context resolved against the store, "
+               "with `mount --over STORE` running",
+               f"bake keeps every location and package path ({store}); populate read "
+               f"{populated} blocks from the store beneath the mount, after which reading all "
+               f"{len(used)} files of the context through the mount read {through_mount}; "
+               f"status shows local paths under the store; stats shows the mount running; "
+               f"clean evicted {cleaned['evicted_files']} files and the mount refetched what was "
+               f"read next ({fs.counts()['reads']} reads)")
