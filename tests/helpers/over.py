@@ -56,17 +56,16 @@ class OverMount(LazyMount):
     """A LazyMount whose path is its store's: .path is also the repository."""
 
     def repo_path(self, alias: str) -> Path:
-        assert alias in self.options.repos, f"no repo {alias!r} in {self!r}"
         return self.path
 
     def is_mounted(self) -> bool:
         return lazyfs_mounted_at(self.path)
 
     def supervisors(self) -> list[int]:
-        return [pid for pid in processes_with_marker(self._marker) if _cmdline_has(pid, b"mount.supervisor")]
+        return [pid for pid in processes_with_marker(self._marker) if has_argument(pid, b"mount.supervisor")]
 
     def daemons(self) -> list[int]:
-        return [pid for pid in processes_with_marker(self._marker) if _cmdline_has(pid, b"mount.daemon")]
+        return [pid for pid in processes_with_marker(self._marker) if has_argument(pid, b"mount.daemon")]
 
     def teardown(self) -> list[str]:
         problems = []
@@ -89,7 +88,8 @@ class OverMount(LazyMount):
         return problems + super().teardown()
 
 
-def _cmdline_has(pid: int, word: bytes) -> bool:
+def has_argument(pid: int, word: bytes) -> bool:
+    """Whether process *pid* has *word* among its arguments."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return word in f.read().split(b"\0")
@@ -102,11 +102,14 @@ class OverMounter(LazyfsMounter):
     """The `over_mount` fixture: ``m = over_mount(store_path, cache=..., **options)``."""
 
     def __call__(self, store: Path, *, alias: str = "main", cache: Path | None = None,
-                 **options) -> OverMount:
+                 config: Path | None = None, **options) -> OverMount:
+        """The repository is --repo ALIAS=STORE, or what *config* says of STORE."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         n = len(self.mounts)
+        if config is not None:
+            options["extra_args"] = (*options.get("extra_args", ()), "--config", str(config))
         m = OverMount(path=Path(store),
-                      options=OverOptions(repos={alias: Path(store)},
+                      options=OverOptions(repos={} if config else {alias: Path(store)},
                                           cache=cache or self.work_dir / f"cache{n}", **options),
                       work_dir=self.work_dir, expected_log=self.expected_log)
         self.mounts.append(m)

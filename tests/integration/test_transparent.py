@@ -29,12 +29,15 @@ from helpers.faults import (
     report_fixture,
     scratch_mounts_fixture,
 )
-from helpers.mounts import LAZYFS
-from helpers.over import lazyfs_mounted_at, over_mount_fixture
+from helpers.mounts import LAZYFS, MountOptions, processes_with_marker
+from helpers.namespaces import mount_namespace  # noqa: F401 (a fixture)
+from helpers.over import has_argument, lazyfs_mounted_at, over_mount_fixture
 from helpers.rezrepo import Rez, build_store
 from helpers.trees import KiB, deterministic_bytes, write_file
 
 from .test_contexts import PROBE, REQUEST, ROOTS, STORE, files_the_context_uses
+# (admin_namespace and supervise are fixtures: mount(8) in a namespace, a unit's ExecStart)
+from .test_login import admin_namespace, command_line, install_unit, supervise  # noqa: F401
 
 # pytest finds these fixtures here; tests use them as report, fault_store,
 # scratch_mounts, lazyfs_cli and over_mount (requested last: torn down first).
@@ -420,3 +423,176 @@ def test_bake_populate_status_stats_and_clean_with_a_transparent_mount(
                f"status shows local paths under the store; stats shows the mount running; "
                f"clean evicted {cleaned['evicted_files']} files and the mount refetched what was "
                f"read next ({fs.counts()['reads']} reads)")
+
+
+# -- umount, while files are open --------------------------------------------------------------
+
+def test_umount_detaches_at_once_while_files_are_open(tmp_path, report, fault_store, over_mount):
+    source = tmp_path / "source"
+    data = deterministic_bytes(4 * BLOCK, seed=1500)
+    write_file(source / "fam/1.0/package.py", "name = 'fam'\n")
+    write_file(source / "fam/1.0/lib/big.bin", data)
+    fs = fault_store(source)
+    m = over_mount(fs.path)
+    target = fs.path / "fam/1.0/lib/big.bin"
+    [daemon] = m.daemons()
+    reader = open(target, "rb")
+    holder = subprocess.Popen(["sleep", "120"], cwd=fs.path / "fam")
+    try:
+        assert reader.read(BLOCK) == data[:BLOCK]
+        result = subprocess.run([str(LAZYFS), "umount", str(fs.path)], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0 and not result.stderr, result.stderr
+        assert not lazyfs_mounted_at(fs.path)
+        fs.set()
+        assert read_bypassing_page_cache(target) == data  # a new open: the store itself
+        beneath = fs.counts()["reads"]
+        assert beneath > 0
+        rest = reader.read()  # the open file still reads through the daemon
+        assert rest == data[BLOCK:] and m.daemons() == [daemon]
+    finally:
+        reader.close()
+        holder.kill()
+        holder.wait()
+    gone = wait_for(lambda: not m.daemons() and not m.supervisors(), 15)
+    m.mounted = False
+    report.row("`rez-lazyfs umount STORE` of a transparent mount with a file open and a "
+               "process's working directory in it",
+               f"exit 0 at once, detached: a new open reads the store ({beneath} reads); the "
+               f"open file read on to its end through the daemon; daemon and supervisor exited "
+               f"{gone:.1f}s after the last user let go")
+
+
+# -- a hung daemon ---------------------------------------------------------------------------------
+
+def test_a_hung_daemon_is_detached_and_replaced(tmp_path, report, fault_store, over_mount):
+    from mount.config import Settings
+    from mount.supervisor import PROBE_INTERVAL, hang_after
+
+    source = tmp_path / "source"
+    data = deterministic_bytes(2 * BLOCK + 1, seed=1600)
+    write_file(source / "fam/1.0/package.py", "name = 'fam'\n")
+    write_file(source / "fam/1.0/lib/f.bin", data)
+    fs = fault_store(source)
+    timeout = 1.0
+    m = over_mount(fs.path, store_timeout=timeout)
+    bound = hang_after(Settings(mountpoint="", repos=[], cache_dir="", store_timeout=timeout))
+    target = fs.path / "fam/1.0/lib/f.bin"
+    assert read_bypassing_page_cache(target) == data
+    [daemon] = m.daemons()
+    m.expect_log("has not answered for")
+    time.sleep(PROBE_INTERVAL + 0.5)  # a probe answered just now
+    stopped = time.monotonic()
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        outcome, took = in_child("read", target, timeout=bound + 30)
+        served_after = time.monotonic() - stopped
+        again = wait_for(lambda: any(b"is served by the cache again" in line
+                                     for line in m.log_lines(0)), REMOUNTED_WITHIN)
+    finally:
+        try:
+            os.kill(daemon, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    report.row(f"the daemon of a transparent mount SIGSTOPped (store timeout {timeout:g}s: "
+               f"hung after {bound:g}s without an answer); a read of the path meanwhile",
+               f"the read waited, then: {'sha256 ok' if outcome == _sha(data) else outcome} "
+               f"{served_after:.1f}s after the stop; a new daemon served the path "
+               f"{served_after + again:.1f}s after the stop")
+    assert outcome in (_sha(data), "ECONNABORTED", "ENOTCONN"), outcome
+    assert served_after <= bound + PROBE_INTERVAL + 2 + SLACK, served_after
+    assert read_bypassing_page_cache(target) == data
+    assert daemon not in m.daemons() and len(m.daemons()) == 1
+
+
+# -- several repositories, the unit and fstab forms ------------------------------------------------
+
+def test_several_repositories_each_over_its_own_path(tmp_path, report, lazyfs_cli, over_mount):
+    site, farm = tmp_path / "svr/site", tmp_path / "svr/farm"
+    write_file(site / "sitepkg/1.0/package.py", "name = 'sitepkg'\n")
+    write_file(farm / "farmpkg/2.0/package.py", "name = 'farmpkg'\n")
+    cache = tmp_path / "cache"
+    config = tmp_path / "rez-lazyfs.toml"
+    # One in [repos] with over = true, one in the top-level list only.
+    config.write_text(f'cache = "{cache}"\nblock_size = "64K"\nover = ["{farm}"]\n\n'
+                      f'[repos]\nsite = {{ path = "{site}", over = true }}\n')
+    mounts = [over_mount(path, config=config, cache=cache) for path in (site, farm)]
+    assert (site / "sitepkg/1.0/package.py").read_text() == "name = 'sitepkg'\n"
+    assert (farm / "farmpkg/2.0/package.py").read_text() == "name = 'farmpkg'\n"
+    assert all(mount_entry(m.path)[:2] == ["fuse.rez-lazyfs", "rez-lazyfs-over"] for m in mounts)
+    stats = json.loads(lazyfs_cli.run("stats", "--json", "--config", config).stdout)
+    running = {s["name"] for s in stats["sources"] if s["running"]}
+    assert running == {f"mount:{site}", f"mount:{farm}"}, stats
+    # A mount point for the others: there are none.
+    (tmp_path / "mnt").mkdir()
+    plain = lazyfs_cli.run("mount", tmp_path / "mnt", "--config", config)
+    assert plain.returncode == 1 and "mount each with `rez-lazyfs mount --over PATH`" in \
+        plain.one_line_error(), plain.output
+    report.row("a config with two repositories to mount over their own paths (over = true in "
+               "[repos]; a top-level over list), each `mount --over PATH --config FILE`",
+               f"both mounted at their store paths and listed running by stats; `mount MP` of "
+               f"the same config: {plain.summary()}")
+
+
+def test_the_unit_restarts_a_killed_daemon_and_stops_cleanly(tmp_path, report, supervise):
+    store = tmp_path / "svr" / "packages"
+    data = deterministic_bytes(BLOCK + 3, seed=1700)
+    write_file(store / "fam/1.0/package.py", "name = 'fam'\n")
+    write_file(store / "fam/1.0/lib/f.bin", data)
+    cache = tmp_path / "cache"
+    config = tmp_path / "rez-lazyfs.toml"
+    config.write_text(f'cache = "{cache}"\nblock_size = "64K"\n\n[repos]\n'
+                      f'main = {{ path = "{store}", over = true }}\n')
+    units = tmp_path / "units"
+    unit_path, unit, commands = install_unit(tmp_path, "--system", "--over", store,
+                                             "--config", config, "--unit-dir", units)
+    argv = command_line(unit["Service"]["ExecStart"])
+    assert argv == [str(LAZYFS), "mount", "--over", str(store), "--foreground", "--config",
+                    str(config), "--allow-other"]
+    assert unit_path.name.endswith("svr-packages.service") and unit["Service"]["Restart"] == "on-failure"
+
+    m = supervise(argv, store, cache)
+    assert mount_entry(store)[1] == "rez-lazyfs-over" and "allow_other" in mount_entry(store)[2]
+    assert read_bypassing_page_cache(store / "fam/1.0/lib/f.bin") == data
+    [daemon] = [p for p in processes_with_marker(m._marker) if has_argument(p, b"mount.daemon")]
+    m.expect_log("was killed by SIGKILL")
+    os.kill(daemon, signal.SIGKILL)
+    back = wait_for(lambda: "is served by the cache again" in m.journal.read_text(),
+                    REMOUNTED_WITHIN)
+    assert read_bypassing_page_cache(store / "fam/1.0/lib/f.bin") == data
+    assert m.process.poll() is None, "the unit's process exited: systemd would restart it"
+
+    stop = subprocess.run(command_line(unit["Service"]["ExecStop"]), capture_output=True,
+                          text=True, timeout=60)
+    assert stop.returncode == 0, stop.stderr
+    assert m.exit_status() == 0 and not lazyfs_mounted_at(store)
+    m.mounted = False
+    assert (store / "fam/1.0/lib/f.bin").read_bytes() == data  # the store itself again
+    report.row("the system unit `service install --over STORE` writes, run as systemd runs "
+               "it; its daemon SIGKILLed; then ExecStop",
+               f"ExecStart: {' '.join(argv[1:5])} ...; the unit's process (the supervisor) "
+               f"stayed up and a new daemon served the path {back:.1f}s after the kill; "
+               "ExecStop unmounted and the process exited 0")
+
+
+def test_an_fstab_line_mounts_over_the_store(tmp_path, report, admin_namespace):
+    store = tmp_path / "svr" / "packages"
+    write_file(store / "fam/1.0/package.py", "name = 'fam'\n")
+    cache = tmp_path / "cache"
+    config = tmp_path / "rez-lazyfs.toml"
+    config.write_text(f'cache = "{cache}"\nblock_size = "64K"\n\n[repos]\nmain = "{store}"\n')
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"rez-lazyfs {store} fuse.rez-lazyfs over,config={config},allow_other,"
+                     "_netdev,nofail 0 0\n")
+    m = admin_namespace.adopt_mount(["mount", "--fstab", fstab, store], store,
+                                    MountOptions(repos={"main": store}, cache=cache))
+    assert admin_namespace.is_mounted(store, b"fuse.rez-lazyfs")
+    inside = admin_namespace.outside(store)
+    assert (inside / "fam/1.0/package.py").read_text() == "name = 'fam'\n"
+    assert os.getxattr(inside / "fam/1.0/package.py", "user.rezlazyfs.store_path") == \
+        os.fsencode(store / "fam/1.0/package.py")
+    m.unmount(["umount", store])
+    report.row("an fstab line `rez-lazyfs STORE fuse.rez-lazyfs over,config=...`, mounted "
+               "with mount(8) and unmounted with umount(8)",
+               "mounted over the store at its own path (through mount.fuse3), served from the "
+               "cache; unmounted, daemon and supervisor gone")
