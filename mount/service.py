@@ -99,8 +99,10 @@ def render_unit(executable: str, mountpoint: str, config: str, system: bool,
         # mount that is already gone count as stopped.
         f"ExecStop=-{exec_line([executable, 'umount', mountpoint])}\n"
         # A daemon that died left a dead mount; the restarted one clears it.
+        # (A transparent mount's own supervisor restarts its daemon; the unit
+        # restarts the supervisor, killed with it, soon: its path is dead meanwhile.)
         f"Restart=on-failure\n"
-        f"RestartSec=5\n"
+        f"RestartSec={1 if over else 5}\n"
         f"\n[Install]\n"
         f"WantedBy={'multi-user.target' if system else 'default.target'}\n")
 

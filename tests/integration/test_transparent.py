@@ -29,7 +29,7 @@ from helpers.faults import (
     report_fixture,
     scratch_mounts_fixture,
 )
-from helpers.mounts import LAZYFS, MountOptions, processes_with_marker
+from helpers.mounts import LAZYFS, MARKER_VAR, MountOptions, processes_with_marker
 from helpers.namespaces import mount_namespace  # noqa: F401 (a fixture)
 from helpers.over import has_argument, lazyfs_mounted_at, over_mount_fixture
 from helpers.rezrepo import Rez, build_store
@@ -37,7 +37,7 @@ from helpers.trees import KiB, deterministic_bytes, write_file
 
 from .test_contexts import PROBE, REQUEST, ROOTS, STORE, files_the_context_uses
 # (admin_namespace and supervise are fixtures: mount(8) in a namespace, a unit's ExecStart)
-from .test_login import admin_namespace, command_line, install_unit, supervise  # noqa: F401
+from .test_login import SYSTEMD_PATH, admin_namespace, command_line, install_unit, supervise  # noqa: F401
 
 # pytest finds these fixtures here; tests use them as report, fault_store,
 # scratch_mounts, lazyfs_cli and over_mount (requested last: torn down first).
@@ -562,6 +562,26 @@ def test_the_unit_restarts_a_killed_daemon_and_stops_cleanly(tmp_path, report, s
     assert read_bypassing_page_cache(store / "fam/1.0/lib/f.bin") == data
     assert m.process.poll() is None, "the unit's process exited: systemd would restart it"
 
+    # The whole unit killed (kill -9 of its cgroup, the OOM killer): the path is
+    # dead until systemd restarts the unit, whose new daemon clears the dead mount.
+    [daemon] = [p for p in processes_with_marker(m._marker) if has_argument(p, b"mount.daemon")]
+    assert unit["Service"]["RestartSec"] == "1"
+    for pid in (m.process.pid, daemon):
+        os.kill(pid, signal.SIGKILL)
+    m.process.wait()
+    wait_for(lambda: not processes_with_marker(m._marker), 15)
+    assert in_child("statfs", store, timeout=30)[0] in ("ENOTCONN", "ECONNABORTED")
+    mark = m.log_mark()
+    with open(m.journal, "ab") as journal:  # systemd's restart: the same ExecStart
+        m.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=journal,
+                                     stderr=subprocess.STDOUT,
+                                     env={"PATH": SYSTEMD_PATH, "HOME": str(tmp_path),
+                                          MARKER_VAR: m._marker})
+    restarted = wait_for(lambda: any(b"mounted " + os.fsencode(store) in line
+                                     for line in m.log_lines(mark)), REMOUNTED_WITHIN)
+    assert any(b"cleared a dead rez-lazyfs mount" in line for line in m.log_lines(mark))
+    assert read_bypassing_page_cache(store / "fam/1.0/lib/f.bin") == data
+
     stop = subprocess.run(command_line(unit["Service"]["ExecStop"]), capture_output=True,
                           text=True, timeout=60)
     assert stop.returncode == 0, stop.stderr
@@ -572,7 +592,13 @@ def test_the_unit_restarts_a_killed_daemon_and_stops_cleanly(tmp_path, report, s
                "it; its daemon SIGKILLed; then ExecStop",
                f"ExecStart: {' '.join(argv[1:5])} ...; the unit's process (the supervisor) "
                f"stayed up and a new daemon served the path {back:.1f}s after the kill; "
-               "ExecStop unmounted and the process exited 0")
+               f"the unit killed whole: the path is dead (ENOTCONN) until the unit's restart "
+               f"(RestartSec=1), whose daemon cleared it and mounted {restarted:.1f}s after "
+               "the restart; ExecStop unmounted and the process exited 0")
+    uninstall = subprocess.run([str(LAZYFS), "service", "uninstall", "--over", str(store),
+                                "--config", str(config), "--unit-dir", str(units)],
+                               capture_output=True, text=True, timeout=60)
+    assert uninstall.returncode == 0 and not unit_path.exists(), uninstall.stderr
 
 
 def test_an_fstab_line_mounts_over_the_store(tmp_path, report, admin_namespace):
