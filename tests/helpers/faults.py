@@ -74,7 +74,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 REPORT_PATH = Path(os.environ.get("REZ_LAZYFS_REPORT_DIR") or tempfile.gettempdir()) / "rez-lazyfs-faults.md"
 COMMITTED_REPORT = REPO_ROOT / "docs" / "faults.md"
 REPORT_MODULES = ("test_faults.py", "test_bad_input.py", "test_trust_cache.py", "test_http_download.py",
-                  "test_trust_contexts.py", "test_trust_liveness.py", "test_trust_mount.py")
+                  "test_trust_contexts.py", "test_trust_liveness.py", "test_trust_mount.py",
+                  "test_transparent.py")
 ERROR_PREFIX = "rez-lazyfs: error: "
 
 

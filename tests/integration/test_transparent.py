@@ -32,7 +32,7 @@ from helpers.faults import (
 from helpers.mounts import LAZYFS, MARKER_VAR, MountOptions, processes_with_marker
 from helpers.namespaces import mount_namespace  # noqa: F401 (a fixture)
 from helpers.over import has_argument, lazyfs_mounted_at, over_mount_fixture
-from helpers.rezrepo import Rez, build_store
+from helpers.rezrepo import Rez, Symlink, build_store
 from helpers.trees import KiB, deterministic_bytes, write_file
 
 from .test_contexts import PROBE, REQUEST, ROOTS, STORE, files_the_context_uses
@@ -50,6 +50,12 @@ AREAS = {
     "test_remounted": "transparent: store gone",
     "test_a_killed": "transparent: fail open",
     "test_refusals": "transparent: refusals",
+    "test_bake": "transparent: cache commands",
+    "test_umount": "transparent: umount",
+    "test_a_hung": "transparent: fail open",
+    "test_several": "transparent: several repositories",
+    "test_the_unit": "transparent: fail open",
+    "test_an_fstab": "transparent: fstab",
 }
 
 BLOCK = 64 * KiB  # the fixtures mount with --block-size 64K
@@ -156,6 +162,9 @@ def test_a_package_naming_its_own_store_path_runs_unchanged(tmp_path, report, ov
         # A wrapper naming its package by absolute store path, as sites write them.
         "pkg/1.0/bin/tool": f"#!/bin/sh\nexec {version}/bin/helper \"$@\"\n",
         "pkg/1.0/bin/helper": "#!/bin/sh\necho \"helper ran as $0 with $*\"\n",
+        "other/2.0/share/config.json": '{"from": "other"}\n',
+        # A symlink into another package, by absolute store path.
+        "pkg/1.0/share/config.json": Symlink(f"{store}/other/2.0/share/config.json"),
     })
     build = tmp_path / "build"
     build.mkdir()
@@ -175,16 +184,22 @@ def test_a_package_naming_its_own_store_path_runs_unchanged(tmp_path, report, ov
         tool.stderr
     prog = subprocess.run([version / "bin/prog"], capture_output=True, text=True, cwd="/")
     assert prog.returncode == 0 and prog.stdout == "hello from libhelper\n", prog.stderr
+    link = version / "share/config.json"
+    assert os.readlink(link) == f"{store}/other/2.0/share/config.json"
+    assert link.read_text() == '{"from": "other"}\n'
+    assert os.getxattr(link, "user.rezlazyfs.store_path", follow_symlinks=True) == \
+        os.fsencode(store / "other/2.0/share/config.json")
     # All of it came through the mount: each file is in its cache.
     cached = {rel: os.getxattr(version / rel, "user.rezlazyfs.cached").decode()
               for rel in ("bin/tool", "bin/helper", "bin/prog", "lib/libhelper.so")}
     sizes = {rel: (version / rel).stat().st_size for rel in cached}
     assert cached == {rel: f"{size}/{size}" for rel, size in sizes.items()}, cached
     assert m.stats()["store_reads"] >= len(cached)
-    report.row("a wrapper exec'ing /STORE/pkg/1.0/bin/helper and a program linked with an "
-               "absolute rpath into /STORE/pkg/1.0/lib, run through `mount --over STORE`",
-               "both run unchanged; the script, the helper, the program and its library "
-               "are each cached whole by the mount")
+    report.row("a wrapper exec'ing /STORE/pkg/1.0/bin/helper, a program linked with an "
+               "absolute rpath into /STORE/pkg/1.0/lib, a symlink to /STORE/other/2.0/..., "
+               "through `mount --over STORE`",
+               "both run unchanged, the link reads the other package through the mount; the "
+               "script, the helper, the program and its library are each cached whole")
 
 
 # -- 3. the store goes away: the cache serves what was read, EIO for the rest ---------------------
@@ -410,6 +425,8 @@ def test_bake_populate_status_stats_and_clean_with_a_transparent_mount(
     running = {s["name"]: s["running"] for s in stats["sources"]}
     assert running[f"mount:{store}"] is True, running
 
+    forgot = rez.lazyfs("forget", "tools-1.0", "--cache", m.cache)
+    assert f"the mount serving {store}/tools/1.0 forgot" in forgot.stdout, forgot.stderr
     cleaned = json.loads(rez.lazyfs("clean", "--max-size", "0", "--json", "--cache", m.cache).stdout)
     assert cleaned["evicted_files"] > 0
     fs.set()
@@ -421,6 +438,7 @@ def test_bake_populate_status_stats_and_clean_with_a_transparent_mount(
                f"{populated} blocks from the store beneath the mount, after which reading all "
                f"{len(used)} files of the context through the mount read {through_mount}; "
                f"status shows local paths under the store; stats shows the mount running; "
+               f"forget tools-1.0 reached the mount; "
                f"clean evicted {cleaned['evicted_files']} files and the mount refetched what was "
                f"read next ({fs.counts()['reads']} reads)")
 
