@@ -480,8 +480,10 @@ def mount_fs(settings: Settings, foreground: bool = False) -> None:
         else:
             serve(settings)
         return
-    # Fail fast, in the caller's terminal.
-    check_over(settings) if settings.over else check_mountpoint(settings.mountpoint)
+    if settings.over:  # fail fast, in the caller's terminal
+        check_over(settings)
+    else:
+        check_mountpoint(settings.mountpoint)
     check_store_paths(settings, settings.repos)
     prepare_cache_dir(settings.cache_dir)
     _, message = spawn("mount.supervisor" if settings.over else "mount.daemon", settings)
@@ -570,8 +572,10 @@ def _read_ready(fd: int, child: subprocess.Popen) -> str:
     return f"the mount daemon exited with status {child.returncode} (see its log)"
 
 
-def _daemon_main(ready_fd: int) -> int:
-    """Entry point of the daemon process: settings on stdin, readiness on ready_fd."""
+def child_main(ready_fd: int, body, name: str) -> int:
+    """Entry point of a process `spawn` started (a daemon, a supervisor):
+    settings on stdin, readiness on ready_fd; body(settings, on_ready) serves
+    and calls on_ready() once the mount answers."""
     settings = Settings.from_json(sys.stdin.read())
     os.umask(0o077)
     ready = os.fdopen(ready_fd, "w")
@@ -585,14 +589,14 @@ def _daemon_main(ready_fd: int) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     try:
-        serve(settings, on_ready=lambda: report("ok"))
+        body(settings, lambda: report("ok"))
     except UserError as e:
         log.error("%s", e)
         report(str(e))
         return 1
     except BaseException:
-        log.exception("the mount daemon failed")
-        report(f"the mount daemon failed unexpectedly; see {settings.log_file}")
+        log.exception("%s failed", name)
+        report(f"{name} failed unexpectedly; see {settings.log_file}")
         return 1
     return 0
 
@@ -624,4 +628,5 @@ def unmount(mountpoint: str, lazy: bool = False) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(_daemon_main(int(sys.argv[1])))  # argv[2], the mount point, is for ps
+    # argv[2], the mount point, is for ps
+    sys.exit(child_main(int(sys.argv[1]), serve, "the mount daemon"))

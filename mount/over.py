@@ -41,7 +41,7 @@ import os
 import stat
 import threading
 
-from .config import RepoConfig, Settings, is_url
+from .config import Settings, is_url
 from .errors import UserError
 from .mounts import PROBE_TIMEOUT, MountEntry, NoAnswer, ask, filesystem_of, mount_at, silence
 
@@ -76,7 +76,6 @@ def check_over(settings: Settings) -> None:
     from .daemon import fusermount
 
     path = settings.mountpoint
-    repo: RepoConfig = settings.repos[0]
     for _ in range(8):  # stacked dead mounts, one at a time
         entry = mount_at(path)
         if entry is None or entry.fstype != FSTYPE:
@@ -119,8 +118,6 @@ def check_over(settings: Settings) -> None:
         if _contains(path, where):
             raise UserError(f"cannot mount over {path}: the {what} {where} is inside it, and "
                             "the mount would hide it from its own daemon (use one outside)")
-    if repo.mutable:
-        log.info("%s is mutable: everything is revalidated by size and mtime", path)
 
 
 def _cache_paths(settings: Settings) -> list[tuple[str, str]]:
@@ -250,11 +247,8 @@ def stores_beneath(specs, *, offline: bool, timeout: float) -> dict:
         if not is_over(entry):
             continue
         fd = _descriptor_beneath(spec.path, entry, timeout)
-        if fd is None:
-            log.info("%s: a transparent mount covers it, and its daemon's descriptor of the "
-                     "store is not ours to use: reading it through the mount", spec.path)
-            continue
-        stores[spec.alias] = FilesystemStore(spec.path, offline=offline, root_fd=fd)
+        if fd is not None:  # else not ours to use: the path is read, through the mount
+            stores[spec.alias] = FilesystemStore(spec.path, offline=offline, root_fd=fd)
     return stores
 
 

@@ -92,17 +92,17 @@ class Supervisor:
         on_ready()
         threading.Thread(target=self._probe, daemon=True, name="probe").start()
         delay = FIRST_RESTART_DELAY
-        while True:
-            status = self._watch()
-            if status is None:
-                return 0
-            up_for = time.monotonic() - self.started_at
-            delay = FIRST_RESTART_DELAY if up_for >= STABLE_AFTER else delay
-            while not self._restart(delay):
-                delay = min(2 * delay, MAX_RESTART_DELAY)
-                if self._stop.is_set():
+        while self._watch() is not None:
+            if time.monotonic() - self.started_at >= STABLE_AFTER:
+                delay = FIRST_RESTART_DELAY
+            started = False
+            while not started:
+                log.info("starting a new daemon for %s in %gs", self.path, delay)
+                if self._stop.wait(delay):
                     return 0
-            delay = min(2 * delay, MAX_RESTART_DELAY)
+                started = self._restart()
+                delay = min(2 * delay, MAX_RESTART_DELAY)
+        return 0
 
     def _started(self, child: subprocess.Popen, message: str) -> None:
         if message != "ok":
@@ -113,13 +113,10 @@ class Supervisor:
         self.answered, self.unmounted = time.monotonic(), False
         self.pidfd = os.pidfd_open(child.pid)
 
-    def _restart(self, delay: float) -> bool:
-        """Start a new daemon after `delay` s (unless signalled meanwhile)."""
+    def _restart(self) -> bool:
+        """Start a new daemon; whether it mounted."""
         from .daemon import spawn
 
-        log.info("starting a new daemon for %s in %gs", self.path, delay)
-        if self._stop.wait(delay):
-            return True
         child, message = spawn("mount.daemon", self.settings)
         try:
             self._started(child, message)
@@ -132,7 +129,7 @@ class Supervisor:
 
     def _watch(self) -> int | None:
         """Until the daemon needs replacing (its exit status, or -SIGKILL when
-        it hung: its mount detached by then), or None: unmounted or signalled."""
+        it hung; its mount detached by then), or None: unmounted or signalled."""
         poll = select.poll()
         poll.register(self.pidfd, select.POLLIN)
         poll.register(self._wake_r, select.POLLIN)
@@ -247,34 +244,9 @@ class Supervisor:
             self.answered = time.monotonic()
 
 
-def _supervisor_main(ready_fd: int) -> int:
-    """Entry point of a transparent mount's supervisor process (`mount` without
-    --foreground): settings on stdin, readiness on ready_fd, as a daemon's."""
-    from .daemon import setup_logging
+if __name__ == "__main__":  # a transparent mount's supervisor (`mount` without --foreground)
+    from .daemon import child_main
 
-    settings = Settings.from_json(sys.stdin.read())
-    os.umask(0o077)
-    ready = os.fdopen(ready_fd, "w")
-
-    def report(message: str) -> None:
-        if not ready.closed:
-            ready.write(message + "\n")
-            ready.close()
-
-    setup_logging(settings, to_stderr=False)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    try:
-        return Supervisor(settings).serve(on_ready=lambda: report("ok"))
-    except UserError as e:
-        log.error("%s", e)
-        report(str(e))
-        return 1
-    except BaseException:
-        log.exception("the supervisor of %s failed", settings.mountpoint)
-        report(f"the supervisor failed unexpectedly; see {settings.log_file}")
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(_supervisor_main(int(sys.argv[1])))  # argv[2], the mount point, is for ps
+    # argv[2], the mount point, is for ps
+    sys.exit(child_main(int(sys.argv[1]), lambda settings, on_ready:
+                        Supervisor(settings).serve(on_ready), "the supervisor"))

@@ -802,7 +802,7 @@ class LazyfsCli:
         (unless track=False) and unmounted at teardown if still mounted."""
         argv = [str(LAZYFS), *map(str, args)]
         if track and len(args) > 1 and args[0] == "mount":
-            self.paths.add(Path(args[1]))
+            self.paths.add(Path(args[2] if args[1] == "--over" else args[1]))
         self.runs += 1
         self.work_dir.mkdir(parents=True, exist_ok=True)
         out, err = (self.work_dir / f"cli-{self.runs}.{s}" for s in ("out", "err"))

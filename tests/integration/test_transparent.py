@@ -9,10 +9,9 @@ transparent mount goes on top of it, as it would on top of a filer's mount.
 
 from __future__ import annotations
 
-import errno
+import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from helpers.faults import (
-    ERROR_PREFIX,
     fault_store_fixture,
     in_child,
     lazyfs_cli_fixture,
@@ -87,6 +85,10 @@ def wait_for(condition, timeout: float, step: float = 0.02) -> float:
         assert time.monotonic() - start < timeout, f"not within {timeout}s: {condition}"
         time.sleep(step)
     return time.monotonic() - start
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_bypassing_page_cache(path: Path) -> bytes:
@@ -230,13 +232,13 @@ def test_remounted_over_a_store_gone_or_failing_serves_what_was_read(
     m.remount()
     assert mount_entry(store)[0] == "fuse.rez-lazyfs"
     outcome, took = in_child("read", lib / "read.bin", timeout=30)
-    assert outcome == _sha(files["fam/1.0/lib/read.bin"]), outcome
+    assert outcome == sha(files["fam/1.0/lib/read.bin"]), outcome
     assert sorted(os.listdir(lib)) == ["read.bin", "unread.bin"]
     unread, unread_t = in_child("read", lib / "unread.bin", timeout=30)
     unlisted, unlisted_t = in_child("list", store / "fam/1.0/data/unlisted", timeout=30)
     report.row("unmounted, the store's filesystem unmounted (an empty directory left), "
                "`mount --over` again from the cache",
-               f"a file read before: {'sha256 ok' if outcome == _sha(files['fam/1.0/lib/read.bin']) else outcome} "
+               f"a file read before: {'sha256 ok' if outcome == sha(files['fam/1.0/lib/read.bin']) else outcome} "
                f"in {took:.2f}s; a file listed, never read: {unread} in {unread_t:.2f}s; a "
                f"directory never listed: {unlisted} in {unlisted_t:.2f}s")
     assert unread == "EIO" and unread_t <= STORE_TIMEOUT + SLACK, (unread, unread_t)
@@ -255,17 +257,11 @@ def test_remounted_over_a_store_gone_or_failing_serves_what_was_read(
     outcome, took = in_child("read", flib / "read.bin", timeout=30)
     unread, unread_t = in_child("read", flib / "unread.bin", timeout=30)
     report.row("mounted over a store that then fails every request with EIO",
-               f"a file read before: {'sha256 ok' if outcome == _sha(files['fam/1.0/lib/read.bin']) else outcome} "
+               f"a file read before: {'sha256 ok' if outcome == sha(files['fam/1.0/lib/read.bin']) else outcome} "
                f"in {took:.2f}s; a file never read: {unread} in {unread_t:.2f}s")
-    assert outcome == _sha(files["fam/1.0/lib/read.bin"]) and took <= SLACK, (outcome, took)
+    assert outcome == sha(files["fam/1.0/lib/read.bin"]) and took <= SLACK, (outcome, took)
     assert unread == "EIO" and unread_t <= STORE_TIMEOUT + SLACK, (unread, unread_t)
     fs.set()
-
-
-def _sha(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 # -- 4. the daemon is killed while a reader loops ----------------------------------------------------
@@ -304,7 +300,7 @@ def test_a_killed_daemon_leaves_the_path_served(tmp_path, report, fault_store, o
     [supervisor] = m.supervisors()
     m.expect_log("was killed by SIGKILL")
 
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(target), _sha(data), "12"],
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(target), sha(data), "12"],
                               stdout=subprocess.PIPE, text=True, cwd="/")
     time.sleep(2.0)
     fs.set()
@@ -367,8 +363,7 @@ def test_refusals(tmp_path, report, lazyfs_cli, over_mount):
         ("a URL", "http://pkgs.example/main", (), "not a URL"),
     ]
     for what, path, extra, says in cases:
-        result = lazyfs_cli.run("mount", "--over", path, *(extra or ("--cache", cache)),
-                                track=False)
+        result = lazyfs_cli.run("mount", "--over", path, *(extra or ("--cache", cache)))
         report.row(f"`mount --over` of {what}", result.summary())
         assert result.returncode == 1, (what, result.output)
         line = result.one_line_error()
@@ -514,10 +509,10 @@ def test_a_hung_daemon_is_detached_and_replaced(tmp_path, report, fault_store, o
             pass
     report.row(f"the daemon of a transparent mount SIGSTOPped (store timeout {timeout:g}s: "
                f"hung after {bound:g}s without an answer); a read of the path meanwhile",
-               f"the read waited, then: {'sha256 ok' if outcome == _sha(data) else outcome} "
+               f"the read waited, then: {'sha256 ok' if outcome == sha(data) else outcome} "
                f"{served_after:.1f}s after the stop; a new daemon served the path "
                f"{served_after + again:.1f}s after the stop")
-    assert outcome in (_sha(data), "ECONNABORTED", "ENOTCONN"), outcome
+    assert outcome in (sha(data), "ECONNABORTED", "ENOTCONN"), outcome
     assert served_after <= bound + PROBE_INTERVAL + 2 + SLACK, served_after
     assert read_bypassing_page_cache(target) == data
     assert daemon not in m.daemons() and len(m.daemons()) == 1
