@@ -605,12 +605,17 @@ def unmount(mountpoint: str, lazy: bool = False) -> str | None:
     """Unmount with fusermount3 (-u, or -u -z if lazy). A mount that does not
     answer is unmounted all the same (the kernel does not need its daemon for
     that): the returned line says what was found."""
-    from .over import is_over
+    from .over import FSTYPE, is_over
 
     path = _canonical(mountpoint)
     state = _mount_state(path)
     if state not in ("mounted", "stale", "silent"):
         raise UserError(f"{path} is not mounted")
+    entry = mount_at(path)
+    if entry is not None and entry.fstype != FSTYPE:
+        # Above all at a transparent mount's path once it is gone: the filer's own mount.
+        raise UserError(f"{path} is not a rez-lazyfs mount (it is {entry.fstype}): "
+                        "not unmounting it")
     note = silence(path, PROBE_TIMEOUT) if state == "silent" else None
     # A transparent mount is always detached at once: the store beneath serves
     # the path from then on, and open files read through the daemon until closed.

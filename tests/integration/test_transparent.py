@@ -243,6 +243,9 @@ def test_remounted_over_a_store_gone_or_failing_serves_what_was_read(
                f"directory never listed: {unlisted} in {unlisted_t:.2f}s")
     assert unread == "EIO" and unread_t <= STORE_TIMEOUT + SLACK, (unread, unread_t)
     assert unlisted == "EIO" and unlisted_t <= STORE_TIMEOUT + SLACK, (unlisted, unlisted_t)
+    m.remount(offline=True)  # the store never asked: the same, from the cache alone
+    offline = [in_child("read", lib / name, timeout=30)[0] for name in ("read.bin", "unread.bin")]
+    assert offline == [sha(files["fam/1.0/lib/read.bin"]), "EIO"], offline
     m.unmount()
 
     # The same, with the store there but failing every request (a filer
@@ -457,6 +460,10 @@ def test_umount_detaches_at_once_while_files_are_open(tmp_path, report, fault_st
                                 text=True, timeout=60)
         assert result.returncode == 0 and not result.stderr, result.stderr
         assert not lazyfs_mounted_at(fs.path)
+        again = subprocess.run([str(LAZYFS), "umount", str(fs.path)], capture_output=True,
+                               text=True, timeout=60)
+        assert again.returncode == 1 and "not a rez-lazyfs mount (it is fuse.faultfs)" in \
+            again.stderr and mount_entry(fs.path)[0] == "fuse.faultfs", again.stderr
         fs.set()
         assert read_bypassing_page_cache(target) == data  # a new open: the store itself
         beneath = fs.counts()["reads"]
@@ -471,7 +478,8 @@ def test_umount_detaches_at_once_while_files_are_open(tmp_path, report, fault_st
     m.mounted = False
     report.row("`rez-lazyfs umount STORE` of a transparent mount with a file open and a "
                "process's working directory in it",
-               f"exit 0 at once, detached: a new open reads the store ({beneath} reads); the "
+               f"exit 0 at once, detached: a new open reads the store ({beneath} reads); a "
+               f"second umount refuses the store's own mount ({again.stderr.strip()}); the "
                f"open file read on to its end through the daemon; daemon and supervisor exited "
                f"{gone:.1f}s after the last user let go")
 

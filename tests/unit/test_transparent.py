@@ -88,3 +88,39 @@ def test_operations_serve_one_repository_at_the_mount_root(tmp_path, store_root)
         assert [(q.func, q.args) for q in queued] == [(pyfuse3.invalidate_entry, (ROOT, b"fam"))]
 
     trio.run(main)
+
+
+def _config(tmp_path, text: str) -> str:
+    path = tmp_path / "config.toml"
+    path.write_text(f'cache = "{tmp_path / "cache"}"\n' + text)
+    return str(path)
+
+
+def test_the_config_names_the_repositories_mounted_over_their_paths(tmp_path):
+    from mount.config import load_settings
+
+    config = _config(tmp_path, 'over = ["/svr/farm"]\n[repos]\n'
+                               'main = "/svr/packages"\nsite = { path = "/svr/site", over = true }\n')
+    everything = load_settings(config=config)
+    assert {r.alias: r.over for r in everything.repos} == {"main": False, "site": True,
+                                                            "farm": True}
+    farm = load_settings(config=config, over="/svr/farm")
+    assert farm.over and farm.mountpoint == "/svr/farm"
+    assert [(r.alias, r.path) for r in farm.repos] == [("farm", "/svr/farm")]
+    # A store no repository names: one named after it.
+    other = load_settings(config=config, over="/svr/other-pkgs/")
+    assert [(r.alias, r.path) for r in other.repos] == [("other-pkgs", "/svr/other-pkgs")]
+
+
+@pytest.mark.parametrize("over, config, says", [
+    ("http://pkgs.example/main", "", "not a URL"),
+    ("/svr/main", '[repos]\nmain = "/elsewhere"\n', "'main' is taken"),
+    ("/svr/packages", "", "give no MOUNTPOINT"),
+])
+def test_the_config_refuses_what_cannot_be_mounted_over(tmp_path, over, config, says):
+    from mount.config import load_settings
+    from mount.errors import UserError
+
+    with pytest.raises(UserError, match=says):
+        load_settings("/rez/lazy" if "MOUNTPOINT" in says else None,
+                      config=_config(tmp_path, config), over=over)
