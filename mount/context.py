@@ -489,7 +489,7 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
     # mount's, canonical as the mount table has it); no repository lives
     # below a transparent mount's path, so `--mount STORE` names only that one.
     transparent = {r.alias: _canonical(r.path) for r in settings.repos
-                   if r.over or over.local_root(settings.mountpoint, r) == r.path}
+                   if r.over or r.path == settings.mountpoint}
     mountpoint = "" if settings.mountpoint in repos.values() else settings.mountpoint
     if not mountpoint and not transparent:
         raise UserError("no mount point: give --mount or set mountpoint in the config")

@@ -619,7 +619,7 @@ def unmount(mountpoint: str, lazy: bool = False) -> str | None:
     note = silence(path, PROBE_TIMEOUT) if state == "silent" else None
     # A transparent mount is always detached at once: the store beneath serves
     # the path from then on, and open files read through the daemon until closed.
-    lazy = lazy or is_over(mount_at(path))
+    lazy = lazy or is_over(entry)
     result = fusermount("-u", *(["-z"] if lazy else []), path)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"

@@ -6,8 +6,9 @@ The unit runs `rez-lazyfs mount MOUNTPOINT --foreground --config FILE`, which
 logs to stderr (the journal) and unmounts on SIGTERM, systemd's way of
 stopping a service. `--over STORE` writes the unit of a transparent mount
 (`rez-lazyfs mount --over STORE ...`: one unit per store path), whose
-process supervises its daemon (mount/supervisor.py). Everything in it is an absolute path written at install
-time, so what the unit runs is exactly what `service install` checked.
+process supervises its daemon (mount/supervisor.py). Everything in a unit
+is an absolute path written at install time, so what the unit runs is
+exactly what `service install` checked.
 """
 from __future__ import annotations
 
