@@ -73,6 +73,8 @@ class Supervisor:
         self.settings = settings
         self.path = settings.mountpoint
         self.daemon: subprocess.Popen | None = None
+        self.pidfd = -1                  # readable once the daemon has exited
+        self.started_at = 0.0
         self.device: str | None = None   # the FUSE connection of the daemon's mount
         self.answered = time.monotonic()  # the mount's last answer to a probe
         self.unmounted = False           # the mount went away while the daemon lived
@@ -92,7 +94,7 @@ class Supervisor:
         on_ready()
         threading.Thread(target=self._probe, daemon=True, name="probe").start()
         delay = FIRST_RESTART_DELAY
-        while self._watch() is not None:
+        while self._watch():
             if time.monotonic() - self.started_at >= STABLE_AFTER:
                 delay = FIRST_RESTART_DELAY
             started = False
@@ -127,9 +129,10 @@ class Supervisor:
         log.info("%s is served by the cache again (daemon pid %d)", self.path, child.pid)
         return True
 
-    def _watch(self) -> int | None:
-        """Until the daemon needs replacing (its exit status, or -SIGKILL when
-        it hung; its mount detached by then), or None: unmounted or signalled."""
+    def _watch(self) -> bool:
+        """Until the daemon needs replacing (True: it died or hung; its mount
+        is detached by then) or the mount is over (False: unmounted, or we
+        were signalled)."""
         poll = select.poll()
         poll.register(self.pidfd, select.POLLIN)
         poll.register(self._wake_r, select.POLLIN)
@@ -137,7 +140,7 @@ class Supervisor:
             while True:
                 if self._stop.is_set():
                     self._stop_daemon()
-                    return None
+                    return False
                 if poll.poll(1000) and self.daemon.poll() is not None:
                     return self._died()
                 if self._ours_mounted():
@@ -154,7 +157,7 @@ class Supervisor:
         finally:
             os.close(self.pidfd)
 
-    def _died(self) -> int | None:
+    def _died(self) -> bool:
         status = self.daemon.returncode
         how = f"was killed by {signal.Signals(-status).name}" if status < 0 else \
             f"exited with status {status}"
@@ -163,15 +166,15 @@ class Supervisor:
             log.warning("the daemon of %s (pid %d) %s; its mount is detached, so the store "
                         "beneath serves the path until a new daemon mounts over it",
                         self.path, self.daemon.pid, how)
-            return status
+            return True
         if self.unmounted or status == 0:
             log.info("the daemon of %s (pid %d) %s after the unmount", self.path,
                      self.daemon.pid, how)
-            return None
+            return False
         log.warning("the daemon of %s (pid %d) %s", self.path, self.daemon.pid, how)
-        return status
+        return True
 
-    def _hung(self) -> int:
+    def _hung(self) -> bool:
         pid = self.daemon.pid
         log.warning("%s has not answered for %.0fs (daemon pid %d): detaching it, so the "
                     "store beneath serves the path, and starting a new daemon", self.path,
@@ -184,7 +187,7 @@ class Supervisor:
         except subprocess.TimeoutExpired:
             log.warning("the hung daemon (pid %d) did not exit on SIGKILL within %gs",
                         pid, PROBE_TIMEOUT)
-        return -signal.SIGKILL
+        return True
 
     def _stop_daemon(self) -> None:
         log.info("stopping the daemon of %s (pid %d)", self.path, self.daemon.pid)

@@ -9,6 +9,7 @@ transparent mount goes on top of it, as it would on top of a filer's mount.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -186,6 +187,10 @@ def test_a_package_naming_its_own_store_path_runs_unchanged(tmp_path, report, ov
         tool.stderr
     prog = subprocess.run([version / "bin/prog"], capture_output=True, text=True, cwd="/")
     assert prog.returncode == 0 and prog.stdout == "hello from libhelper\n", prog.stderr
+    for write in (lambda: open(version / "bin/tool", "a"), lambda: (version / "new").mkdir()):
+        with pytest.raises(OSError) as refused:
+            write()
+        assert refused.value.errno == errno.EROFS  # read-only, as any mount
     link = version / "share/config.json"
     assert os.readlink(link) == f"{store}/other/2.0/share/config.json"
     assert link.read_text() == '{"from": "other"}\n'
