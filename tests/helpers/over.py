@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.faults import wait_gone
 from helpers.mounts import (
     CLI_TIMEOUT,
     LAZYFS,
@@ -69,6 +70,7 @@ class OverMount(LazyMount):
 
     def teardown(self) -> list[str]:
         problems = []
+        ours = self.daemons() + self.supervisors()
         for pid in self.supervisors():
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -85,7 +87,15 @@ class OverMount(LazyMount):
                 break
             subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True,
                            timeout=CLI_TIMEOUT)
-        return problems + super().teardown()
+        problems += super().teardown()
+        # Until their last threads are gone too (a daemon's abandoned store
+        # threads keep the store beneath busy): the store's teardown is next.
+        for pid in ours:
+            try:
+                wait_gone(pid, 15)
+            except AssertionError as e:
+                problems.append(str(e))
+        return problems
 
 
 def has_argument(pid: int, word: bytes) -> bool:

@@ -27,6 +27,7 @@ from helpers.faults import (
     lazyfs_cli_fixture,
     report_fixture,
     scratch_mounts_fixture,
+    wait_gone,
 )
 from helpers.mounts import LAZYFS, MARKER_VAR, MountOptions, processes_with_marker
 from helpers.namespaces import mount_namespace  # noqa: F401 (a fixture)
@@ -479,7 +480,10 @@ def test_umount_detaches_at_once_while_files_are_open(tmp_path, report, fault_st
         reader.close()
         holder.kill()
         holder.wait()
-    gone = wait_for(lambda: not m.daemons() and not m.supervisors(), 15)
+    let_go = time.monotonic()
+    for pid in (daemon, *m.supervisors()):
+        wait_gone(pid, 15)
+    gone = time.monotonic() - let_go
     m.mounted = False
     report.row("`rez-lazyfs umount STORE` of a transparent mount with a file open and a "
                "process's working directory in it",
