@@ -151,16 +151,20 @@ class LocalCache:
                      store_threads: int = 16, offline: bool = False,
                      prefetch_max_size: int = 0,
                      cache_may_stall: bool = False,
-                     permission_ttl: float = 0.0) -> dict[str, Repository]:
+                     permission_ttl: float = 0.0,
+                     stores: dict[str, Store] | None = None) -> dict[str, Repository]:
         """One Repository per spec, sharing one fetcher. Call inside trio.run.
-        cache_may_stall: see Fetcher."""
+        cache_may_stall: see Fetcher. stores: by alias, stores the caller
+        opened itself (one under a transparent mount is reached by a
+        descriptor: cachecore/store.py), used instead of opening the spec's."""
         fetcher = self.fetcher = Fetcher(self.blocks, self.counters,
                           store_limiter=trio.CapacityLimiter(store_threads),
                           local_limiter=trio.CapacityLimiter(8),
                           store_timeout=store_timeout, cache_may_stall=cache_may_stall)
         repos = {}
         for s in specs:
-            store = open_store(s, offline=offline, index=self.index, timeout=store_timeout)
+            store = (stores or {}).get(s.alias) or open_store(
+                s, offline=offline, index=self.index, timeout=store_timeout)
             repos[s.alias] = Repository(
                 s.alias, store, self.index, fetcher,
                 RepoPolicy(metadata_ttl, s.mutable, prefetch_max_size=prefetch_max_size,

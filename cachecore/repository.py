@@ -264,11 +264,17 @@ class Repository:
                 raise StoreUnavailable(f"{self.store.root} is empty: its filesystem is "
                                        "probably not mounted")
         except NotFound:
-            if known is None or not await self.fetcher.call_store(
-                    self.store, self.store.root, self.store.root_is_empty):
+            # A directory its parent's listing names, gone from the store: gone,
+            # unless the whole store is (an empty root: its filesystem is not
+            # mounted), and then the store cannot say (EIO), whatever is cached.
+            if not await self.fetcher.call_store(self.store, self.store.root,
+                                                 self.store.root_is_empty):
                 raise
             e = StoreUnavailable(f"{self.store.root} is empty: its filesystem is probably "
                                  "not mounted")
+            if known is None:
+                raise StoreUnavailable(f"{e} (and {self._display(relpath)} is not cached)") \
+                    from None
             log.info("serving cached listing of %s: %s", self._display(relpath), e)
             known.valid_until = self._clock() + self.policy.metadata_ttl
             return known

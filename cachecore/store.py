@@ -6,6 +6,16 @@ component at a time from a fresh open of the store root with O_NOFOLLOW, so
 nothing in the store (a symlink planted where a directory was) can make us
 read outside the store root.
 
+A store under a transparent mount (`mount --over`, mount/over.py) is reached
+through a descriptor of its root opened before the mount hid it: its path
+names the mount from then on, and walking it would ask the mount, that is
+ourselves (a deadlock in the daemon). Such a store keeps its path as its
+name (`root`: keys, index, logs) and opens its root by the descriptor's
+/proc/self/fd link, the one difference; the link is the descriptor's own
+directory, whatever is mounted on the path since. A fresh open per walk
+(rather than the descriptor itself) keeps one code path, and gives each
+listing of the root its own file position.
+
 POSIX ACLs: the kernel checks access to the mount against the mode bits we
 list (default_permissions), and mode bits cannot say "everyone but carol".
 An entry with an access ACL is therefore listed with group and other bits
@@ -78,9 +88,13 @@ def acl_bounded_mode(mode: int, acl: bytes) -> int:
 class FilesystemStore:
     """A store that is a directory on a (network) filesystem."""
 
-    def __init__(self, root: str, offline: bool = False):
+    def __init__(self, root: str, offline: bool = False, root_fd: int | None = None):
+        """root_fd: a descriptor of the root (O_PATH will do) to reach it by
+        instead of its path, which a transparent mount now covers. The
+        store does not close it: it is held for the life of the process."""
         self.root = root
         self.offline = offline
+        self._root_path = root if root_fd is None else f"/proc/self/fd/{root_fd}"
         self._acls = True  # until the store's filesystem shows it has none
         self._acl_noted = False
         # Scattered reads of one big file would otherwise open it for every
@@ -105,7 +119,7 @@ class FilesystemStore:
         root_flags = _LIST_FLAGS & ~os.O_NOFOLLOW if for_listing and not components else \
             os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
         try:
-            fd = os.open(self.root, root_flags)  # the root itself may be a symlink
+            fd = os.open(self._root_path, root_flags)  # the root itself may be a symlink
         except OSError as e:
             raise StoreUnavailable(f"store {self.root} unavailable: {e.strerror}") from None
         try:
@@ -134,11 +148,12 @@ class FilesystemStore:
         if self.offline:
             raise StoreUnavailable(f"{self.root}: offline mode, store not consulted")
         try:
-            attr = Attr.from_stat(os.stat(self.root))
+            attr = Attr.from_stat(os.stat(self._root_path))
         except OSError as e:
             raise StoreUnavailable(f"store {self.root} unavailable: {e.strerror}") from None
         # (the root may be a symlink: its target's ACL is the one that counts)
-        return self._bounded_by_acls({b"": attr}, os.fsencode(self.root), b"", follow=True)[b""]
+        return self._bounded_by_acls({b"": attr}, os.fsencode(self._root_path), b"",
+                                     follow=True)[b""]
 
     def list_dir(self, relpath: bytes, progress=lambda: None) -> dict[bytes, Attr]:
         """Every entry of a store directory with its lstat attributes, sorted by name.

@@ -11,6 +11,13 @@ readdir), not a full path, and its parent keeps it in a dict of children
 rather than a second table keyed by path (500k nodes: ~84 MB, where
 (alias, relpath) keys took ~177 MB). A node outlives its kernel reference
 while it still has children, so a path can always be rebuilt.
+
+Two layouts. A mount of several repositories lists their aliases at its
+root: a node's path is (alias, relpath), the root's (None, b""). A
+transparent mount (`mount --over`) is one repository at its store's own
+path: the root is that repository's root, (alias, b""), and every other
+node's path starts below it. The table alone knows which; the handlers
+see (alias, relpath) either way.
 """
 from __future__ import annotations
 
@@ -18,7 +25,8 @@ import os
 
 import pyfuse3
 
-# A node is (alias, relpath) inside a repository; the mount root has alias None.
+# A node is (alias, relpath) inside a repository; the root of a mount of
+# several repositories has alias None.
 NodeKey = tuple[str | None, bytes]
 
 
@@ -34,7 +42,10 @@ class _Node:
 
 
 class InodeTable:
-    def __init__(self):
+    def __init__(self, root_alias: str | None = None):
+        """root_alias: the repository whose root the mount root is (a
+        transparent mount); None: the mount root lists repositories."""
+        self.root_alias = root_alias
         self._root = _Node(pyfuse3.ROOT_INODE, None, b"", 1)
         self._nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: self._root}
         self._next = pyfuse3.ROOT_INODE + 1
@@ -47,9 +58,13 @@ class InodeTable:
         """(alias, relpath) of a known inode; KeyError if the kernel has none."""
         node = self._nodes[inode]
         names = []
-        while node.parent is not None and node.parent.parent is not None:
+        # Up to the root, or to a child of the root when that is an alias.
+        while node.parent is not None and (self.root_alias is not None
+                                           or node.parent.parent is not None):
             names.append(node.name)
             node = node.parent
+        if self.root_alias is not None:
+            return self.root_alias, b"/".join(reversed(names))
         if node.parent is None:
             return None, b""
         return os.fsdecode(node.name), b"/".join(reversed(names))
@@ -63,6 +78,10 @@ class InodeTable:
         """The name of `inode` in its directory (a repository's is its alias)."""
         return self._nodes[inode].name
 
+    def children(self, inode: int) -> list[bytes]:
+        """The names in `inode` the kernel may hold."""
+        return list(self._nodes[inode].children or ())
+
     def child(self, parent: int, name: bytes) -> int | None:
         """The inode of `name` in `parent` if the kernel may hold it; allocates nothing."""
         node = (self._nodes[parent].children or {}).get(name)
@@ -70,9 +89,11 @@ class InodeTable:
 
     def find(self, alias: str | None, relpath: bytes) -> int | None:
         """The inode of (alias, relpath) if the kernel may hold it; allocates nothing."""
+        if self.root_alias is not None and alias != self.root_alias:
+            return None
         node = self._root
-        for name in ([os.fsencode(alias)] if alias is not None else []) + \
-                (relpath.split(b"/") if relpath else []):
+        top = [os.fsencode(alias)] if alias is not None and self.root_alias is None else []
+        for name in top + (relpath.split(b"/") if relpath else []):
             node = (node.children or {}).get(name)
             if node is None:
                 return None

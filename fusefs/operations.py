@@ -127,9 +127,13 @@ class LazyOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, repositories: dict[str, Repository], counters: Counters,
-                 block_size: int, totals=None, config: dict | None = None, flush=None):
+                 block_size: int, totals=None, config: dict | None = None, flush=None,
+                 root_alias: str | None = None):
         """config: what CONFIG_XATTR answers; flush: an async function writing
-        the noted uses to the index (FLUSH_XATTR)."""
+        the noted uses to the index (FLUSH_XATTR); root_alias: the one
+        repository whose root is the mount root (a transparent mount,
+        fusefs/inodes.py); the mount root keeps the mount's own xattrs (stats,
+        trace recording, config, flush) either way."""
         super().__init__()
         self.repos = repositories
         self.counters = counters
@@ -137,7 +141,7 @@ class LazyOperations(pyfuse3.Operations):
         self._config = json.dumps(config or {}, sort_keys=True).encode()
         self._flush_uses = flush  # not self.flush: that is FUSE's flush of a file handle
         self.block_size = block_size
-        self.inodes = InodeTable()
+        self.inodes = InodeTable(root_alias)
         self._uid, self._gid = os.getuid(), os.getgid()
         self._handles = count(1)
         self._open_files = {}
@@ -223,18 +227,28 @@ class LazyOperations(pyfuse3.Operations):
         if directory is None:
             return  # the kernel holds nothing there
         if names is None:
-            # Dropping the directory's entry drops every entry the kernel
-            # cached below it, negative lookups included; a file still open
-            # there is looked up afresh when next opened, and the kernel
-            # drops its pages if the new attributes differ.
-            self._invalidate(pyfuse3.invalidate_entry, self.inodes.parent(directory),
-                             self.inodes.name(directory))
+            self._drop_tree(directory)
             return
         for name in names:  # a new name may be cached as a negative lookup
             self._invalidate(pyfuse3.invalidate_entry, directory, name)
             inode = self.inodes.child(directory, name)
             if inode is not None:  # attributes and pages of a file that changed
                 self._invalidate(pyfuse3.invalidate_inode, inode)
+
+    def _drop_tree(self, directory: int) -> None:
+        """Have the kernel drop every entry at and below `directory`.
+
+        Dropping a directory's entry drops every entry the kernel cached
+        below it, negative lookups included; a file still open there is
+        looked up afresh when next opened, and the kernel drops its pages if
+        the new attributes differ. The mount root has no entry of its own:
+        the entries in it are dropped."""
+        if directory != pyfuse3.ROOT_INODE:
+            self._invalidate(pyfuse3.invalidate_entry, self.inodes.parent(directory),
+                             self.inodes.name(directory))
+            return
+        for name in self.inodes.children(directory):
+            self._invalidate(pyfuse3.invalidate_entry, directory, name)
 
     def _invalidate(self, notify, *args) -> None:
         self._to_invalidate.send_nowait(functools.partial(notify, *args))
@@ -392,7 +406,8 @@ class LazyOperations(pyfuse3.Operations):
     @error_boundary
     async def getxattr(self, inode, name, ctx=None):
         alias, relpath = self._known(inode)
-        recording = alias is None and name.startswith(TRACE_XATTR)
+        mount_root = inode == pyfuse3.ROOT_INODE
+        recording = mount_root and name.startswith(TRACE_XATTR)
         if not recording and name not in (STATS_XATTR, TOTALS_XATTR, STORE_PATH_XATTR,
                                           POLICY_XATTR, CACHED_XATTR, FORGET_XATTR,
                                           CONFIG_XATTR, FLUSH_XATTR):
@@ -403,18 +418,18 @@ class LazyOperations(pyfuse3.Operations):
             return await self._trace_control(name[len(TRACE_XATTR):])
         if name == FORGET_XATTR:
             return await self._forget(alias, relpath)
+        if mount_root and name == STATS_XATTR:
+            return json.dumps({**self.counters.snapshot(), **self._store_traffic()},
+                              sort_keys=True).encode()
+        if mount_root and name == TOTALS_XATTR:
+            return json.dumps({**self.totals().to_record(), **self._store_traffic()},
+                              sort_keys=True).encode()
+        if mount_root and name == CONFIG_XATTR:
+            return self._config
+        if mount_root and name == FLUSH_XATTR and self._flush_uses is not None:
+            await self._flush_uses()
+            return b"flushed"
         if alias is None:
-            if name == STATS_XATTR:
-                return json.dumps({**self.counters.snapshot(), **self._store_traffic()},
-                                  sort_keys=True).encode()
-            if name == TOTALS_XATTR:
-                return json.dumps({**self.totals().to_record(), **self._store_traffic()},
-                                  sort_keys=True).encode()
-            if name == CONFIG_XATTR:
-                return self._config
-            if name == FLUSH_XATTR and self._flush_uses is not None:
-                await self._flush_uses()
-                return b"flushed"
             raise FUSEError(pyfuse3.ENOATTR)
         repo = self.repos[alias]
         if name == STORE_PATH_XATTR:
@@ -454,9 +469,7 @@ class LazyOperations(pyfuse3.Operations):
             # What the kernel holds of the tree it answers itself: drop it, so
             # the recorded processes' lookups reach us (their pages are
             # dropped as they open each file: no keep_cache for them).
-            for alias in self.repos:
-                self._invalidate(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE,
-                                 os.fsencode(alias))
+            self._drop_tree(pyfuse3.ROOT_INODE)
             await self._invalidations_sent()
             log.info("recording a trace of process %d (recording %d)", args[0], rid)
             return str(rid).encode()
@@ -527,9 +540,10 @@ class LazyOperations(pyfuse3.Operations):
         alias, relpath = self._known(inode)
         if not self._for_owner(ctx):
             return []
+        names = [STATS_XATTR, TOTALS_XATTR, CONFIG_XATTR] if inode == pyfuse3.ROOT_INODE else []
         if alias is None:
-            return [STATS_XATTR, TOTALS_XATTR, CONFIG_XATTR]
-        names = [STORE_PATH_XATTR, POLICY_XATTR]
+            return names
+        names += [STORE_PATH_XATTR, POLICY_XATTR]
         if (await self.repos[alias].getattr(relpath)).is_file:
             names.append(CACHED_XATTR)
         return names

@@ -64,7 +64,9 @@ def cache_status(settings: Settings) -> dict:
         mounts = sorted(((rec.get("updated", 0), name[len("mount:"):])
                          for name, rec in cache.stored_totals().items() if name.startswith("mount:")),
                         reverse=True)
-        mountpoint = mounts[0][1] if mounts else None
+        # A mount at a store's own path is that store's transparent mount.
+        over = {mp for _, mp in mounts if mp in repos}
+        mountpoint = next((mp for _, mp in mounts if mp not in over), None)
         variants = {}
         for text in cache.index.records("v").values():
             v = json.loads(text)
@@ -101,8 +103,8 @@ def cache_status(settings: Settings) -> dict:
                 "variants": sorted(variants.get((store, relpath), {"-"})),
                 "traces": sorted(traced.get((store, relpath), ())),
                 "store_path": os.path.join(store, relpath) if store else "",
-                "local_path": os.path.join(mountpoint, alias, relpath)
-                if mountpoint and alias else "",
+                "local_path": os.path.join(store, relpath) if store in over else
+                os.path.join(mountpoint, alias, relpath) if mountpoint and alias else "",
                 **row, "files_total": files_total, "bytes_total": bytes_total,
                 "totals_complete": complete,
             })

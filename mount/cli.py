@@ -76,7 +76,10 @@ def repo_options(f):
 # Mount points are plain strings, never click.Path: its check stats the path,
 # which hangs on a mount whose daemon is stopped (mount/mounts.py).
 @main.command()
-@click.argument("mountpoint")
+@click.argument("mountpoint", required=False)
+@click.option("--over", metavar="STORE",
+              help="Mount STORE's repository transparently at STORE itself, over the store "
+                   "(read beneath through a descriptor): its paths stay the same, now cached.")
 @repo_options
 @cache_options
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted or signalled.")
@@ -98,7 +101,8 @@ def repo_options(f):
               help="A read-only cache (say the host's, in a container) read before the store; "
                    "what is fetched goes to --cache (repeatable).")
 def mount(mountpoint, foreground, **options):
-    """Mount the configured repositories read-only at MOUNTPOINT."""
+    """Mount the configured repositories read-only at MOUNTPOINT, or one
+    repository over its own store path (--over STORE)."""
     from .config import load_settings
     from .daemon import mount_fs
 
@@ -136,7 +140,7 @@ def bake(context, output, mountpoint, strict, force, populate, trace_files, **op
     traces = [t for path in trace_files for t in read_trace_file(path)]
     deep = bake_context(context, output, settings, strict=strict, force=force, traces=traces,
                         warn=_warn)
-    click.echo(f"baked {len(deep.variants)} variant(s) onto {deep.mountpoint}: {output}"
+    click.echo(f"baked {len(deep.variants)} variant(s) onto {deep.destination}: {output}"
                + (f" (with the traces of {len(deep.traces)})" if deep.traces else ""))
     if populate:
         _report_populate(populate_context(output, settings, warn=_warn))

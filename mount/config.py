@@ -13,6 +13,12 @@ Config file (default: $XDG_CONFIG_HOME/rez-lazyfs/config.toml):
     main = "/svr/packages"                          # alias = store path
     dev = { path = "/home/me/packages", mutable = true }
     farm = { path = "/svr/farm", traces = "/svr/traces/farm" }   # launch traces from CI
+    site = { path = "/svr/site", over = true }      # mounted over its own path (mount --over)
+
+A repository with `over = true` (or whose path is in a top-level list,
+`over = ["/svr/site"]`) is served by a transparent mount of its own,
+`rez-lazyfs mount --over /svr/site` (mount/over.py), not under the mount
+point with the others.
 
 Command-line options override the file.
 """
@@ -59,6 +65,7 @@ class RepoConfig:
     public_key: str = ""     # published images: the key their manifests verify with
     proxy: str = ""          # published images: "p1|p2;p3" (CernVM-FS syntax), "" = direct
     traces: str = ""         # a read-only directory of launch traces (`*.trace`)
+    over: bool = False       # served by a transparent mount at its own path (mount --over)
 
 
 @dataclass
@@ -86,6 +93,9 @@ class Settings:
     log_file: str = ""
     debug: bool = False
     shared_caches: list[str] = field(default_factory=list)  # read-only caches read before the store
+    # A transparent mount (mount/over.py): `mountpoint` is the store path of
+    # its one repository, served at its own path.
+    over: bool = False
 
     def __post_init__(self):
         if not self.log_file:
@@ -125,6 +135,7 @@ _CONFIG_TYPES = {
     "cache_limit": _SIZE_TYPES, "read_ahead": _SIZE_TYPES, "prefetch": _SIZE_TYPES,
     "metadata_ttl": (int, float), "permission_ttl": (int, float), "store_timeout": (int, float), "store_threads": int,
     "offline": bool, "allow_other": bool, "debug": bool, "shared_caches": list, "repos": dict,
+    "over": list,
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list",
                dict: "a table", _SIZE_TYPES: "a size like \"128K\" or a byte count",
@@ -154,24 +165,46 @@ def _repos_from_config(table, path, from_config) -> list[RepoConfig]:
                                                ^ isinstance(value.get("url"), str)):
             raise UserError(f"{path}: repos.{alias} must be a path, {{ path = ..., mutable = ... }} "
                             "or {{ url = ..., public_key = ..., proxy = ... }}")
-        allowed = ({"path", "mutable", "traces"} if "path" in value
+        allowed = ({"path", "mutable", "traces", "over"} if "path" in value
                    else {"url", "public_key", "proxy"})
         unknown = set(value) - allowed
         if unknown:
             raise UserError(f"{path}: repos.{alias}: unknown setting(s): {', '.join(sorted(unknown))}")
         for key, kind in (("mutable", bool), ("public_key", str), ("proxy", str),
-                          ("traces", str)):
+                          ("traces", str), ("over", bool)):
             if key in value and not isinstance(value[key], kind):
                 raise UserError(f"{path}: repos.{alias}.{key} must be {_TYPE_NAMES[kind]}")
         if "path" in value:
             traces = value.get("traces", "")
             repos.append(RepoConfig(alias, from_config(value["path"]), value.get("mutable", False),
-                                    traces=from_config(traces) if traces else ""))
+                                    traces=from_config(traces) if traces else "",
+                                    over=value.get("over", False)))
         else:
             key = value.get("public_key", "")
             repos.append(RepoConfig(alias, value["url"], public_key=from_config(key) if key else "",
                                     proxy=value.get("proxy", "")))
     return repos
+
+
+def _mark_over(paths, repos: list[RepoConfig], where: str) -> None:
+    """Repositories (by store path) served by transparent mounts of their own; a
+    path no repository has becomes one, named after its last component."""
+    for path in paths:
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise UserError(f"{where}: over must list absolute store paths, not {path!r}")
+        path = os.path.normpath(path)
+        found = [r for r in repos if not is_url(r.path) and os.path.normpath(r.path) == path]
+        if not found:
+            alias = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(path)).lstrip(".-") or "repo"
+            if any(r.alias == alias for r in repos):
+                raise UserError(f"{where}: the transparent mount of {path} needs an alias, and "
+                                f"{alias!r} is taken: name it under [repos] "
+                                f"(ALIAS = {{ path = {json.dumps(path)}, over = true }}) "
+                                f"or with --repo ALIAS={path}")
+            found = [RepoConfig(alias, path)]
+            repos.extend(found)
+        for r in found:
+            r.over = True
 
 
 def is_url(location: str) -> bool:
@@ -203,11 +236,14 @@ def parse_repo_option(text: str) -> RepoConfig:
 def load_settings(mountpoint: str | None = None, *, config: str | None = None,
                   repos: tuple[str, ...] = (), mutable: tuple[str, ...] = (),
                   public_key: str | None = None, proxy: str | None = None,
-                  need_repos: bool = True, **overrides) -> Settings:
+                  need_repos: bool = True, over: str | None = None, **overrides) -> Settings:
     """Settings from the config file, overridden by command-line values (None = unset).
 
     Relative paths in the config file are relative to the file's directory, so
     a directory holding a config and a cache (see `export`) can be moved.
+    `over`: the store path of a transparent mount (mount --over): its one
+    repository (the configured one with that path, else one named after it)
+    is mounted at that path.
     """
     path = Path(config) if config else default_config_path()
     conf = _read_config(path, explicit=bool(config))
@@ -221,6 +257,8 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
         return os.path.join(base, os.path.expanduser(str(value)))
 
     repo_list = _repos_from_config(conf.get("repos", {}), path, from_config)
+    _mark_over([from_config(p) if isinstance(p, str) else p for p in conf.get("over", [])],
+               repo_list, str(path))
     for text in repos:
         option = parse_repo_option(text)
         if is_url(option.path):
@@ -237,7 +275,7 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
             raise UserError(f"--mutable {alias}: no repository with that alias")
         matching[0].mutable = True
     offline = overrides.get("offline") or conf.get("offline")
-    if need_repos and not repo_list and not offline:
+    if need_repos and not repo_list and not offline and over is None:
         # (offline, the cache's recorded repositories are used)
         raise UserError("no repositories given: use --repo ALIAS=PATH or list them "
                         f"under [repos] in {path}")
@@ -252,8 +290,18 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
             _check_published(r)
         else:
             r.path = os.path.abspath(os.path.expanduser(r.path))
+    if over is not None:
+        if is_url(over):
+            raise UserError(f"--over takes the path of a store directory, not a URL ({over}): "
+                            "a published image has no path to mount over")
+        over = os.path.abspath(os.path.expanduser(over))
+        if mountpoint and os.path.abspath(mountpoint) != over:
+            raise UserError(f"--over {over} mounts at the store's own path: give no MOUNTPOINT")
+        _mark_over([over], repo_list, "--over")
+        repo_list = [r for r in repo_list if r.path == over][:1]
+        mountpoint = over
 
-    values = {k: v for k, v in conf.items() if k not in ("repos", "cache")}
+    values = {k: v for k, v in conf.items() if k not in ("repos", "cache", "over")}
     values["cache_dir"] = from_config(conf["cache"]) if "cache" in conf else str(default_cache_dir())
     for key in ("mountpoint", "log_file"):
         if values.get(key):
@@ -268,7 +316,7 @@ def load_settings(mountpoint: str | None = None, *, config: str | None = None,
     values.pop("mountpoint", None)
     try:
         settings = Settings(mountpoint=os.path.abspath(mount_at) if mount_at else "",
-                            repos=repo_list,
+                            repos=repo_list, over=over is not None,
                             cache_dir=os.path.abspath(os.path.expanduser(str(values.pop("cache_dir")))),
                             **values)
         settings.block_size = parse_size(settings.block_size)

@@ -75,6 +75,34 @@ class DeepData:
     files: dict[tuple[str, bytes], tuple[tuple[int, ...], bytes]] = field(default_factory=dict)
     variants: list[dict] = field(default_factory=list)      # repo, name, version, root
     traces: list = field(default_factory=list)              # trace.VariantTrace, repo = alias
+    # alias -> the path of its transparent mount (its store's own: mount/over.py)
+    over: dict[str, str] = field(default_factory=dict)
+
+    def local_root(self, alias: str) -> str | None:
+        """Where the context finds the repository: MOUNTPOINT/ALIAS, or the
+        store's own path under a transparent mount."""
+        if alias in self.over:
+            return self.over[alias]
+        return os.path.join(self.mountpoint, alias) if self.mountpoint else None
+
+    def locate(self, location: str) -> tuple[str, bytes]:
+        """(alias, path inside the repository) of a location the baked context
+        names; alias '' for a location in no mirrored repository."""
+        found = ("", b"")
+        best = -1
+        for alias in self.repos:
+            root = self.local_root(alias)
+            if root is None:
+                continue
+            rel = os.path.relpath(location, root)
+            if rel != os.pardir and not rel.startswith(os.pardir + os.sep) and len(root) > best:
+                found, best = (alias, b"" if rel == os.curdir else os.fsencode(rel)), len(root)
+        return found
+
+    @property
+    def destination(self) -> str:
+        """Where the variants were baked onto, for people."""
+        return ", ".join(filter(None, [self.mountpoint, *sorted(self.over.values())]))
 
     def to_json(self) -> dict:
         b64 = lambda data: base64.b64encode(data).decode()
@@ -90,6 +118,7 @@ class DeepData:
                       for (a, p), (identity, data) in sorted(self.files.items())],
             "variants": self.variants,
             **({"traces": [t.to_json() for t in self.traces]} if self.traces else {}),
+            **({"over": self.over} if self.over else {}),
         }
 
     @classmethod
@@ -175,6 +204,11 @@ def _parse_section(raw: dict) -> DeepData:
             raise _Damaged(f"{where} names repository {alias!r}, which repos lacks")
         return alias
 
+    for alias, root in (_member(raw, "over", dict) if "over" in raw else {}).items():
+        where = f"over[{alias!r}]"
+        if not os.path.isabs(_want(root, str, where)) or "\0" in root:
+            raise _Damaged(f"{where} is not an absolute path")
+        deep.over[known(alias, where)] = root
     for alias, text in _member(raw, "roots", dict).items():
         where = f"roots[{alias!r}]"
         entries = _entries(text, where)
@@ -303,17 +337,7 @@ def _holder(ctx_path: str) -> tuple[str, tuple[int, ...]]:
 
 
 # -- baking -------------------------------------------------------------------
-def _repo_relative(location: str, mount_root: str) -> tuple[str, bytes]:
-    """(alias, path inside the repository) of a location under the mount; alias
-    is '' for a location elsewhere."""
-    rel = os.path.relpath(location, mount_root)
-    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
-        return "", b""
-    alias, _, rest = rel.partition(os.sep)
-    return alias, os.fsencode(rest)
-
-
-async def _collect(repos, handles, mount_root: str, deep: DeepData) -> None:
+async def _collect(repos, handles, deep: DeepData) -> None:
     """Read through the cache everything rez reads to source these variants."""
     from cachecore.errors import LazyFSError, NotFound
 
@@ -331,7 +355,7 @@ async def _collect(repos, handles, mount_root: str, deep: DeepData) -> None:
         deep.roots[alias] = await repo.root_attr()
     for handle in handles:
         v = handle["variables"]
-        alias, location = _repo_relative(v["location"], mount_root)
+        alias, location = deep.locate(v["location"])
         qualified = f"{v['name']}-{v.get('version', '')}".rstrip("-")
         parts = [p for p in location.split(b"/") if p]
         try:
@@ -441,8 +465,9 @@ def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict],
         locations: dict[str, list[str]] = {}  # replica location -> the real ones
         for handle, store_location in zip(mirrored, store_locations):
             copy = json.loads(json.dumps(handle))
-            copy["variables"]["location"] = os.path.join(
-                replica, os.path.relpath(handle["variables"]["location"], deep.mountpoint))
+            alias, relpath = deep.locate(handle["variables"]["location"])
+            copy["variables"]["location"] = os.path.normpath(
+                os.path.join(replica, alias, os.fsdecode(relpath)))
             locations[copy["variables"]["location"]] = [
                 *filter(None, [store_location]), handle["variables"]["location"]]
             local["resolved_packages"].append(copy)
@@ -450,7 +475,7 @@ def _variant_roots(baked: dict, deep: DeepData, mirrored: list[dict],
             variants = context_variants(local)
         records = []
         for handle, variant in zip(mirrored, variants):
-            alias, _ = _repo_relative(handle["variables"]["location"], deep.mountpoint)
+            alias, _ = deep.locate(handle["variables"]["location"])
             root = os.path.relpath(variant.root, os.path.join(replica, alias))
             records.append(({"repo": alias, "name": variant.name, "version": variant.version,
                              "root": "" if root == "." else root}, variant.cachable))
@@ -473,10 +498,10 @@ def _left_in_store(handle: dict, variant: dict, store_location: str | None, warn
     return True
 
 
-def _store_location(original: str, mount_root: str, repos: dict[str, str]) -> str | None:
+def _store_location(original: str, deep: DeepData, repos: dict[str, str]) -> str | None:
     """Where a repository the context names (by its location before baking)
     is in its store; None for a published image, which has no such path."""
-    alias, inside = _repo_relative(original, mount_root)
+    alias, inside = deep.locate(original)
     if not alias:
         return original  # the context was resolved against the store itself
     if is_url(repos[alias]):
@@ -493,36 +518,44 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
     those of the context's variants are embedded and kept in the cache too."""
     import trio
 
+    from . import over
     from .daemon import open_cache, repo_specs
+    from .mounts import canonical
 
-    if not settings.mountpoint:
-        raise UserError("no mount point: give --mount or set mountpoint in the config")
     if not settings.repos:
         raise UserError("no repositories configured: give --repo ALIAS=PATH")
-    doc = load_context(in_path)
     repos = {r.alias: r.path for r in settings.repos}
-    baked, unmapped = rebase_context(doc, repos, settings.mountpoint)
+    # Repositories under transparent mounts keep their paths (their own
+    # mount's, canonical as the mount table has it); no repository lives
+    # below a transparent mount's path, so `--mount STORE` names only that one.
+    transparent = {r.alias: canonical(r.path) for r in settings.repos
+                   if r.over or r.path == settings.mountpoint}
+    mountpoint = "" if settings.mountpoint in repos.values() else settings.mountpoint
+    if not mountpoint and not transparent:
+        raise UserError("no mount point: give --mount or set mountpoint in the config")
+    doc = load_context(in_path)
+    baked, unmapped = rebase_context(doc, repos, mountpoint, transparent)
     if unmapped and strict:
         raise UserError(f"not in any mirrored repository: {', '.join(unmapped)}")
     for name in unmapped:
         warn(f"not in any mirrored repository, left as it is: {name}")
-    mount_root = os.path.realpath(settings.mountpoint)
+    deep = DeepData(mountpoint=os.path.realpath(mountpoint) if mountpoint else "", repos=repos,
+                    over=transparent)
     mirrored, store_locations = [], []
     for h, original in zip(baked["resolved_packages"], doc["resolved_packages"]):
         if (h["variables"].get("repository_type") == "filesystem"
-                and _repo_relative(h["variables"]["location"], mount_root)[0] in repos):
+                and deep.locate(h["variables"]["location"])[0]):
             mirrored.append(h)
-            store_locations.append(_store_location(original["variables"]["location"],
-                                                   mount_root, repos))
-    deep = DeepData(mountpoint=mount_root, repos=repos)
+            store_locations.append(_store_location(original["variables"]["location"], deep,
+                                                   repos))
     cache = open_cache(settings)
     try:
         specs = repo_specs(settings, cache)
 
         async def collect() -> str | None:
-            live = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
-                                      store_timeout=settings.store_timeout)
-            await _collect(live, mirrored, mount_root, deep)
+            live = over.repositories(cache, specs, metadata_ttl=settings.metadata_ttl,
+                                     store_timeout=settings.store_timeout)
+            await _collect(live, mirrored, deep)
             # rez evaluates package.py files: a thread, not the event loop.
             found = await trio.to_thread.run_sync(_variant_roots, baked, deep, mirrored,
                                                   store_locations)
@@ -535,7 +568,7 @@ def bake_context(in_path: str, out_path: str, settings: Settings, *, strict: boo
                 deep.roots.clear()
                 deep.listings.clear()
                 deep.files.clear()
-                await _collect(live, [h for h, _ in kept], mount_root, deep)
+                await _collect(live, [h for h, _ in kept], deep)
             deep.variants = [record for _, record in kept]
             await _collect_trees(live, deep)
             private = await _first_private(live, deep)
@@ -673,10 +706,12 @@ async def _gather(cache, deep: DeepData, settings: Settings, warn) -> list[_Seed
     names if the store answers, else the section's own data."""
     from cachecore.errors import LazyFSError
 
-    repos = cache.repositories(_specs(deep, settings, cache),
-                               metadata_ttl=settings.metadata_ttl,
-                               store_timeout=settings.store_timeout,
-                               store_threads=settings.store_threads)
+    from . import over
+
+    repos = over.repositories(cache, _specs(deep, settings, cache),
+                              metadata_ttl=settings.metadata_ttl,
+                              store_timeout=settings.store_timeout,
+                              store_threads=settings.store_threads)
     seedings = []
     for alias, path in deep.repos.items():
         embedded = _Seeding(path, False, deep.roots.get(alias),
@@ -862,9 +897,11 @@ async def _populate(cache, specs, roots: set[tuple[str, bytes]], settings: Setti
 
     from cachecore.errors import LazyFSError
 
-    repos = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
-                               store_timeout=settings.store_timeout,
-                               store_threads=settings.store_threads)
+    from . import over
+
+    repos = over.repositories(cache, specs, metadata_ttl=settings.metadata_ttl,
+                              store_timeout=settings.store_timeout,
+                              store_threads=settings.store_threads)
     files = []  # (repo, FileVersion)
     try:
         for alias, root in sorted(roots):

@@ -75,7 +75,8 @@ def mount_state(path: str) -> str:
     return "free"
 
 
-def _fusermount(*args: str) -> subprocess.CompletedProcess:
+def fusermount(*args: str) -> subprocess.CompletedProcess:
+    """fusermount3 ARGS (as root or the mount's owner: either may unmount it)."""
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         raise UserError("fusermount3 not found: install the fuse3 package")
@@ -92,7 +93,7 @@ def check_mountpoint(path: str) -> None:
     state = mount_state(path)
     if state == "stale":
         # A daemon that died leaves "Transport endpoint is not connected".
-        _fusermount("-u", "-z", path)
+        fusermount("-u", "-z", path)
         if mount_state(path) == "stale":
             raise UserError(f"{path} holds a dead mount that could not be cleared")
         log.info("cleared a dead mount at %s", path)
@@ -234,7 +235,10 @@ def _contains(outer: str, inner: str) -> bool:
 def check_store_paths(settings: Settings, specs) -> None:
     """A store at or below the mount point would be served by the mount itself
     (a tree without end, and a daemon asking itself); a mount point below a
-    store would appear inside its own tree. Compared with symlinks resolved."""
+    store would appear inside its own tree. Compared with symlinks resolved.
+    A transparent mount's store is its mount point: mount/over.py checks it."""
+    if settings.over:
+        return
     mountpoint = canonical(settings.mountpoint)
     for repo in specs:
         if is_url(repo.path):
@@ -382,9 +386,13 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
 
     from fusefs.operations import LazyOperations
 
+    from . import over
     from .running import served_config
 
-    check_mountpoint(settings.mountpoint)
+    if settings.over:
+        over.check_over(settings)
+    else:
+        check_mountpoint(settings.mountpoint)
     cache = open_cache(settings)
     specs = repo_specs(settings, cache)
     _name_process(daemon_title(settings.mountpoint, specs))
@@ -395,20 +403,30 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
     cache_can_stall = cache_may_stall(settings)
 
     async def run() -> None:
+        stores = root_alias = None
+        if settings.over:
+            from cachecore.store import FilesystemStore
+
+            # Before mounting, and for good: from now on the path is the mount.
+            root_alias = specs[0].alias
+            stores = {root_alias: FilesystemStore(
+                specs[0].path, offline=settings.offline,
+                root_fd=over.open_store_root(specs[0].path, settings.store_timeout))}
         repos = cache.repositories(specs, metadata_ttl=settings.metadata_ttl,
                                    store_timeout=settings.store_timeout,
                                    store_threads=settings.store_threads, offline=settings.offline,
                                    prefetch_max_size=settings.prefetch,
                                    cache_may_stall=cache_can_stall,
-                                   permission_ttl=_permission_ttl(settings))
+                                   permission_ttl=_permission_ttl(settings), stores=stores)
         ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
                              totals=lambda: base + cache.counters,
                              config=served_config(settings, specs, cache.blocks.block_size),
-                             flush=lambda: cache.flush(totals_name, base))
+                             flush=lambda: cache.flush(totals_name, base), root_alias=root_alias)
         for repo in repos.values():  # before the first lookup, which may start a replay
             await repo.refresh_traces()
         options = set(pyfuse3.default_options) | {
-            "fsname=rez-lazyfs", "subtype=rez-lazyfs", "ro", "nosuid", "nodev"}
+            f"fsname={over.OVER_SOURCE if settings.over else 'rez-lazyfs'}",
+            "subtype=rez-lazyfs", "ro", "nosuid", "nodev"}
         if settings.allow_other:
             options.add("allow_other")
         try:
@@ -507,24 +525,68 @@ def _set_read_ahead(mountpoint: str, size: int) -> None:
 
 
 def mount_fs(settings: Settings, foreground: bool = False) -> None:
-    """Mount as configured. Without `foreground`, returns once the mount answers."""
+    """Mount as configured. Without `foreground`, returns once the mount answers.
+
+    A transparent mount (settings.over) is served by a daemon under a
+    supervisor that fails open (mount/supervisor.py): in the foreground the
+    supervisor is this process, else a process of its own."""
+    from .over import check_over
+
+    if not settings.mountpoint:
+        raise UserError("no mountpoint: give MOUNTPOINT, --over STORE, or set mountpoint "
+                        "in the config")
+    if not settings.over:
+        settings.repos = _repos_mounted_together(settings.repos)
     # As the mount table will show it: totals, `ps` and the read-ahead setting
     # find the mount by this name.
     settings.mountpoint = canonical(settings.mountpoint)
     if foreground:
         setup_logging(settings, to_stderr=True)
-        serve(settings)
+        if settings.over:
+            from .supervisor import Supervisor
+
+            Supervisor(settings).serve()
+        else:
+            serve(settings)
         return
-    check_mountpoint(settings.mountpoint)  # fail fast, in the caller's terminal
+    if settings.over:  # fail fast, in the caller's terminal
+        check_over(settings)
+    else:
+        check_mountpoint(settings.mountpoint)
     check_store_paths(settings, settings.repos)
     prepare_cache_dir(settings.cache_dir)
+    _, message = spawn("mount.supervisor" if settings.over else "mount.daemon", settings)
+    if message != "ok":
+        raise UserError(message)
+    try:
+        ask(PROBE_TIMEOUT, os.stat, settings.mountpoint)  # answered by the daemon: it is serving
+    except NoAnswer:
+        raise UserError(f"{silence(settings.mountpoint, PROBE_TIMEOUT)} right after "
+                        "mounting") from None
+
+
+def _repos_mounted_together(repos: list) -> list:
+    """The repositories a mount point serves: all but those mounted over their
+    own paths (`over`: each has a transparent mount of its own)."""
+    together = [r for r in repos if not r.over]
+    if repos and not together:
+        raise UserError("every repository is mounted over its own path (over = true): mount "
+                        "each with `rez-lazyfs mount --over PATH`")
+    return together
+
+
+def spawn(module: str, settings: Settings) -> tuple[subprocess.Popen, str]:
+    """Start `python -m MODULE READY_FD MOUNTPOINT` (a daemon, or the supervisor
+    of a transparent mount's daemons) with the settings on stdin, in a session
+    of its own; the child and what it reported: "ok" once the mount answers,
+    else why not."""
     read_end, write_end = os.pipe()
     with _open_log(settings.log_file) as stderr:
         child = subprocess.Popen(
             # Its process title (serve) is written over this command line, so
             # the title as it will be with the repositories given is the last
             # argument: room for it, and what `ps` shows until it is set.
-            [sys.executable, "-m", "mount.daemon", str(write_end),
+            [sys.executable, "-m", module, str(write_end),
              daemon_title(settings.mountpoint, settings.repos)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
             pass_fds=(write_end,), start_new_session=True, cwd="/",
@@ -533,14 +595,7 @@ def mount_fs(settings: Settings, foreground: bool = False) -> None:
     os.close(write_end)
     child.stdin.write(settings.to_json().encode())
     child.stdin.close()
-    message = _read_ready(read_end, child)
-    if message != "ok":
-        raise UserError(message)
-    try:
-        ask(PROBE_TIMEOUT, os.stat, settings.mountpoint)  # answered by the daemon: it is serving
-    except NoAnswer:
-        raise UserError(f"{silence(settings.mountpoint, PROBE_TIMEOUT)} right after "
-                        "mounting") from None
+    return child, _read_ready(read_end, child)
 
 
 def _open_log(path: str, text: bool = False):
@@ -588,8 +643,10 @@ def _read_ready(fd: int, child: subprocess.Popen) -> str:
     return f"the mount daemon exited with status {child.returncode} (see its log)"
 
 
-def _daemon_main(ready_fd: int) -> int:
-    """Entry point of the daemon process: settings on stdin, readiness on ready_fd."""
+def child_main(ready_fd: int, body, name: str) -> int:
+    """Entry point of a process `spawn` started (a daemon, a supervisor):
+    settings on stdin, readiness on ready_fd; body(settings, on_ready) serves
+    and calls on_ready() once the mount answers."""
     settings = Settings.from_json(sys.stdin.read())
     os.umask(0o077)
     ready = os.fdopen(ready_fd, "w")
@@ -603,14 +660,14 @@ def _daemon_main(ready_fd: int) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     try:
-        serve(settings, on_ready=lambda: report("ok"))
+        body(settings, lambda: report("ok"))
     except UserError as e:
         log.error("%s", e)
         report(str(e))
         return 1
     except BaseException:
-        log.exception("the mount daemon failed")
-        report(f"the mount daemon failed unexpectedly; see {settings.log_file}")
+        log.exception("%s failed", name)
+        report(f"{name} failed unexpectedly; see {settings.log_file}")
         return 1
     return 0
 
@@ -619,12 +676,22 @@ def unmount(mountpoint: str, lazy: bool = False) -> str | None:
     """Unmount with fusermount3 (-u, or -u -z if lazy). A mount that does not
     answer is unmounted all the same (the kernel does not need its daemon for
     that): the returned line says what was found."""
+    from .over import FSTYPE, is_over
+
     path = canonical(mountpoint)
     state = mount_state(path)
     if state not in ("mounted", "stale", "silent"):
         raise UserError(f"{path} is not mounted")
+    entry = mount_at(path)
+    if entry is not None and entry.fstype != FSTYPE:
+        # Above all at a transparent mount's path once it is gone: the filer's own mount.
+        raise UserError(f"{path} is not a rez-lazyfs mount (it is {entry.fstype}): "
+                        "not unmounting it")
     note = silence(path, PROBE_TIMEOUT) if state == "silent" else None
-    result = _fusermount("-u", *(["-z"] if lazy else []), path)
+    # A transparent mount is always detached at once: the store beneath serves
+    # the path from then on, and open files read through the daemon until closed.
+    lazy = lazy or is_over(entry)
+    result = fusermount("-u", *(["-z"] if lazy else []), path)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         hint = " (files are in use; --lazy detaches it now and finishes when they close)" \
@@ -637,4 +704,5 @@ def unmount(mountpoint: str, lazy: bool = False) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(_daemon_main(int(sys.argv[1])))  # argv[2], the title, is room for it
+    # argv[2] is room for the process title (serve)
+    sys.exit(child_main(int(sys.argv[1]), serve, "the mount daemon"))

@@ -127,6 +127,7 @@ def _forget_in_mount(mountpoint: str, target: str) -> list[str]:
 
 def _forget_in_cache(settings: Settings, target: str) -> list[str]:
     from .daemon import open_cache
+    from .over import local_root
 
     if not os.path.isdir(os.path.join(settings.cache_dir, "index")):
         raise UserError(f"no rez-lazyfs cache at {settings.cache_dir}")
@@ -144,7 +145,7 @@ def _forget_in_cache(settings: Settings, target: str) -> list[str]:
     # Running mounts of this cache keep listings in memory too.
     for mp in mounts:
         for repo in repos:
-            path = os.path.join(mp, repo.alias)
+            path = local_root(mp, repo)
             for store, relpath in targets:
                 if store == repo.path and _in_a_mount(os.path.join(path, os.fsdecode(relpath))):
                     lines.append(_tell_mount(os.path.join(path, os.fsdecode(relpath))))

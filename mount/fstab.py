@@ -2,6 +2,10 @@
 
     mount -t fuse.rez-lazyfs rez-lazyfs /rez/lazy -o config=/etc/rez-lazyfs.toml,allow_other
     rez-lazyfs  /rez/lazy  fuse.rez-lazyfs  repo=main:/svr/packages,cache=/var/cache/rez-lazyfs,allow_other,_netdev  0 0
+    rez-lazyfs  /svr/packages  fuse.rez-lazyfs  over,config=/etc/rez-lazyfs.toml,allow_other,_netdev  0 0
+
+`over`: a transparent mount (mount/over.py) of the repository whose store is
+the mount point itself.
 
 For a `fuse.TYPE` filesystem mount(8) runs the mount.fuse3 helper, which runs
 `/bin/sh -c 'TYPE SOURCE MOUNTPOINT -o OPTIONS'`. TYPE is the subtype the
@@ -49,7 +53,7 @@ VALUE_OPTIONS = {
     "cache_limit": ("cache_limit", str),
     "log_file": ("log_file", str),
 }
-FLAG_OPTIONS = ("offline", "allow_other", "debug")
+FLAG_OPTIONS = ("offline", "allow_other", "debug", "over")
 SUMMARY = ("config=FILE, repo=ALIAS:PATH, mutable=ALIAS, "
            + ", ".join(f"{name}=..." for name in VALUE_OPTIONS) + ", " + ", ".join(FLAG_OPTIONS))
 
@@ -110,6 +114,8 @@ def settings_from_mount_options(mountpoint: str, text: str):
     from .config import load_settings
 
     options = parse_mount_options(text)
+    if options.pop("over", False):  # the mount point is the store to mount over
+        options["over"], mountpoint = mountpoint, None
     if "config" not in options:
         if "cache_dir" not in options:
             raise UserError("mount options need cache=DIR (or config=FILE): "

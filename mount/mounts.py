@@ -41,6 +41,7 @@ class MountEntry:
     path: str      # where it is mounted
     fstype: str    # e.g. "ext4", "nfs4", "fuse.rez-lazyfs"
     device: str    # major:minor (a FUSE connection's number is its minor)
+    source: str = ""  # what was mounted: a device, a server's export, a FUSE fsname
 
 
 class NoAnswer(Exception):
@@ -77,7 +78,8 @@ def mount_table() -> list[MountEntry]:
                 fields, tail = left.split(b" "), right.split(b" ")
                 if len(fields) >= 5 and tail:
                     entries.append(MountEntry(_unescape(fields[4]), _unescape(tail[0]),
-                                              fields[2].decode()))
+                                              fields[2].decode(),
+                                              _unescape(tail[1]) if len(tail) > 1 else ""))
     except OSError:
         pass
     return entries

@@ -86,26 +86,34 @@ def load_context(path: str) -> dict:
     return doc
 
 
-def rebase_context(doc: dict, repos: dict[str, str], mountpoint: str) -> tuple[dict, list[str]]:
+def rebase_context(doc: dict, repos: dict[str, str], mountpoint: str,
+                   over: dict[str, str] | None = None) -> tuple[dict, list[str]]:
     """Point the variants of *doc* that live in a mirrored store at the mount.
 
     *repos* maps alias -> store path; a repository at or below a store path is
-    moved to the same place below `<mountpoint>/<alias>`. Returns the rebased
-    copy (with rez's package cache turned off) and the qualified names of the
-    variants whose repository is not mirrored.
+    moved to the same place below `<mountpoint>/<alias>`, or below
+    `over[alias]` for a repository under a transparent mount (its store's own
+    path, canonical: a context resolved against the store keeps its
+    locations). *mountpoint* may be "" when every repository is mounted over.
+    Returns the rebased copy (with rez's package cache turned off) and the
+    qualified names of the variants whose repository is not mirrored.
     """
+    over = over or {}
     # rez canonicalises a filesystem repository's location (realpath) and then
     # requires the handle's location to equal it exactly, so the new location
     # must already be canonical.
-    mount_root = os.path.realpath(mountpoint)
+    mount_root = os.path.realpath(mountpoint) if mountpoint else ""
+    targets = {alias: over.get(alias) or os.path.join(mount_root, alias) for alias in repos
+               if alias in over or mount_root}
     # Longest store path first, so a store nested in another maps to its own alias.
     # A context resolved on the mount itself (the only way to resolve one
     # against a published image) is mirrored already: its locations map to
     # themselves.
     stores = sorted(
-        ((form, alias) for alias, store in repos.items()
-         for form in (set() if is_url(store) else _path_forms(store))
-         | {os.path.join(mount_root, alias)}),
+        ((form, alias) for alias, store in repos.items() if alias in targets
+         # (a transparent mount's store path is the mount: not resolved, `over` is)
+         for form in (set() if is_url(store) else _path_forms(store, alias not in over))
+         | {targets[alias]}),
         key=lambda item: len(item[0]),
         reverse=True,
     )
@@ -116,7 +124,7 @@ def rebase_context(doc: dict, repos: dict[str, str], mountpoint: str) -> tuple[d
         location = os.path.normpath(location)
         for store, alias in stores:
             if _is_within(location, store):
-                return os.path.normpath(os.path.join(mount_root, alias, os.path.relpath(location, store)))
+                return os.path.normpath(os.path.join(targets[alias], os.path.relpath(location, store)))
         return None
 
     rebased = copy.deepcopy(doc)
@@ -266,10 +274,10 @@ def _rebase_package_path(entry: str, mirrored: Callable[[str], str | None]) -> s
     return f"filesystem@{location}" if location else entry
 
 
-def _path_forms(path: str) -> set[str]:
+def _path_forms(path: str, resolve: bool = True) -> set[str]:
     # A context records the canonical (realpath) location of the store, while
     # the configured store path may be a symlink to it, or vice versa.
-    return {os.path.normpath(os.path.abspath(path)), os.path.realpath(path)}
+    return {os.path.normpath(os.path.abspath(path))} | ({os.path.realpath(path)} if resolve else set())
 
 
 def _is_within(path: str, root: str) -> bool:

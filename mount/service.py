@@ -4,8 +4,11 @@ shared workstations and render nodes).
 
 The unit runs `rez-lazyfs mount MOUNTPOINT --foreground --config FILE`, which
 logs to stderr (the journal) and unmounts on SIGTERM, systemd's way of
-stopping a service. Everything in it is an absolute path written at install
-time, so what the unit runs is exactly what `service install` checked.
+stopping a service. `--over STORE` writes the unit of a transparent mount
+(`rez-lazyfs mount --over STORE ...`: one unit per store path), whose
+process supervises its daemon (mount/supervisor.py). Everything in a unit
+is an absolute path written at install time, so what the unit runs is
+exactly what `service install` checked.
 """
 from __future__ import annotations
 
@@ -72,8 +75,10 @@ def lazyfs_executable() -> str:
     return os.path.abspath(found)
 
 
-def render_unit(executable: str, mountpoint: str, config: str, system: bool) -> str:
-    start = [executable, "mount", mountpoint, "--foreground", "--config", config]
+def render_unit(executable: str, mountpoint: str, config: str, system: bool,
+                over: bool = False) -> str:
+    start = [executable, "mount", *(["--over"] if over else []), mountpoint, "--foreground",
+             "--config", config]
     if system:
         start.append("--allow-other")  # every user's shells and DCCs use one machine mount
     # The store is usually NFS: start after the network and remote mounts, but
@@ -85,7 +90,8 @@ def render_unit(executable: str, mountpoint: str, config: str, system: bool) -> 
         f"remove with `rez-lazyfs service uninstall{' --system' if system else ''} "
         f"--mountpoint {shlex.quote(mountpoint)}`.\n"
         f"[Unit]\n"
-        f"Description=Rez packages mounted lazily at {mountpoint.replace('%', '%%')} (rez-lazyfs)\n"
+        f"Description=Rez packages {'cached in place at' if over else 'mounted lazily at'} "
+        f"{mountpoint.replace('%', '%%')} (rez-lazyfs)\n"
         f"{network}"
         f"\n[Service]\n"
         f"Type=simple\n"
@@ -94,16 +100,18 @@ def render_unit(executable: str, mountpoint: str, config: str, system: bool) -> 
         # mount that is already gone count as stopped.
         f"ExecStop=-{exec_line([executable, 'umount', mountpoint])}\n"
         # A daemon that died left a dead mount; the restarted one clears it.
+        # (A transparent mount's own supervisor restarts its daemon; the unit
+        # restarts the supervisor, killed with it, soon: its path is dead meanwhile.)
         f"Restart=on-failure\n"
-        f"RestartSec=5\n"
+        f"RestartSec={1 if over else 5}\n"
         f"\n[Install]\n"
         f"WantedBy={'multi-user.target' if system else 'default.target'}\n")
 
 
-def _settings(mountpoint: str | None, config: str, need_repos: bool):
+def _settings(mountpoint: str | None, config: str, need_repos: bool, over: str | None = None):
     from .config import load_settings
 
-    settings = load_settings(mountpoint, config=config, need_repos=need_repos)
+    settings = load_settings(mountpoint, config=config, need_repos=need_repos, over=over)
     if not settings.mountpoint:
         raise UserError(f"no mountpoint: give --mountpoint or set mountpoint in {config}")
     return settings
@@ -115,6 +123,9 @@ def _systemctl(system: bool, *args: str) -> str:
 
 
 def unit_options(f):
+    f = click.option("--over", metavar="STORE",
+                     help="The unit of a transparent mount of STORE at its own path "
+                          "(`mount --over STORE`).")(f)
     f = click.option("--unit-dir", type=click.Path(file_okay=False),
                      help=f"Where the unit goes [{user_unit_dir()}, or {SYSTEM_UNIT_DIR} with --system].")(f)
     f = click.option("--config", type=click.Path(dir_okay=False),
@@ -141,16 +152,17 @@ def service():
 
 @service.command()
 @unit_options
-def install(system, mountpoint, config, unit_dir):
+def install(system, mountpoint, config, unit_dir, over):
     """Write a systemd unit that mounts the config's repositories, and say how to enable it."""
     config, unit_dir = _locations(system, config, unit_dir)
-    settings = _settings(mountpoint, config, need_repos=True)
+    settings = _settings(mountpoint, config, need_repos=True, over=over)
     name = unit_name(settings.mountpoint)
     path = os.path.join(unit_dir, name)
-    text = render_unit(lazyfs_executable(), settings.mountpoint, config, system)
+    text = render_unit(lazyfs_executable(), settings.mountpoint, config, system, settings.over)
     try:
         os.makedirs(unit_dir, exist_ok=True)
-        if not os.path.lexists(settings.mountpoint):
+        # (a store to mount over is the store's to make, never ours)
+        if not settings.over and not os.path.lexists(settings.mountpoint):
             os.makedirs(settings.mountpoint)
         with open(path, "w") as f:
             f.write(text)
@@ -166,9 +178,10 @@ def install(system, mountpoint, config, unit_dir):
 
 @service.command()
 @unit_options
-def uninstall(system, mountpoint, config, unit_dir):
+def uninstall(system, mountpoint, config, unit_dir, over):
     """Remove the unit written by `service install` (and its enablement)."""
     config, unit_dir = _locations(system, config, unit_dir)
+    mountpoint = mountpoint or over
     if mountpoint is None:
         mountpoint = _settings(None, config, need_repos=False).mountpoint
     name = unit_name(os.path.abspath(mountpoint))

@@ -75,7 +75,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 REPORT_PATH = Path(os.environ.get("REZ_LAZYFS_REPORT_DIR") or tempfile.gettempdir()) / "rez-lazyfs-faults.md"
 COMMITTED_REPORT = REPO_ROOT / "docs" / "faults.md"
 REPORT_MODULES = ("test_faults.py", "test_bad_input.py", "test_trust_cache.py", "test_http_download.py",
-                  "test_trust_contexts.py", "test_trust_liveness.py", "test_trust_mount.py")
+                  "test_trust_contexts.py", "test_trust_liveness.py", "test_trust_mount.py",
+                  "test_transparent.py")
 ERROR_PREFIX = "rez-lazyfs: error: "
 
 
@@ -802,7 +803,7 @@ class LazyfsCli:
         (unless track=False) and unmounted at teardown if still mounted."""
         argv = [str(LAZYFS), *map(str, args)]
         if track and len(args) > 1 and args[0] == "mount":
-            self.paths.add(Path(args[1]))
+            self.paths.add(Path(args[2] if args[1] == "--over" else args[1]))
         self.runs += 1
         self.work_dir.mkdir(parents=True, exist_ok=True)
         out, err = (self.work_dir / f"cli-{self.runs}.{s}" for s in ("out", "err"))

@@ -180,6 +180,11 @@ class LazyMount:
         """The daemon process(es) serving this mount (found by marker)."""
         return processes_with_marker(self._marker)
 
+    def is_mounted(self) -> bool:
+        """Whether this mount is in /proc/mounts (a mount over a store
+        tells its own from the store's: helpers/over.py)."""
+        return is_mounted(self.path)
+
     def expect_log(self, substring: str | bytes) -> None:
         """Declare WARNING/ERROR log lines containing *substring* as expected.
         (A Traceback is never expected.)"""
@@ -206,7 +211,7 @@ class LazyMount:
         assert self.mounted, f"{self!r} is not mounted"
         result = self._run_cli([str(LAZYFS), "umount", str(self.path)], "umount")
         assert result.returncode == 0, self._failure("rez-lazyfs umount failed", result)
-        assert not is_mounted(self.path), self._failure("still in /proc/mounts after rez-lazyfs umount", result)
+        assert not self.is_mounted(), self._failure("still in /proc/mounts after rez-lazyfs umount", result)
         self.mounted = False
         survivors = _wait_for_exit(self._marker, EXIT_TIMEOUT)
         assert not survivors, self._failure(f"daemon pids {survivors} still running {EXIT_TIMEOUT}s after umount")
@@ -226,7 +231,7 @@ class LazyMount:
         self.path.mkdir(parents=True, exist_ok=True)
         result = self._run_cli(self.options.cli_args(self.path), "mount")
         # Daemon mode returns only once the mount answers, so no polling here.
-        self.mounted = is_mounted(self.path)
+        self.mounted = self.is_mounted()
         assert result.returncode == 0, self._failure("rez-lazyfs mount failed", result)
         assert self.mounted, self._failure("rez-lazyfs mount returned 0 but nothing is mounted", result)
         os.stat(self.path)  # answers?
@@ -273,7 +278,7 @@ class LazyMount:
         """Unmount whatever is left (fusermount3 -u, then -u -z), make sure
         no daemon survives, and check the log. Returns problems found."""
         problems = []
-        if is_mounted(self.path):
+        if self.is_mounted():
             # Still mounted at the end of a test is normal (no explicit
             # unmount); failing to get rid of it is not.
             attempts = []
@@ -282,7 +287,7 @@ class LazyMount:
                 # open file) still uses the mount; -z then detaches it lazily.
                 result = subprocess.run([*args, str(self.path)], capture_output=True, timeout=CLI_TIMEOUT)
                 attempts.append(f"{' '.join(args)}: {result.returncode} {result.stderr.decode(errors='replace').strip()}")
-                if not is_mounted(self.path):
+                if not self.is_mounted():
                     break
             else:
                 problems.append(f"{self.path} is STILL MOUNTED; " + "; ".join(attempts))
