@@ -29,6 +29,7 @@ from helpers.mounts import (
     LazyMount,
     MountOptions,
     _unescape_mount_field,
+    is_daemon,
     processes_with_marker,
     yield_then_check,
 )
@@ -66,7 +67,7 @@ class OverMount(LazyMount):
         return [pid for pid in processes_with_marker(self._marker) if has_argument(pid, b"mount.supervisor")]
 
     def daemons(self) -> list[int]:
-        return [pid for pid in processes_with_marker(self._marker) if has_argument(pid, b"mount.daemon")]
+        return [pid for pid in processes_with_marker(self._marker) if is_daemon(pid)]
 
     def teardown(self) -> list[str]:
         problems = []

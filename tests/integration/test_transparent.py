@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers.faults import (
     fault_store_fixture,
     in_child,
@@ -29,15 +28,28 @@ from helpers.faults import (
     scratch_mounts_fixture,
     wait_gone,
 )
-from helpers.mounts import LAZYFS, MARKER_VAR, MountOptions, processes_with_marker
+from helpers.mounts import (
+    LAZYFS,
+    MARKER_VAR,
+    MountOptions,
+    is_daemon,
+    processes_with_marker,
+)
 from helpers.namespaces import mount_namespace  # noqa: F401 (a fixture)
-from helpers.over import has_argument, lazyfs_mounted_at, over_mount_fixture
+from helpers.over import lazyfs_mounted_at, over_mount_fixture
 from helpers.rezrepo import Rez, Symlink, build_store
 from helpers.trees import KiB, deterministic_bytes, write_file
 
 from .test_contexts import PROBE, REQUEST, ROOTS, STORE, files_the_context_uses
+
 # (admin_namespace and supervise are fixtures: mount(8) in a namespace, a unit's ExecStart)
-from .test_login import SYSTEMD_PATH, admin_namespace, command_line, install_unit, supervise  # noqa: F401
+from .test_login import (  # noqa: F401
+    SYSTEMD_PATH,
+    admin_namespace,
+    command_line,
+    install_unit,
+    supervise,
+)
 
 # pytest finds these fixtures here; tests use them as report, fault_store,
 # scratch_mounts, lazyfs_cli and over_mount (requested last: torn down first).
@@ -584,7 +596,7 @@ def test_the_unit_restarts_a_killed_daemon_and_stops_cleanly(tmp_path, report, s
     m = supervise(argv, store, cache)
     assert mount_entry(store)[1] == "rez-lazyfs-over" and "allow_other" in mount_entry(store)[2]
     assert read_bypassing_page_cache(store / "fam/1.0/lib/f.bin") == data
-    [daemon] = [p for p in processes_with_marker(m._marker) if has_argument(p, b"mount.daemon")]
+    [daemon] = [p for p in processes_with_marker(m._marker) if is_daemon(p)]
     m.expect_log("was killed by SIGKILL")
     os.kill(daemon, signal.SIGKILL)
     back = wait_for(lambda: "is served by the cache again" in m.journal.read_text(),
@@ -594,7 +606,7 @@ def test_the_unit_restarts_a_killed_daemon_and_stops_cleanly(tmp_path, report, s
 
     # The whole unit killed (kill -9 of its cgroup, the OOM killer): the path is
     # dead until systemd restarts the unit, whose new daemon clears the dead mount.
-    [daemon] = [p for p in processes_with_marker(m._marker) if has_argument(p, b"mount.daemon")]
+    [daemon] = [p for p in processes_with_marker(m._marker) if is_daemon(p)]
     assert unit["Service"]["RestartSec"] == "1"
     for pid in (m.process.pid, daemon):
         os.kill(pid, signal.SIGKILL)
