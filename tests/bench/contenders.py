@@ -6,6 +6,9 @@
                     shutil.copytree of the variant from the sshfs store to local disk),
                     then the workload on the copy; time = copy + workload
     lazy-cold       rez-lazyfs on the sshfs store, a fresh --cache dir, page cache dropped
+    lazy-cold-trace lazy-cold with W1's launch trace seeded into the fresh cache
+                    (`rez-lazyfs seed`): recorded once per bench run, not timed, by
+                    `rez-lazyfs trace record` on a cold mount (launchtrace.py); W1, W4
     lazy-warm-disk  the same cache, remounted, page cache dropped
     lazy-warm-hot   the same mount again, right after lazy-warm-disk (page cache hot)
 
@@ -43,23 +46,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import launchtrace  # noqa: E402
 from netstore import is_mounted  # noqa: E402
 from workloads import (  # noqa: E402
     W1_VARIANT, W2_FILE, W2_VARIANT, W3_DIR, W3_VARIANT, launch_argv)
 
 CLI = str(Path(sys.executable).parent / "rez-lazyfs")
-CONTENDERS = ["native", "direct", "copy", "lazy-cold", "lazy-warm-disk", "lazy-warm-hot",
+CONTENDERS = ["native", "direct", "copy", "lazy-cold", "lazy-cold-trace", "lazy-warm-disk",
+              "lazy-warm-hot",
               "http-cold-squid-cold", "http-cold-squid-warm", "http-warm"]
 HTTP_CONTENDERS = [c for c in CONTENDERS if c.startswith("http-")]
 LABELS = {"native": "native (local disk, page cache dropped)",
           "direct": "direct from the sshfs store (cold)",
           "copy": "Rez package cache: copy variant, then run",
           "lazy-cold": "rez-lazyfs cold (empty cache)",
+          "lazy-cold-trace": "rez-lazyfs cold, launch trace seeded",
           "lazy-warm-disk": "rez-lazyfs warm, page cache dropped",
           "lazy-warm-hot": "rez-lazyfs warm, page cache hot",
           "http-cold-squid-cold": "HTTP image, cold, squid cold",
           "http-cold-squid-warm": "HTTP image, cold, squid warm (a second node)",
           "http-warm": "HTTP image, warm, page cache dropped"}
+TRACED_WORKLOADS = ("W1", "W4")  # lazy-cold-trace: the launches (W1's trace)
 VARIANT_OF = {"W1": W1_VARIANT, "W2": W2_VARIANT, "W3": W3_VARIANT, "W4": W1_VARIANT}
 MARKER_VAR = "REZ_LAZYFS_BENCH_MARKER"
 STATS_XATTR = "user.rezlazyfs.stats"
@@ -265,6 +272,10 @@ class Bench:
         self.image = image  # imagestore.ImageSide, for the http-* contenders
         self.lazy_mp = workdir / "lazy"
         self.cache = workdir / "cache"
+        self.trace_cache = workdir / "cache-trace"  # lazy-cold-trace's: lazy-warm-* keep theirs
+        self.trace_dir = workdir / "trace"
+        self.trace: Path | None = None
+        self.trace_info: dict = {}  # how the trace was made, what it holds
         self.copy_dir = workdir / "pkgcache"
         self.mounted: list[LazyMount] = []
         self._cold_done: dict[str, bool] = {}
@@ -376,6 +387,63 @@ class Bench:
         self._cold_done[wl] = True
         return out
 
+    def _lazy_cold_trace(self, wl: str, fn) -> dict:
+        """lazy-cold, with the W1 launch's trace seeded into the fresh cache."""
+        if wl not in TRACED_WORKLOADS:
+            raise WorkloadFailed(f"lazy-cold-trace has a trace of the W1 launch only, not of {wl}")
+        trace = self._ensure_trace()
+        self._unmount()
+        self._fresh(self.trace_cache)
+        launchtrace.seed(trace, self.net.mountpoint, self.trace_cache, self.mount_extra)
+        self.net.remount()
+        drop_caches()
+        mount = self._add_mount(LazyMount(self.lazy_mp, self.net.mountpoint, self.trace_cache,
+                                          self.mount_extra))
+        try:
+            out = self._lazy_run(wl, fn, mount)
+        finally:
+            self._unmount()
+        out["bytes_cached"] = cached_payload_bytes(self.trace_cache)
+        self._fresh(self.trace_cache)
+        return out
+
+    def _ensure_trace(self) -> Path:
+        """The W1 launch's trace, recorded once per bench run on a cold mount."""
+        if self.trace is not None:
+            return self.trace
+        self._unmount()
+        self._fresh(self.trace_dir)
+        self.trace_dir.mkdir(parents=True)
+        self.log("recording the W1 launch's trace: resolve (rez-env), bake, record on a cold mount")
+        info = launchtrace.prepare_context(self.trace_dir, self.net.mountpoint, self.lazy_mp)
+        cache = self.trace_dir / "record-cache"
+        self.net.remount()
+        drop_caches()
+        mount = self._add_mount(LazyMount(self.lazy_mp, self.net.mountpoint, cache, self.mount_extra))
+        try:
+            before = mount.stats()
+            trace, recorded = launchtrace.record(self.trace_dir, self.net.mountpoint, self.lazy_mp)
+            after, _ = self._settle(mount)
+        finally:
+            self._unmount()
+            self._fresh(cache)
+        got = recorded["launched"]
+        if got["modules"] != self.info["W1"]["modules"] or got["binary_bytes"] != self.info["W1"]["binary_bytes"]:
+            raise WorkloadFailed(f"the recorded launch loaded {got}, expected {self.info['W1']}")
+        info.update(recorded)
+        info["record_store"] = {k: v - before[k] for k, v in after.items()
+                                if isinstance(v, int) and k in before}
+        info["trace"] = launchtrace.show(trace)
+        info["trace_file_bytes"] = trace.stat().st_size
+        info["block_size"] = json.loads(trace.read_bytes())["variants"][0]["block_size"]
+        info["replay_width"] = launchtrace.replay_width(self.mount_extra)
+        self.trace_info, self.trace = info, trace
+        rows = info["trace"]
+        self.log("trace: " + "; ".join(f"{r['root']} {r['files']} files {r['directories']} dirs "
+                                       f"{r['blocks']} blocks {r['bytes'] / 2**20:.1f} MiB" for r in rows)
+                 + f" (recorded in {info['record_seconds']:.1f} s)")
+        return trace
+
     def _lazy_warm_disk(self, wl: str, fn) -> dict:
         if not self._cold_done.get(wl):
             self._lazy_cold(wl, fn)  # warm the cache first (not recorded)
@@ -467,9 +535,11 @@ class Bench:
             self._fresh(cache)
 
     def end_workload(self) -> None:
-        """Between workloads: nothing mounted, no cache or copy left on disk."""
+        """Between workloads: nothing mounted, no cache or copy left on disk
+        (the trace is kept: W1's serves W4)."""
         self._unmount()
         self._fresh(self.cache)
+        self._fresh(self.trace_cache)
         self._fresh(self.copy_dir)
         self._fresh_http_caches()
         self._cold_done.clear()
@@ -482,6 +552,8 @@ class Bench:
             if is_mounted(self.lazy_mp):
                 subprocess.run(["fusermount3", "-u", "-z", str(self.lazy_mp)], capture_output=True)
             self._fresh(self.cache)
+            self._fresh(self.trace_cache)
+            self._fresh(self.trace_dir / "record-cache")
             self._fresh(self.copy_dir)
             self._fresh_http_caches()
 

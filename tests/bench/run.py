@@ -45,9 +45,10 @@ sys.path.insert(0, str(HERE))
 
 import imagestore  # noqa: E402
 import netstore  # noqa: E402
-from contenders import CONTENDERS, HTTP_CONTENDERS, LABELS, Bench, WorkloadFailed  # noqa: E402
+from contenders import (  # noqa: E402
+    CONTENDERS, HTTP_CONTENDERS, LABELS, TRACED_WORKLOADS, Bench, WorkloadFailed)
 from netstore import is_mounted  # noqa: E402
-from workloads import LAUNCH_PYTHON, Sizes, ensure_store  # noqa: E402
+from workloads import LAUNCH_PYTHON, W1_VARIANT, Sizes, ensure_store  # noqa: E402
 
 MiB = 2**20
 WORKLOADS = ["W1", "W2", "W3", "W4"]
@@ -60,6 +61,9 @@ WORKLOAD_TITLES = {
 RSS_LIMIT_MIB = 256
 PUBLISH_LIMIT_SECONDS = 60
 SQUID_WARM_LIMIT = 2.0  # W1 cold through a warm squid / W1 warm from disk
+TRACE_WARM_LIMIT = 1.5  # W1 (W4) cold with a trace / W1 (W4) warm from disk
+TRACE_BYTES_LIMIT = 1.3  # store bytes of a traced cold launch / bytes it read
+TRACE_WASTE_LIMIT = 0.10  # replayed bytes no reader read / bytes the launch read
 
 
 def log(msg: str) -> None:
@@ -173,7 +177,8 @@ def _get(summary, wl, c, *keys):
     return d
 
 
-def targets(summary: dict, raw: dict, info: dict, publish: dict | None = None) -> list[dict]:
+def targets(summary: dict, raw: dict, info: dict, publish: dict | None = None,
+            trace: dict | None = None) -> list[dict]:
     t = []
 
     def add(name, measured, limit, met, how):
@@ -224,7 +229,55 @@ def targets(summary: dict, raw: dict, info: dict, publish: dict | None = None) -
     add(f"Memory: daemon peak RSS over W1-W4 at most {RSS_LIMIT_MIB} MiB", peak, RSS_LIMIT_MIB,
         peak is not None and peak <= RSS_LIMIT_MIB, "max VmHWM of the daemon at the end of every run (MiB)")
     http_targets(add, summary, raw, publish)
+    trace_targets(add, summary, raw, info, trace)
     return t
+
+
+def trace_waste(run: dict, block_size: int) -> int | None:
+    """Bytes a traced run replayed that no reader read: replay_waste blocks x
+    the block size (an upper bound: a file's last block may be shorter)."""
+    st = run.get("store", {})
+    return st["replay_waste"] * block_size if "replay_waste" in st else None
+
+
+def trace_targets(add, summary: dict, raw: dict, info: dict, trace: dict | None) -> None:
+    """The launch traces' targets (issue 12), as ratios within this run."""
+    if not any("lazy-cold-trace" in summary.get(wl, {}) for wl in TRACED_WORKLOADS):
+        return
+    for wl in TRACED_WORKLOADS:
+        traced = _get(summary, wl, "lazy-cold-trace", "median_seconds")
+        warm = _get(summary, wl, "lazy-warm-disk", "median_seconds")
+        cold = _get(summary, wl, "lazy-cold", "median_seconds")
+        r = traced / warm if traced and warm else None
+        add(f"Trace: {wl} cold with a launch trace at most {TRACE_WARM_LIMIT:g}x {wl} warm from disk",
+            r, TRACE_WARM_LIMIT, r is not None and r <= TRACE_WARM_LIMIT,
+            f"median lazy-cold-trace time / median lazy-warm-disk time (both page cache dropped)"
+            + (f"; lazy-cold (no trace) / lazy-warm-disk {cold / warm:.2f}x, "
+               f"lazy-cold-trace / lazy-cold {traced / cold:.2f}x" if traced and cold and warm else ""))
+    launch = info["W1"]["launch_bytes"]
+    runs = raw.get("W1", {}).get("lazy-cold-trace", {}).get("runs", [])
+    sb = _get(summary, "W1", "lazy-cold-trace", "store", "store_bytes")
+    served = _get(summary, "W1", "lazy-cold-trace", "store", "bytes_served")
+    plain = _get(summary, "W1", "lazy-cold", "store", "store_bytes")
+    r = sb / launch if sb is not None else None
+    add(f"Trace: W1 cold with a trace: store bytes at most {TRACE_BYTES_LIMIT:g}x the bytes the "
+        "launch read", r, TRACE_BYTES_LIMIT, r is not None and r <= TRACE_BYTES_LIMIT,
+        f"median store_bytes of lazy-cold-trace / {launch} bytes read (.pyc files + binary ranges)"
+        + (f"; store bytes / bytes_served (what the mount gave the readers, the kernel's "
+           f"read-ahead included) {sb / served:.3f}" if sb and served else "")
+        + (f"; lazy-cold (no trace) {plain / launch:.3f}" if plain else ""))
+    bs = (trace or {}).get("block_size")
+    waste = [w for w in (trace_waste(x, bs) for x in runs) if w is not None] if bs else []
+    w = statistics.median(waste) / launch if waste else None
+    w4 = [x for x in (trace_waste(x, bs) for x in raw.get("W4", {}).get("lazy-cold-trace", {})
+                      .get("runs", [])) if x is not None] if bs else []
+    add(f"Trace: replayed bytes no reader read at most {TRACE_WASTE_LIMIT:.0%} of the bytes the "
+        "launch read", w, TRACE_WASTE_LIMIT, w is not None and w <= TRACE_WASTE_LIMIT,
+        f"median over W1 lazy-cold-trace runs of replay_waste blocks x {bs} (block size) / "
+        f"{launch} bytes read" + "".join(
+            f"; run {n + 1}: {x['store']['replay_waste']} of {x['store']['replay_blocks']} replayed "
+            f"blocks unread" for n, x in enumerate(runs) if "replay_waste" in x.get("store", {}))
+        + (f"; W4 (8 launches): median {statistics.median(w4) / launch:.4f}" if w4 else ""))
 
 
 def http_targets(add, summary: dict, raw: dict, publish: dict | None) -> None:
@@ -343,6 +396,8 @@ def markdown(report: dict) -> str:
         if notes:
             lines += ["", "; ".join(notes) + "."]
         lines.append("")
+    if report.get("trace"):
+        lines += trace_markdown(report)
     if report.get("http"):
         lines += http_markdown(report)
     if report.get("errors"):
@@ -351,6 +406,48 @@ def markdown(report: dict) -> str:
         f"{v} {d['files']} files / {d['bytes'] / MiB:.0f} MiB" for v, d in info["variants"].items()) + ".",
         "", f"Total bench time: {report['elapsed_seconds'] / 60:.1f} min.", ""]
     return "\n".join(lines)
+
+
+def trace_markdown(report: dict) -> list[str]:
+    """How the launch trace was made and what each traced cold run replayed."""
+    tr, info = report["trace"], report["store_info"]
+    launch = info["W1"]["launch_bytes"]
+    rows = tr.get("trace", [])
+    rec = tr.get("record_store", {})
+    lines = ["## The launch trace (lazy-cold-trace)", "",
+             "Recorded once per bench run, not timed (tests/bench/launchtrace.py): `rez-env dcc "
+             "--output ctx.rxt` with the real rez against the sshfs store path "
+             f"({tr.get('resolve_seconds', 0):.1f} s), `rez-lazyfs bake` for the lazy mount point "
+             f"({tr.get('bake_seconds', 0):.1f} s, a scratch cache), then `rez-lazyfs trace record "
+             "baked.rxt -o w1.trace -- <the W1 launch>` on a cold mount (fresh cache, sshfs "
+             f"remounted, page cache dropped; {tr.get('record_seconds', 0):.1f} s, rez-env "
+             f"included; the recording mount fetched {rec.get('store_bytes', 0) / MiB:.1f} MiB in "
+             f"{rec.get('store_reads', 0)} store reads). The trace file: "
+             f"{tr.get('trace_file_bytes', 0) / 1024:.0f} KiB, "
+             + "; ".join(f"{r['repo']}/{r['root']}: {r['files']} files, {r['directories']} "
+                         f"directories, {r['blocks']} blocks ({r['bytes'] / MiB:.1f} MiB, "
+                         f"{r['bytes'] / launch:.3f}x the {launch / MiB:.1f} MiB the launch reads)"
+                         for r in rows) + ".", "",
+             "Each timed run: a fresh cache, `rez-lazyfs seed w1.trace --repo main=STORE --cache "
+             "CACHE`, sshfs remounted, page cache dropped, mount, the workload exactly as lazy-cold "
+             "(W4: 8 launches at once on the mount; the trace is replayed once, on the first "
+             f"access to {W1_VARIANT}). The replay runs {tr.get('replay_width', '?')} fetches at a "
+             "time (the fetcher's background limiter: half of store_threads).", "",
+             "| workload | run | s | store reads | store MiB | bytes_served MiB | replayed blocks | "
+             "replayed MiB | read by a reader | unread (waste) | skipped files | cache misses |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for wl in TRACED_WORKLOADS:
+        for n, r in enumerate(report["raw"].get(wl, {}).get("lazy-cold-trace", {}).get("runs", [])):
+            st = r.get("store", {})
+            lines.append(f"| {wl} | {n + 1} | {r['seconds']:.3f} | {st.get('store_reads')} | "
+                         f"{st.get('store_bytes', 0) / MiB:.1f} | {st.get('bytes_served', 0) / MiB:.1f} | "
+                         f"{st.get('replay_blocks')} | {st.get('replay_bytes', 0) / MiB:.1f} | "
+                         f"{st.get('replay_useful')} | {st.get('replay_waste')} | "
+                         f"{st.get('replay_skipped')} | {st.get('cache_misses')} |")
+    lines.append("")
+    if not report.get("http"):
+        lines += where_the_time_goes(report)
+    return lines
 
 
 def http_markdown(report: dict) -> list[str]:
@@ -399,7 +496,7 @@ def where_the_time_goes(report: dict) -> list[str]:
     s = report["summary"]
     rows = []
     for wl in ("W1", "W4"):
-        for c in ("lazy-cold", "lazy-warm-disk", *HTTP_CONTENDERS):
+        for c in ("lazy-cold", "lazy-cold-trace", "lazy-warm-disk", *HTTP_CONTENDERS):
             r = s.get(wl, {}).get(c)
             if not r or not r.get("median_seconds"):
                 continue
@@ -429,6 +526,7 @@ def chart(report: dict, path: Path) -> None:
     s = report["summary"]
     wls = [w for w in WORKLOADS if w in s]
     colors = {"native": "#555555", "direct": "#d62728", "copy": "#ff7f0e", "lazy-cold": "#1f77b4",
+              "lazy-cold-trace": "#17becf",
               "lazy-warm-disk": "#2ca02c", "lazy-warm-hot": "#98df8a",
               "http-cold-squid-cold": "#9467bd", "http-cold-squid-warm": "#c5b0d5", "http-warm": "#8c564b"}
     fig, axes = plt.subplots(len(wls), 1, figsize=(9, 2.3 * len(wls) + 0.8), squeeze=False)
@@ -521,6 +619,7 @@ def main(argv=None) -> int:
     errors: list[str] = []
     net = netstore.NetStore(store, workdir / "sshfs", rtt_ms=args.rtt_ms, rate_mbit=args.rate_mbit)
     bench = image = None
+    trace_info: dict = {}
     http: dict = {}
     net_desc = net.describe()
     try:
@@ -538,9 +637,10 @@ def main(argv=None) -> int:
             log(f"image served at {image.url} (nginx in {net.ns_srv}, across the link)")
         bench = Bench(workdir, store, net, info, args.mount_option, log=log, image=image)
         for wl in wls:
-            raw[wl] = {c: {"runs": [], "errors": []} for c in cons}
+            wl_cons = [c for c in cons if c != "lazy-cold-trace" or wl in TRACED_WORKLOADS]
+            raw[wl] = {c: {"runs": [], "errors": []} for c in wl_cons}
             for run in range(1, args.runs + 1):
-                for c in cons:
+                for c in wl_cons:
                     if c == "copy" and run > args.copy_runs:
                         continue
                     try:
@@ -562,6 +662,10 @@ def main(argv=None) -> int:
                     if "network" in r:
                         extra += (f"  net {r['network']['sftp_requests']} SFTP req "
                                   f"{r['network']['net_bytes'] / MiB:.1f} MiB")
+                    if r.get("store", {}).get("replay_blocks"):
+                        st = r["store"]
+                        extra += (f"  replay {st['replay_blocks']} blocks ({st['replay_waste']} unread, "
+                                  f"{st['replay_skipped']} skipped)")
                     if "http" in r:
                         h = r["http"]
                         extra += (f"  http {h['proxy_requests']} req ({h['proxy_hits']} hits) "
@@ -581,6 +685,7 @@ def main(argv=None) -> int:
         return 130
     finally:
         if bench is not None:
+            trace_info = bench.trace_info
             try:
                 bench.close()
             except Exception:
@@ -605,8 +710,9 @@ def main(argv=None) -> int:
               "mount_options": args.mount_option,
               "machine": machine_info(workdir, net_desc), "store_info": info,
               "summary": summary, "raw": raw, "errors": errors, "http": http,
+              "trace": trace_info,
               "elapsed_seconds": time.time() - started}
-    report["targets"] = targets(summary, raw, info, http.get("publish"))
+    report["targets"] = targets(summary, raw, info, http.get("publish"), trace_info)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
