@@ -441,6 +441,7 @@ class Bench:
         launchtrace.seed(trace, store, self.trace_cache, self.mount_extra)
         drop_caches()
         mount = self._add_mount(LazyMount(self.lazy_mp, store, self.trace_cache, self.mount_extra))
+        t0 = time.time()
         try:
             out = self._lazy_run(wl, fn, mount)
         except WorkloadFailed as e:
@@ -451,6 +452,7 @@ class Bench:
             if contender == "lazy-cold-trace-kept":
                 self._kept_used = time.monotonic()
         out["bytes_cached"] = cached_payload_bytes(self.trace_cache)
+        out["replay_timing"] = launchtrace.replay_timing(self.trace_cache / "logs" / "daemon.log", t0)
         self._fresh(self.trace_cache)
         return out
 
@@ -501,6 +503,7 @@ class Bench:
         info["trace"] = launchtrace.show(trace)
         info["trace_file_bytes"] = trace.stat().st_size
         info["block_size"] = json.loads(trace.read_bytes())["variants"][0]["block_size"]
+        info["trace_payload_bytes"] = launchtrace.payload_bytes(trace)
         info["replay_width"] = launchtrace.replay_width(self.mount_extra)
         self.trace_info[contender], self.traces[contender] = info, trace
         rows = info["trace"]

@@ -17,8 +17,10 @@ Each timed lazy-cold-trace run then seeds w1.trace into its fresh cache
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,7 +138,53 @@ def show(trace: Path) -> list[dict]:
     return json.loads(r.stdout)
 
 
+def payload_bytes(trace: Path) -> int:
+    """The bytes a trace's blocks hold (a file's last block is shorter; `trace
+    show` counts every block whole)."""
+    total = 0
+    for v in json.loads(trace.read_bytes())["variants"]:
+        bs, runs = v["block_size"], v["reads"]
+        for i in range(0, len(runs), 3):
+            f, first, count = runs[i:i + 3]
+            size = v["files"][f]["identity"][0]
+            total += sum(max(0, min(bs, size - b * bs)) for b in range(first, first + count))
+    return total
+
+
 def seed(trace: Path, store_path: Path, cache: Path, mount_extra: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REZ_")}
     _run([CLI, "seed", trace, "--repo", f"{ALIAS}={store_path}", "--cache", cache,
           *block_size_args(mount_extra)], env, "rez-lazyfs seed")
+
+
+_REPLAY_LINE = re.compile(rb"^(\S+ \S+) \d+ \w+ \S+: (replaying the trace of|replayed the trace of|"
+                          rb"trace replay of) ")
+_TO_FETCH = re.compile(rb": (\d+) block\(s\) to fetch")
+_FETCHED_IN = re.compile(rb": \d+ block\(s\) fetched in ([\d.]+)s")
+
+
+def replay_timing(log: Path, t0: float) -> dict:
+    """When the replay started and ended, in seconds after `t0` (time.time()
+    at the workload's start), from the daemon's log lines (cachecore/replay.py)."""
+    out: dict = {}
+    try:
+        lines = log.read_bytes().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        m = _REPLAY_LINE.match(line)
+        if not m:
+            continue
+        when = datetime.datetime.strptime(m.group(1).decode(), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        kind = m.group(2)
+        if kind == b"replaying the trace of":
+            out["replay_start_s"] = round(when - t0, 3)
+            n = _TO_FETCH.search(line)
+            out["replay_to_fetch"] = int(n.group(1)) if n else None
+        elif kind == b"replayed the trace of":
+            out["replay_end_s"] = round(when - t0, 3)
+            n = _FETCHED_IN.search(line)
+            out["replay_fetch_seconds"] = float(n.group(1)) if n else None
+        else:
+            out["replay_stopped_s"] = round(when - t0, 3)
+    return out

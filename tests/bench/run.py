@@ -444,26 +444,36 @@ def trace_markdown(report: dict) -> list[str]:
                   f"{rec.get('store_bytes', 0) / MiB:.1f} MiB in {rec.get('store_reads', 0)} store "
                   f"reads). The trace file: {tr.get('trace_file_bytes', 0) / 1024:.0f} KiB, "
                   + "; ".join(f"{r['repo']}/{r['root']}: {r['files']} files, {r['directories']} "
-                              f"directories, {r['blocks']} blocks ({r['bytes'] / MiB:.1f} MiB, "
-                              f"{r['bytes'] / launch:.3f}x the {launch / MiB:.1f} MiB the launch reads)"
-                              for r in rows)
+                              f"directories, {r['blocks']} blocks" for r in rows)
+                  + (f", holding {tr['trace_payload_bytes'] / MiB:.1f} MiB "
+                     f"({tr['trace_payload_bytes'] / launch:.3f}x the {launch / MiB:.1f} MiB the "
+                     "launch reads; most blocks are .pyc files, shorter than a block)"
+                     if tr.get("trace_payload_bytes") else "")
                   + f". The replay fetches {tr.get('replay_width', '?')} blocks at a time (the "
                   "fetcher's background limiter: half of store_threads).", "",
+                  "Replay start / done: seconds after the workload started that the daemon logged "
+                  "the replay's start and end (its fetches took the difference); cache misses: "
+                  "blocks a reader had to wait for the store for.", "",
                   "| workload | run | s | store reads | store MiB | bytes_served MiB | replayed blocks | "
-                  "replayed MiB | read by a reader | unread (waste) | skipped files | cache misses |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "replayed MiB | read by a reader | unread (waste) | skipped files | cache misses | "
+                  "replay start / done s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for wl in TRACED_WORKLOADS:
             for n, r in enumerate(report["raw"].get(wl, {}).get(c, {}).get("runs", [])):
-                st = r.get("store", {})
+                st, rt = r.get("store", {}), r.get("replay_timing", {})
                 lines.append(f"| {wl} | {n + 1} | {r['seconds']:.3f} | {st.get('store_reads')} | "
                              f"{st.get('store_bytes', 0) / MiB:.1f} | "
                              f"{st.get('bytes_served', 0) / MiB:.1f} | {st.get('replay_blocks')} | "
                              f"{st.get('replay_bytes', 0) / MiB:.1f} | {st.get('replay_useful')} | "
                              f"{st.get('replay_waste')} | {st.get('replay_skipped')} | "
-                             f"{st.get('cache_misses')} |")
+                             f"{st.get('cache_misses')} | {_fmt(rt.get('replay_start_s'), 2)} / "
+                             f"{_fmt(rt.get('replay_end_s'), 2)} |")
         lines.append("")
     if not report.get("http"):
         lines += where_the_time_goes(report)
+        if report.get("load"):
+            lines += [f"Load (uptime: 1, 5, 15 min) at the start: {report['load']['start']}; at the "
+                      f"end: {report['load']['end']} (other jobs share this 2-core machine).", ""]
     return lines
 
 
@@ -637,6 +647,7 @@ def main(argv=None) -> int:
     net = netstore.NetStore(store, workdir / "sshfs", rtt_ms=args.rtt_ms, rate_mbit=args.rate_mbit)
     bench = image = None
     trace_info: dict = {}
+    load = {"start": _load()}
     http: dict = {}
     net_desc = net.describe()
     try:
@@ -728,7 +739,7 @@ def main(argv=None) -> int:
               "mount_options": args.mount_option,
               "machine": machine_info(workdir, net_desc), "store_info": info,
               "summary": summary, "raw": raw, "errors": errors, "http": http,
-              "trace": trace_info,
+              "trace": trace_info, "load": {**load, "end": _load()},
               "elapsed_seconds": time.time() - started}
     report["targets"] = targets(summary, raw, info, http.get("publish"), trace_info)
     out = HERE / "results"
