@@ -17,6 +17,10 @@
                     keeps the numbers, as an NFS store keeps its inode numbers. Cold
                     all the same: page cache dropped, and sshfs's own caches expired
                     (unused for longer than its 20 s cache timeout) before each run
+    lazy-cold-trace-kept-b
+                    lazy-cold-trace-kept (its trace, its sshfs mount) with the mount
+                    arguments of run.py's --ab-mount-option as well: an A/B of a lever,
+                    interleaved with the A runs
     lazy-warm-disk  the same cache, remounted, page cache dropped
     lazy-warm-hot   the same mount again, right after lazy-warm-disk (page cache hot)
 
@@ -61,7 +65,7 @@ from workloads import (  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "rez-lazyfs")
 CONTENDERS = ["native", "direct", "copy", "lazy-cold", "lazy-cold-trace", "lazy-cold-trace-kept",
-              "lazy-warm-disk", "lazy-warm-hot",
+              "lazy-cold-trace-kept-b", "lazy-warm-disk", "lazy-warm-hot",
               "http-cold-squid-cold", "http-cold-squid-warm", "http-warm"]
 HTTP_CONTENDERS = [c for c in CONTENDERS if c.startswith("http-")]
 LABELS = {"native": "native (local disk, page cache dropped)",
@@ -70,13 +74,14 @@ LABELS = {"native": "native (local disk, page cache dropped)",
           "lazy-cold": "rez-lazyfs cold (empty cache)",
           "lazy-cold-trace": "rez-lazyfs cold, launch trace seeded",
           "lazy-cold-trace-kept": "rez-lazyfs cold, launch trace seeded, sshfs kept (stable inodes)",
+          "lazy-cold-trace-kept-b": "the same, B: with --ab-mount-option",
           "lazy-warm-disk": "rez-lazyfs warm, page cache dropped",
           "lazy-warm-hot": "rez-lazyfs warm, page cache hot",
           "http-cold-squid-cold": "HTTP image, cold, squid cold",
           "http-cold-squid-warm": "HTTP image, cold, squid warm (a second node)",
           "http-warm": "HTTP image, warm, page cache dropped"}
 TRACED_WORKLOADS = ("W1", "W4")  # lazy-cold-trace*: the launches (W1's trace)
-TRACE_CONTENDERS = ["lazy-cold-trace", "lazy-cold-trace-kept"]
+TRACE_CONTENDERS = ["lazy-cold-trace", "lazy-cold-trace-kept", "lazy-cold-trace-kept-b"]
 # sshfs keeps attributes and listings this long (its dcache_timeout, 20 s by
 # default): a kept sshfs mount unused for longer answers nothing from them
 SSHFS_CACHE_SECONDS = 21.0
@@ -278,9 +283,10 @@ def cached_payload_bytes(cache: Path) -> int | None:
 # -- the bench: one contender, one workload, one run ------------------------------
 class Bench:
     def __init__(self, workdir: Path, store: Path, netstore, info: dict, mount_extra: list[str],
-                 log=print, image=None):
+                 log=print, image=None, ab_extra: list[str] | None = None):
         self.workdir, self.store, self.net, self.info = workdir, store, netstore, info
         self.mount_extra = mount_extra
+        self.ab_extra = ab_extra or []  # lazy-cold-trace-kept-b's extra mount arguments
         self.log = log
         self.image = image  # imagestore.ImageSide, for the http-* contenders
         self.lazy_mp = workdir / "lazy"
@@ -415,6 +421,10 @@ class Bench:
         remounted: its inode numbers stay those the trace recorded."""
         return self._traced_cold(wl, fn, "lazy-cold-trace-kept")
 
+    def _lazy_cold_trace_kept_b(self, wl: str, fn) -> dict:
+        """lazy-cold-trace-kept with the A/B mount arguments as well."""
+        return self._traced_cold(wl, fn, "lazy-cold-trace-kept-b")
+
     def _trace_store(self, contender: str) -> Path:
         """The store path (an sshfs mount) a traced contender reads, made cold:
         lazy-cold-trace's is the shared one, remounted; lazy-cold-trace-kept's
@@ -434,13 +444,19 @@ class Bench:
     def _traced_cold(self, wl: str, fn, contender: str) -> dict:
         if wl not in TRACED_WORKLOADS:
             raise WorkloadFailed(f"{contender} has a trace of the W1 launch only, not of {wl}")
-        trace = self._ensure_trace(contender)
+        base = contender.removesuffix("-b")  # B: A's trace and store, more mount arguments
+        extra = self.mount_extra + (self.ab_extra if contender != base else [])
+        trace = self._ensure_trace(base)
+        if contender not in self.trace_info:
+            self.trace_info[contender] = {**self.trace_info[base], "same_trace_as": base,
+                                          "replay_width": launchtrace.replay_width(extra),
+                                          "ab_mount_options": self.ab_extra}
         self._unmount()
         self._fresh(self.trace_cache)
-        store = self._trace_store(contender)
-        launchtrace.seed(trace, store, self.trace_cache, self.mount_extra)
+        store = self._trace_store(base)
+        launchtrace.seed(trace, store, self.trace_cache, extra)
         drop_caches()
-        mount = self._add_mount(LazyMount(self.lazy_mp, store, self.trace_cache, self.mount_extra))
+        mount = self._add_mount(LazyMount(self.lazy_mp, store, self.trace_cache, extra))
         t0 = time.time()
         try:
             out = self._lazy_run(wl, fn, mount)
@@ -449,7 +465,7 @@ class Bench:
             raise WorkloadFailed(f"{e} [daemon log kept: {self._keep_log(self.trace_cache, wl)}]") from None
         finally:
             self._unmount()
-            if contender == "lazy-cold-trace-kept":
+            if base == "lazy-cold-trace-kept":
                 self._kept_used = time.monotonic()
         out["bytes_cached"] = cached_payload_bytes(self.trace_cache)
         out["replay_timing"] = launchtrace.replay_timing(self.trace_cache / "logs" / "daemon.log", t0)

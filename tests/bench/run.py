@@ -437,7 +437,12 @@ def trace_markdown(report: dict) -> list[str]:
     for c, tr in report["trace"].items():
         rec = tr.get("record_store", {})
         rows = tr.get("trace", [])
-        lines += [f"### {c}", "",
+        if tr.get("same_trace_as"):
+            lines += [f"### {c}", "", f"{tr['same_trace_as']}'s trace and sshfs mount; the mounts "
+                      f"also given `{' '.join(tr.get('ab_mount_options', []))}`: the replay fetches "
+                      f"{tr.get('replay_width', '?')} blocks at a time.", ""]
+        else:
+            lines += [f"### {c}", "",
                   f"Store {tr.get('store_path')}: resolve {tr.get('resolve_seconds', 0):.1f} s, bake "
                   f"{tr.get('bake_seconds', 0):.1f} s, record {tr.get('record_seconds', 0):.1f} s "
                   f"(rez-env included; the recording mount fetched "
@@ -450,8 +455,8 @@ def trace_markdown(report: dict) -> list[str]:
                      "launch reads; most blocks are .pyc files, shorter than a block)"
                      if tr.get("trace_payload_bytes") else "")
                   + f". The replay fetches {tr.get('replay_width', '?')} blocks at a time (the "
-                  "fetcher's background limiter: half of store_threads).", "",
-                  "Replay start / done: seconds after the workload started that the daemon logged "
+                  "fetcher's background limiter: half of store_threads).", ""]
+        lines += ["Replay start / done: seconds after the workload started that the daemon logged "
                   "the replay's start and end (its fetches took the difference); cache misses: "
                   "blocks a reader had to wait for the store for.", "",
                   "| workload | run | s | store reads | store MiB | bytes_served MiB | replayed blocks | "
@@ -554,6 +559,7 @@ def chart(report: dict, path: Path) -> None:
     wls = [w for w in WORKLOADS if w in s]
     colors = {"native": "#555555", "direct": "#d62728", "copy": "#ff7f0e", "lazy-cold": "#1f77b4",
               "lazy-cold-trace": "#17becf", "lazy-cold-trace-kept": "#9edae5",
+              "lazy-cold-trace-kept-b": "#bcbd22",
               "lazy-warm-disk": "#2ca02c", "lazy-warm-hot": "#98df8a",
               "http-cold-squid-cold": "#9467bd", "http-cold-squid-warm": "#c5b0d5", "http-warm": "#8c564b"}
     fig, axes = plt.subplots(len(wls), 1, figsize=(9, 2.3 * len(wls) + 0.8), squeeze=False)
@@ -597,6 +603,9 @@ def parse_args(argv=None):
                     help="timed publishes of the W1 variant, with an http-* contender [--runs; 0: none]")
     ap.add_argument("--mount-option", action="append", default=[], metavar="ARG",
                     help="extra argument for `rez-lazyfs mount` (repeat), e.g. --mount-option=--block-size=1M")
+    ap.add_argument("--ab-mount-option", action="append", default=[], metavar="ARG",
+                    help="extra argument for the mounts of lazy-cold-trace-kept-b (repeat): an A/B "
+                         "against lazy-cold-trace-kept, e.g. --ab-mount-option=--config=wide.toml")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rez-lazyfs-bench"),
                     help="store (kept and reused), mounts, caches [/var/tmp/rez-lazyfs-bench]")
     ap.add_argument("--output", help="results name in tests/bench/results [latest, quick with --quick]")
@@ -663,7 +672,8 @@ def main(argv=None) -> int:
             http["image"] = image.publish_report
             http["servers"] = _server_versions()
             log(f"image served at {image.url} (nginx in {net.ns_srv}, across the link)")
-        bench = Bench(workdir, store, net, info, args.mount_option, log=log, image=image)
+        bench = Bench(workdir, store, net, info, args.mount_option, log=log, image=image,
+                      ab_extra=args.ab_mount_option)
         for wl in wls:
             wl_cons = [c for c in cons if c not in TRACE_CONTENDERS or wl in TRACED_WORKLOADS]
             raw[wl] = {c: {"runs": [], "errors": []} for c in wl_cons}
@@ -736,7 +746,7 @@ def main(argv=None) -> int:
               "command": "tests/bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "quick": args.quick, "runs": args.runs, "copy_runs": min(args.copy_runs, args.runs),
               "sizes": asdict(sizes),
-              "mount_options": args.mount_option,
+              "mount_options": args.mount_option, "ab_mount_options": args.ab_mount_option,
               "machine": machine_info(workdir, net_desc), "store_info": info,
               "summary": summary, "raw": raw, "errors": errors, "http": http,
               "trace": trace_info, "load": {**load, "end": _load()},
