@@ -6,6 +6,21 @@
                     shutil.copytree of the variant from the sshfs store to local disk),
                     then the workload on the copy; time = copy + workload
     lazy-cold       rez-lazyfs on the sshfs store, a fresh --cache dir, page cache dropped
+    lazy-cold-trace lazy-cold with W1's launch trace seeded into the fresh cache
+                    (`rez-lazyfs seed`): recorded once per bench run, not timed, by
+                    `rez-lazyfs trace record` on a cold mount (launchtrace.py); W1, W4
+    lazy-cold-trace-kept
+                    the same through an sshfs mount of its own, mounted once and never
+                    remounted: sshfs numbers inodes in lookup order, so after a remount
+                    a file's identity (size, mtime, ctime, inode) is not the one the
+                    trace recorded and its replay skips it; a kept mount (remember=-1)
+                    keeps the numbers, as an NFS store keeps its inode numbers. Cold
+                    all the same: page cache dropped, and sshfs's own caches expired
+                    (unused for longer than its 20 s cache timeout) before each run
+    lazy-cold-trace-kept-b
+                    lazy-cold-trace-kept (its trace, its sshfs mount) with the mount
+                    arguments of run.py's --ab-mount-option as well: an A/B of a lever,
+                    interleaved with the A runs
     lazy-warm-disk  the same cache, remounted, page cache dropped
     lazy-warm-hot   the same mount again, right after lazy-warm-disk (page cache hot)
 
@@ -43,23 +58,33 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import launchtrace  # noqa: E402
 from netstore import is_mounted  # noqa: E402
 from workloads import (  # noqa: E402
     W1_VARIANT, W2_FILE, W2_VARIANT, W3_DIR, W3_VARIANT, launch_argv)
 
 CLI = str(Path(sys.executable).parent / "rez-lazyfs")
-CONTENDERS = ["native", "direct", "copy", "lazy-cold", "lazy-warm-disk", "lazy-warm-hot",
+CONTENDERS = ["native", "direct", "copy", "lazy-cold", "lazy-cold-trace", "lazy-cold-trace-kept",
+              "lazy-cold-trace-kept-b", "lazy-warm-disk", "lazy-warm-hot",
               "http-cold-squid-cold", "http-cold-squid-warm", "http-warm"]
 HTTP_CONTENDERS = [c for c in CONTENDERS if c.startswith("http-")]
 LABELS = {"native": "native (local disk, page cache dropped)",
           "direct": "direct from the sshfs store (cold)",
           "copy": "Rez package cache: copy variant, then run",
           "lazy-cold": "rez-lazyfs cold (empty cache)",
+          "lazy-cold-trace": "rez-lazyfs cold, launch trace seeded",
+          "lazy-cold-trace-kept": "rez-lazyfs cold, launch trace seeded, sshfs kept (stable inodes)",
+          "lazy-cold-trace-kept-b": "the same, B: with --ab-mount-option",
           "lazy-warm-disk": "rez-lazyfs warm, page cache dropped",
           "lazy-warm-hot": "rez-lazyfs warm, page cache hot",
           "http-cold-squid-cold": "HTTP image, cold, squid cold",
           "http-cold-squid-warm": "HTTP image, cold, squid warm (a second node)",
           "http-warm": "HTTP image, warm, page cache dropped"}
+TRACED_WORKLOADS = ("W1", "W4")  # lazy-cold-trace*: the launches (W1's trace)
+TRACE_CONTENDERS = ["lazy-cold-trace", "lazy-cold-trace-kept", "lazy-cold-trace-kept-b"]
+# sshfs keeps attributes and listings this long (its dcache_timeout, 20 s by
+# default): a kept sshfs mount unused for longer answers nothing from them
+SSHFS_CACHE_SECONDS = 21.0
 VARIANT_OF = {"W1": W1_VARIANT, "W2": W2_VARIANT, "W3": W3_VARIANT, "W4": W1_VARIANT}
 MARKER_VAR = "REZ_LAZYFS_BENCH_MARKER"
 STATS_XATTR = "user.rezlazyfs.stats"
@@ -260,13 +285,20 @@ def cached_payload_bytes(cache: Path) -> int | None:
 # -- the bench: one contender, one workload, one run ------------------------------
 class Bench:
     def __init__(self, workdir: Path, store: Path, netstore, info: dict, mount_extra: list[str],
-                 log=print, image=None):
+                 log=print, image=None, ab_extra: list[str] | None = None):
         self.workdir, self.store, self.net, self.info = workdir, store, netstore, info
         self.mount_extra = mount_extra
+        self.ab_extra = ab_extra or []  # lazy-cold-trace-kept-b's extra mount arguments
         self.log = log
         self.image = image  # imagestore.ImageSide, for the http-* contenders
         self.lazy_mp = workdir / "lazy"
         self.cache = workdir / "cache"
+        self.trace_cache = workdir / "cache-trace"  # lazy-cold-trace's: lazy-warm-* keep theirs
+        self.trace_dir = workdir / "trace"
+        self.traces: dict[str, Path] = {}  # traced contender -> its trace file
+        self.trace_info: dict = {}  # traced contender -> how its trace was made, what it holds
+        self.kept_sshfs = workdir / "sshfs-kept"  # lazy-cold-trace-kept's store
+        self._kept_used: float | None = None  # when it was last read (None: not mounted)
         self.copy_dir = workdir / "pkgcache"
         self.mounted: list[LazyMount] = []
         self._cold_done: dict[str, bool] = {}
@@ -370,6 +402,9 @@ class Bench:
         mount = self._mount()
         try:
             out = self._lazy_run(wl, fn, mount)
+        except WorkloadFailed as e:
+            self._unmount()
+            raise WorkloadFailed(f"{e} [daemon log kept: {self._keep_log(self.cache, wl)}]") from None
         finally:
             self._unmount()
         # a fresh cache that only this run filled: what it holds afterwards is
@@ -377,6 +412,124 @@ class Bench:
         out["bytes_cached"] = cached_payload_bytes(self.cache)
         self._cold_done[wl] = True
         return out
+
+    def _lazy_cold_trace(self, wl: str, fn) -> dict:
+        """lazy-cold, with the W1 launch's trace seeded into the fresh cache
+        (sshfs remounted before the run, as for lazy-cold)."""
+        return self._traced_cold(wl, fn, "lazy-cold-trace")
+
+    def _lazy_cold_trace_kept(self, wl: str, fn) -> dict:
+        """lazy-cold-trace through an sshfs mount of its own that is never
+        remounted: its inode numbers stay those the trace recorded."""
+        return self._traced_cold(wl, fn, "lazy-cold-trace-kept")
+
+    def _lazy_cold_trace_kept_b(self, wl: str, fn) -> dict:
+        """lazy-cold-trace-kept with the A/B mount arguments as well."""
+        return self._traced_cold(wl, fn, "lazy-cold-trace-kept-b")
+
+    def _trace_store(self, contender: str) -> Path:
+        """The store path (an sshfs mount) a traced contender reads, made cold:
+        lazy-cold-trace's is the shared one, remounted; lazy-cold-trace-kept's
+        is mounted once (at its first use) and kept, its own caches expired
+        by waiting out sshfs's cache timeout since its last use."""
+        if contender == "lazy-cold-trace":
+            self.net.remount()
+            return self.net.mountpoint
+        if self._kept_used is None:
+            self.net.mount_at(self.kept_sshfs)
+        else:
+            wait = SSHFS_CACHE_SECONDS - (time.monotonic() - self._kept_used)
+            if wait > 0:
+                time.sleep(wait)
+        return self.kept_sshfs
+
+    def _traced_cold(self, wl: str, fn, contender: str) -> dict:
+        if wl not in TRACED_WORKLOADS:
+            raise WorkloadFailed(f"{contender} has a trace of the W1 launch only, not of {wl}")
+        base = contender.removesuffix("-b")  # B: A's trace and store, more mount arguments
+        extra = self.mount_extra + (self.ab_extra if contender != base else [])
+        trace = self._ensure_trace(base)
+        if contender not in self.trace_info:
+            self.trace_info[contender] = {**self.trace_info[base], "same_trace_as": base,
+                                          "replay_width": launchtrace.replay_width(extra),
+                                          "ab_mount_options": self.ab_extra}
+        self._unmount()
+        self._fresh(self.trace_cache)
+        store = self._trace_store(base)
+        launchtrace.seed(trace, store, self.trace_cache, extra)
+        drop_caches()
+        mount = self._add_mount(LazyMount(self.lazy_mp, store, self.trace_cache, extra))
+        t0 = time.time()
+        try:
+            out = self._lazy_run(wl, fn, mount)
+        except WorkloadFailed as e:
+            self._unmount()
+            raise WorkloadFailed(f"{e} [daemon log kept: {self._keep_log(self.trace_cache, wl)}]") from None
+        finally:
+            self._unmount()
+            if base == "lazy-cold-trace-kept":
+                self._kept_used = time.monotonic()
+        out["bytes_cached"] = cached_payload_bytes(self.trace_cache)
+        out["replay_timing"] = launchtrace.replay_timing(self.trace_cache / "logs" / "daemon.log", t0)
+        self._fresh(self.trace_cache)
+        return out
+
+    def _keep_log(self, cache: Path, tag: str) -> Path:
+        """A failed run's daemon log, copied out of its cache (which the next run replaces)."""
+        dest = self.workdir / "failed-logs" / f"{time.strftime('%H%M%S')}-{tag}"
+        shutil.copytree(cache / "logs", dest, dirs_exist_ok=True)
+        return dest
+
+    def _ensure_trace(self, contender: str) -> Path:
+        """The W1 launch's trace for a traced contender, recorded once per bench
+        run on a cold mount of the store that contender reads."""
+        if contender in self.traces:
+            return self.traces[contender]
+        self._unmount()
+        tdir = self.trace_dir / contender
+        self._fresh(tdir)
+        tdir.mkdir(parents=True)
+        self.log(f"{contender}: recording the W1 launch's trace (resolve with rez-env, bake, "
+                 "record on a cold mount)")
+        store = self.kept_sshfs if contender == "lazy-cold-trace-kept" else self.net.mountpoint
+        if contender == "lazy-cold-trace-kept" and self._kept_used is None:
+            self.net.mount_at(self.kept_sshfs)
+            self._kept_used = time.monotonic() - SSHFS_CACHE_SECONDS
+        info = launchtrace.prepare_context(tdir, store, self.lazy_mp)
+        if contender == "lazy-cold-trace-kept":
+            self._kept_used = time.monotonic()  # what rez and bake read: expired before recording
+        cache = tdir / "record-cache"
+        self._trace_store(contender)  # cold: remounted, or its caches expired
+        drop_caches()
+        mount = self._add_mount(LazyMount(self.lazy_mp, store, cache, self.mount_extra))
+        try:
+            before = mount.stats()
+            trace, recorded = launchtrace.record(tdir, store, self.lazy_mp)
+            after, _ = self._settle(mount)
+        finally:
+            self._unmount()
+            self._fresh(cache)
+            if contender == "lazy-cold-trace-kept":
+                self._kept_used = time.monotonic()
+        got = recorded["launched"]
+        if got["modules"] != self.info["W1"]["modules"] or got["binary_bytes"] != self.info["W1"]["binary_bytes"]:
+            raise WorkloadFailed(f"the recorded launch loaded {got}, expected {self.info['W1']}")
+        info.update(recorded)
+        info["store_path"] = str(store)
+        info["record_store"] = {k: v - before[k] for k, v in after.items()
+                                if isinstance(v, int) and k in before}
+        info["trace"] = launchtrace.show(trace)
+        info["trace_file_bytes"] = trace.stat().st_size
+        info["block_size"] = json.loads(trace.read_bytes())["variants"][0]["block_size"]
+        info["trace_payload_bytes"] = launchtrace.payload_bytes(trace)
+        info["replay_width"] = launchtrace.replay_width(self.mount_extra)
+        self.trace_info[contender], self.traces[contender] = info, trace
+        rows = info["trace"]
+        self.log(f"{contender}: trace " + "; ".join(
+            f"{r['root']} {r['files']} files {r['directories']} dirs {r['blocks']} blocks "
+            f"{r['bytes'] / 2**20:.1f} MiB" for r in rows)
+            + f" (recorded in {info['record_seconds']:.1f} s)")
+        return trace
 
     def _lazy_warm_disk(self, wl: str, fn) -> dict:
         if not self._cold_done.get(wl):
@@ -469,9 +622,11 @@ class Bench:
             self._fresh(cache)
 
     def end_workload(self) -> None:
-        """Between workloads: nothing mounted, no cache or copy left on disk."""
+        """Between workloads: nothing mounted, no cache or copy left on disk
+        (the trace is kept: W1's serves W4)."""
         self._unmount()
         self._fresh(self.cache)
+        self._fresh(self.trace_cache)
         self._fresh(self.copy_dir)
         self._fresh_http_caches()
         self._cold_done.clear()
@@ -484,6 +639,12 @@ class Bench:
             if is_mounted(self.lazy_mp):
                 subprocess.run(["fusermount3", "-u", "-z", str(self.lazy_mp)], capture_output=True)
             self._fresh(self.cache)
+            self._fresh(self.trace_cache)
+            for tdir in self.trace_dir.glob("*/record-cache"):
+                self._fresh(tdir)
+            if self._kept_used is not None:
+                self.net.umount_at(self.kept_sshfs)
+                self._kept_used = None
             self._fresh(self.copy_dir)
             self._fresh_http_caches()
 

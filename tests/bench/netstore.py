@@ -120,9 +120,17 @@ class NetStore:
         self.sftp_log = self.tmp / "sftp.log"
         self._made_run_sshd = False
         self._netns_made: list[str] = []
+        # remember=-1: sshfs numbers inodes in lookup order (SFTP has no inode
+        # numbers) and, by default, numbers a file again once the kernel
+        # forgets it (any drop_caches on the machine): rez-lazyfs's file
+        # identity (size, mtime, ctime, inode) then changes under a running
+        # mount and its reads fail with EIO ("changed in the store"). With it
+        # a file keeps its number for the life of the sshfs mount.
         self.sshfs_options = ["-o", "ro", "-o", "IdentityFile=" + str(self.tmp / "client_key"),
                               "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                              "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-F", "/dev/null"]
+                              "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "remember=-1",
+                              "-F", "/dev/null"]
+        self._sessions: dict[Path, set[int]] = {}  # sshfs mount point -> its sshd session's pids
 
     # -- set up ----------------------------------------------------------------
     def start(self) -> NetStore:
@@ -212,18 +220,33 @@ class NetStore:
 
     # -- the sshfs mount -------------------------------------------------------
     def mount(self) -> None:
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        run(["sshfs", f"root@127.0.0.1:{self.store}", self.mountpoint, "-p", self.relay_port,
-             *self.sshfs_options])
-        _wait_for(lambda: is_mounted(self.mountpoint), 10, "the sshfs mount")
+        self.mount_at(self.mountpoint)
 
     def umount(self) -> None:
-        if is_mounted(self.mountpoint):
-            r = run(["fusermount3", "-u", self.mountpoint], check=False)
+        self.umount_at(self.mountpoint)
+
+    def mount_at(self, mountpoint: Path) -> None:
+        """An sshfs mount of the store at `mountpoint` (a session of its own)."""
+        mountpoint = Path(mountpoint)
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        before = set(self._sshd_pids())
+        run(["sshfs", f"root@127.0.0.1:{self.store}", mountpoint, "-p", self.relay_port,
+             *self.sshfs_options])
+        _wait_for(lambda: is_mounted(mountpoint), 10, "the sshfs mount")
+        self._sessions[mountpoint] = set(self._sshd_pids()) - before
+
+    def umount_at(self, mountpoint: Path) -> None:
+        mountpoint = Path(mountpoint)
+        if is_mounted(mountpoint):
+            r = run(["fusermount3", "-u", mountpoint], check=False)
             if r.returncode != 0:
-                run(["fusermount3", "-u", "-z", self.mountpoint], check=False)
-        # the session's sshd child ends when the ssh client goes
-        _wait_for(lambda: len(self._sshd_pids()) <= 1, 10, "the SFTP session to end")
+                run(["fusermount3", "-u", "-z", mountpoint], check=False)
+        # the session's sshd children end when the ssh client goes
+        session = self._sessions.pop(mountpoint, set())
+        if session:
+            _wait_for(lambda: not session & set(self._sshd_pids()), 10, "the SFTP session to end")
+        elif not self._sessions:
+            _wait_for(lambda: len(self._sshd_pids()) <= 1, 10, "the SFTP session to end")
 
     def remount(self) -> None:
         """A cold sshfs: no attribute, directory or page cache left."""
@@ -280,10 +303,11 @@ class NetStore:
             print("netstore teardown problems: " + "; ".join(errors), file=sys.stderr)
 
     def _close_mount(self) -> None:
-        if is_mounted(self.mountpoint):
-            r = run(["fusermount3", "-u", self.mountpoint], check=False)
-            if r.returncode != 0:
-                run(["fusermount3", "-u", "-z", self.mountpoint], check=False)
+        for mountpoint in {self.mountpoint, *self._sessions}:
+            if is_mounted(mountpoint):
+                r = run(["fusermount3", "-u", mountpoint], check=False)
+                if r.returncode != 0:
+                    run(["fusermount3", "-u", "-z", mountpoint], check=False)
 
     def _close_relays(self) -> None:
         for relay in self.relays:

@@ -45,9 +45,10 @@ sys.path.insert(0, str(HERE))
 
 import imagestore  # noqa: E402
 import netstore  # noqa: E402
-from contenders import CONTENDERS, HTTP_CONTENDERS, LABELS, Bench, WorkloadFailed  # noqa: E402
+from contenders import (  # noqa: E402
+    CONTENDERS, HTTP_CONTENDERS, LABELS, TRACE_CONTENDERS, TRACED_WORKLOADS, Bench, WorkloadFailed)
 from netstore import is_mounted  # noqa: E402
-from workloads import LAUNCH_PYTHON, Sizes, ensure_store  # noqa: E402
+from workloads import LAUNCH_PYTHON, W1_VARIANT, Sizes, ensure_store  # noqa: E402
 
 MiB = 2**20
 WORKLOADS = ["W1", "W2", "W3", "W4"]
@@ -60,6 +61,9 @@ WORKLOAD_TITLES = {
 RSS_LIMIT_MIB = 256
 PUBLISH_LIMIT_SECONDS = 60
 SQUID_WARM_LIMIT = 2.0  # W1 cold through a warm squid / W1 warm from disk
+TRACE_WARM_LIMIT = 1.5  # W1 (W4) cold with a trace / W1 (W4) warm from disk
+TRACE_BYTES_LIMIT = 1.3  # store bytes of a traced cold launch / bytes it read
+TRACE_WASTE_LIMIT = 0.10  # replayed bytes no reader read / bytes the launch read
 
 
 def log(msg: str) -> None:
@@ -173,7 +177,8 @@ def _get(summary, wl, c, *keys):
     return d
 
 
-def targets(summary: dict, raw: dict, info: dict, publish: dict | None = None) -> list[dict]:
+def targets(summary: dict, raw: dict, info: dict, publish: dict | None = None,
+            trace: dict | None = None) -> list[dict]:
     t = []
 
     def add(name, measured, limit, met, how):
@@ -224,7 +229,58 @@ def targets(summary: dict, raw: dict, info: dict, publish: dict | None = None) -
     add(f"Memory: daemon peak RSS over W1-W4 at most {RSS_LIMIT_MIB} MiB", peak, RSS_LIMIT_MIB,
         peak is not None and peak <= RSS_LIMIT_MIB, "max VmHWM of the daemon at the end of every run (MiB)")
     http_targets(add, summary, raw, publish)
+    trace_targets(add, summary, raw, info, trace)
     return t
+
+
+def trace_waste(run: dict, block_size: int) -> int | None:
+    """Bytes a traced run replayed that no reader read: replay_waste blocks x
+    the block size (an upper bound: a file's last block may be shorter)."""
+    st = run.get("store", {})
+    return st["replay_waste"] * block_size if "replay_waste" in st else None
+
+
+def trace_targets(add, summary: dict, raw: dict, info: dict, traces: dict | None) -> None:
+    """The launch traces' targets (issue 12), as ratios within this run, for
+    each traced contender that ran."""
+    launch = info["W1"]["launch_bytes"]
+    for c in TRACE_CONTENDERS:
+        if not any(c in summary.get(wl, {}) for wl in TRACED_WORKLOADS):
+            continue
+        for wl in TRACED_WORKLOADS:
+            traced = _get(summary, wl, c, "median_seconds")
+            warm = _get(summary, wl, "lazy-warm-disk", "median_seconds")
+            cold = _get(summary, wl, "lazy-cold", "median_seconds")
+            r = traced / warm if traced and warm else None
+            add(f"Trace ({c}): {wl} cold with a launch trace at most {TRACE_WARM_LIMIT:g}x {wl} "
+                "warm from disk", r, TRACE_WARM_LIMIT, r is not None and r <= TRACE_WARM_LIMIT,
+                f"median {c} time / median lazy-warm-disk time (both page cache dropped)"
+                + (f"; lazy-cold (no trace) / lazy-warm-disk {cold / warm:.2f}x, "
+                   f"{c} / lazy-cold {traced / cold:.2f}x" if traced and cold and warm else ""))
+        runs = raw.get("W1", {}).get(c, {}).get("runs", [])
+        sb = _get(summary, "W1", c, "store", "store_bytes")
+        served = _get(summary, "W1", c, "store", "bytes_served")
+        plain = _get(summary, "W1", "lazy-cold", "store", "store_bytes")
+        r = sb / launch if sb is not None else None
+        add(f"Trace ({c}): W1 store bytes at most {TRACE_BYTES_LIMIT:g}x the bytes the launch read",
+            r, TRACE_BYTES_LIMIT, r is not None and r <= TRACE_BYTES_LIMIT,
+            f"median store_bytes of {c} / {launch} bytes read (.pyc files + binary ranges)"
+            + (f"; store bytes / bytes_served (what the mount gave the readers, the kernel's "
+               f"read-ahead included) {sb / served:.3f}" if sb and served else "")
+            + (f"; lazy-cold (no trace) {plain / launch:.3f}" if plain else ""))
+        bs = (traces or {}).get(c, {}).get("block_size")
+        waste = [w for w in (trace_waste(x, bs) for x in runs) if w is not None] if bs else []
+        w = statistics.median(waste) / launch if waste else None
+        w4 = [x for x in (trace_waste(x, bs) for x in raw.get("W4", {}).get(c, {})
+                          .get("runs", [])) if x is not None] if bs else []
+        add(f"Trace ({c}): W1 replayed bytes no reader read at most {TRACE_WASTE_LIMIT:.0%} of the "
+            "bytes the launch read", w, TRACE_WASTE_LIMIT, w is not None and w <= TRACE_WASTE_LIMIT,
+            f"median over W1 {c} runs of replay_waste blocks x {bs} (block size) / {launch} bytes "
+            "read" + "".join(
+                f"; run {n + 1}: {x['store']['replay_waste']} of {x['store']['replay_blocks']} "
+                f"replayed blocks unread, {x['store']['replay_skipped']} traced files skipped"
+                for n, x in enumerate(runs) if "replay_waste" in x.get("store", {}))
+            + (f"; W4 (8 launches): median {statistics.median(w4) / launch:.4f}" if w4 else ""))
 
 
 def http_targets(add, summary: dict, raw: dict, publish: dict | None) -> None:
@@ -343,6 +399,8 @@ def markdown(report: dict) -> str:
         if notes:
             lines += ["", "; ".join(notes) + "."]
         lines.append("")
+    if report.get("trace"):
+        lines += trace_markdown(report)
     if report.get("http"):
         lines += http_markdown(report)
     if report.get("errors"):
@@ -351,6 +409,77 @@ def markdown(report: dict) -> str:
         f"{v} {d['files']} files / {d['bytes'] / MiB:.0f} MiB" for v, d in info["variants"].items()) + ".",
         "", f"Total bench time: {report['elapsed_seconds'] / 60:.1f} min.", ""]
     return "\n".join(lines)
+
+
+def trace_markdown(report: dict) -> list[str]:
+    """How the launch traces were made and what each traced cold run replayed."""
+    info = report["store_info"]
+    launch = info["W1"]["launch_bytes"]
+    lines = ["## Launch traces (lazy-cold-trace, lazy-cold-trace-kept)", "",
+             "Recorded once per bench run and traced contender, not timed "
+             "(tests/bench/launchtrace.py): `rez-env dcc --output ctx.rxt` with the real rez "
+             "against the contender's sshfs store path, `rez-lazyfs bake` for the lazy mount point "
+             "(a scratch cache), then `rez-lazyfs trace record baked.rxt -o w1.trace -- <the W1 "
+             "launch>` on a cold mount (fresh cache, sshfs cold, page cache dropped). Each timed "
+             "run: a fresh cache, `rez-lazyfs seed w1.trace --repo main=STORE --cache CACHE`, the "
+             "store's sshfs made cold (lazy-cold-trace: remounted, as for lazy-cold; "
+             "lazy-cold-trace-kept: its own sshfs mount, never remounted, unused for longer than "
+             "sshfs's 20 s cache timeout), page cache dropped, mount, the workload exactly as "
+             "lazy-cold (W4: 8 launches at once on the mount; the trace is replayed once, on the "
+             f"first access to {W1_VARIANT}).", "",
+             "Why two: sshfs has no inode numbers from the server (SFTP carries none) and numbers "
+             "files in the order they are looked up; rez-lazyfs's file identity (size, mtime, "
+             "ctime, inode) recorded in a trace therefore matches a remounted sshfs only where the "
+             "lookup order happened to be the same, and the replay skips every other file "
+             "(`replay_skipped`, never reading a file it cannot prove unchanged). The kept mount "
+             "(sshfs `-o remember=-1`, as every sshfs mount of the bench now) keeps the numbers, "
+             "as an NFS store keeps its inode numbers: it measures the replay itself.", ""]
+    for c, tr in report["trace"].items():
+        rec = tr.get("record_store", {})
+        rows = tr.get("trace", [])
+        if tr.get("same_trace_as"):
+            lines += [f"### {c}", "", f"{tr['same_trace_as']}'s trace and sshfs mount; the mounts "
+                      f"also given `{' '.join(tr.get('ab_mount_options', []))}`: the replay fetches "
+                      f"{tr.get('replay_width', '?')} blocks at a time.", ""]
+        else:
+            lines += [f"### {c}", "",
+                  f"Store {tr.get('store_path')}: resolve {tr.get('resolve_seconds', 0):.1f} s, bake "
+                  f"{tr.get('bake_seconds', 0):.1f} s, record {tr.get('record_seconds', 0):.1f} s "
+                  f"(rez-env included; the recording mount fetched "
+                  f"{rec.get('store_bytes', 0) / MiB:.1f} MiB in {rec.get('store_reads', 0)} store "
+                  f"reads). The trace file: {tr.get('trace_file_bytes', 0) / 1024:.0f} KiB, "
+                  + "; ".join(f"{r['repo']}/{r['root']}: {r['files']} files, {r['directories']} "
+                              f"directories, {r['blocks']} blocks" for r in rows)
+                  + (f", holding {tr['trace_payload_bytes'] / MiB:.1f} MiB "
+                     f"({tr['trace_payload_bytes'] / launch:.3f}x the {launch / MiB:.1f} MiB the "
+                     "launch reads; most blocks are .pyc files, shorter than a block)"
+                     if tr.get("trace_payload_bytes") else "")
+                  + f". The replay fetches {tr.get('replay_width', '?')} blocks at a time (the "
+                  "fetcher's background limiter: half of store_threads).", ""]
+        lines += ["Replay start / done: seconds after the workload started that the daemon logged "
+                  "the replay's start and end (its fetches took the difference); cache misses: "
+                  "blocks a reader had to wait for the store for.", "",
+                  "| workload | run | s | store reads | store MiB | bytes_served MiB | replayed blocks | "
+                  "replayed MiB | read by a reader | unread (waste) | skipped files | cache misses | "
+                  "replay start / done s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for wl in TRACED_WORKLOADS:
+            for n, r in enumerate(report["raw"].get(wl, {}).get(c, {}).get("runs", [])):
+                st, rt = r.get("store", {}), r.get("replay_timing", {})
+                lines.append(f"| {wl} | {n + 1} | {r['seconds']:.3f} | {st.get('store_reads')} | "
+                             f"{st.get('store_bytes', 0) / MiB:.1f} | "
+                             f"{st.get('bytes_served', 0) / MiB:.1f} | {st.get('replay_blocks')} | "
+                             f"{st.get('replay_bytes', 0) / MiB:.1f} | {st.get('replay_useful')} | "
+                             f"{st.get('replay_waste')} | {st.get('replay_skipped')} | "
+                             f"{st.get('cache_misses')} | {_fmt(rt.get('replay_start_s'), 2)} / "
+                             f"{_fmt(rt.get('replay_end_s'), 2)} |")
+        lines.append("")
+    if not report.get("http"):
+        lines += where_the_time_goes(report)
+        if report.get("load"):
+            lines += [f"Load (uptime: 1, 5, 15 min) at the start: {report['load']['start']}; at the "
+                      f"end: {report['load']['end']} (other jobs share this 2-core machine).", ""]
+    return lines
 
 
 def http_markdown(report: dict) -> list[str]:
@@ -399,7 +528,7 @@ def where_the_time_goes(report: dict) -> list[str]:
     s = report["summary"]
     rows = []
     for wl in ("W1", "W4"):
-        for c in ("lazy-cold", "lazy-warm-disk", *HTTP_CONTENDERS):
+        for c in ("lazy-cold", *TRACE_CONTENDERS, "lazy-warm-disk", *HTTP_CONTENDERS):
             r = s.get(wl, {}).get(c)
             if not r or not r.get("median_seconds"):
                 continue
@@ -429,6 +558,8 @@ def chart(report: dict, path: Path) -> None:
     s = report["summary"]
     wls = [w for w in WORKLOADS if w in s]
     colors = {"native": "#555555", "direct": "#d62728", "copy": "#ff7f0e", "lazy-cold": "#1f77b4",
+              "lazy-cold-trace": "#17becf", "lazy-cold-trace-kept": "#9edae5",
+              "lazy-cold-trace-kept-b": "#bcbd22",
               "lazy-warm-disk": "#2ca02c", "lazy-warm-hot": "#98df8a",
               "http-cold-squid-cold": "#9467bd", "http-cold-squid-warm": "#c5b0d5", "http-warm": "#8c564b"}
     fig, axes = plt.subplots(len(wls), 1, figsize=(9, 2.3 * len(wls) + 0.8), squeeze=False)
@@ -472,6 +603,9 @@ def parse_args(argv=None):
                     help="timed publishes of the W1 variant, with an http-* contender [--runs; 0: none]")
     ap.add_argument("--mount-option", action="append", default=[], metavar="ARG",
                     help="extra argument for `rez-lazyfs mount` (repeat), e.g. --mount-option=--block-size=1M")
+    ap.add_argument("--ab-mount-option", action="append", default=[], metavar="ARG",
+                    help="extra argument for the mounts of lazy-cold-trace-kept-b (repeat): an A/B "
+                         "against lazy-cold-trace-kept, e.g. --ab-mount-option=--config=wide.toml")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rez-lazyfs-bench"),
                     help="store (kept and reused), mounts, caches [/var/tmp/rez-lazyfs-bench]")
     ap.add_argument("--output", help="results name in tests/bench/results [latest, quick with --quick]")
@@ -513,7 +647,7 @@ def main(argv=None) -> int:
     have_chart = ensure_matplotlib(workdir) if not args.no_install else _importable("matplotlib")
     store, info = ensure_store(workdir, sizes, log=log)
     info = {**info, "sizes": asdict(sizes)}
-    for leftover in (workdir / "sshfs", workdir / "lazy"):
+    for leftover in (workdir / "sshfs", workdir / "sshfs-kept", workdir / "lazy"):
         if is_mounted(leftover):
             subprocess.run(["fusermount3", "-u", "-z", str(leftover)], capture_output=True)
 
@@ -521,6 +655,8 @@ def main(argv=None) -> int:
     errors: list[str] = []
     net = netstore.NetStore(store, workdir / "sshfs", rtt_ms=args.rtt_ms, rate_mbit=args.rate_mbit)
     bench = image = None
+    trace_info: dict = {}
+    load = {"start": _load()}
     http: dict = {}
     net_desc = net.describe()
     try:
@@ -536,11 +672,13 @@ def main(argv=None) -> int:
             http["image"] = image.publish_report
             http["servers"] = _server_versions()
             log(f"image served at {image.url} (nginx in {net.ns_srv}, across the link)")
-        bench = Bench(workdir, store, net, info, args.mount_option, log=log, image=image)
+        bench = Bench(workdir, store, net, info, args.mount_option, log=log, image=image,
+                      ab_extra=args.ab_mount_option)
         for wl in wls:
-            raw[wl] = {c: {"runs": [], "errors": []} for c in cons}
+            wl_cons = [c for c in cons if c not in TRACE_CONTENDERS or wl in TRACED_WORKLOADS]
+            raw[wl] = {c: {"runs": [], "errors": []} for c in wl_cons}
             for run in range(1, args.runs + 1):
-                for c in cons:
+                for c in wl_cons:
                     if c == "copy" and run > args.copy_runs:
                         continue
                     try:
@@ -562,6 +700,10 @@ def main(argv=None) -> int:
                     if "network" in r:
                         extra += (f"  net {r['network']['sftp_requests']} SFTP req "
                                   f"{r['network']['net_bytes'] / MiB:.1f} MiB")
+                    if r.get("store", {}).get("replay_blocks"):
+                        st = r["store"]
+                        extra += (f"  replay {st['replay_blocks']} blocks ({st['replay_waste']} unread, "
+                                  f"{st['replay_skipped']} skipped)")
                     if "http" in r:
                         h = r["http"]
                         extra += (f"  http {h['proxy_requests']} req ({h['proxy_hits']} hits) "
@@ -581,6 +723,7 @@ def main(argv=None) -> int:
         return 130
     finally:
         if bench is not None:
+            trace_info = bench.trace_info
             try:
                 bench.close()
             except Exception:
@@ -593,7 +736,8 @@ def main(argv=None) -> int:
         net.close()
         leftovers = [ns for ns in (net.ns_srv, net.ns_cli)
                      if ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout]
-        if leftovers or is_mounted(net.mountpoint) or is_mounted(workdir / "lazy"):
+        if (leftovers or is_mounted(net.mountpoint) or is_mounted(workdir / "lazy")
+                or is_mounted(workdir / "sshfs-kept")):
             log(f"WARNING: not clean after teardown: namespaces {leftovers}, "
                 f"sshfs mounted {is_mounted(net.mountpoint)}, lazy mounted {is_mounted(workdir / 'lazy')}")
 
@@ -602,11 +746,12 @@ def main(argv=None) -> int:
               "command": "tests/bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "quick": args.quick, "runs": args.runs, "copy_runs": min(args.copy_runs, args.runs),
               "sizes": asdict(sizes),
-              "mount_options": args.mount_option,
+              "mount_options": args.mount_option, "ab_mount_options": args.ab_mount_option,
               "machine": machine_info(workdir, net_desc), "store_info": info,
               "summary": summary, "raw": raw, "errors": errors, "http": http,
+              "trace": trace_info, "load": {**load, "end": _load()},
               "elapsed_seconds": time.time() - started}
-    report["targets"] = targets(summary, raw, info, http.get("publish"))
+    report["targets"] = targets(summary, raw, info, http.get("publish"), trace_info)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
