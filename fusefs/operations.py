@@ -249,13 +249,13 @@ class LazyOperations(pyfuse3.Operations):
             else:
                 for name in names:
                     self._versions.pop(self.inodes.child(directory, name), None)
-        if self.no_opendir:
-            # The kernel's listings of the directory (and, when everything
-            # below was forgotten, of those below it that it still holds: an
-            # entry's invalidation only bumps the listing of a name it holds).
-            for inode in ([directory] if names is not None else self.inodes.directories(directory)):
-                self._invalidate(pyfuse3.invalidate_inode, inode)
         if names is None:
+            if self.no_opendir:
+                # Without opendir the kernel keeps listings: those of the
+                # directories it still holds at and below (in use: a cwd, an
+                # open handle) would outlive dropping their entries.
+                for inode in self.inodes.directories(directory):
+                    self._invalidate(pyfuse3.invalidate_inode, inode)
             # Dropping the directory's entry drops every entry the kernel
             # cached below it, negative lookups included; a file still open
             # there is looked up afresh when next opened, and the kernel
