@@ -138,6 +138,10 @@ class LazyOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    # The kernel keeps symlink targets (a changed one is dropped like a file's
+    # pages), where pyfuse3 lets it (patches/): a walk or a path through a
+    # link is otherwise a readlink request each time.
+    enable_symlink_cache = True
 
     def __init__(self, repositories: dict[str, Repository], counters: Counters,
                  block_size: int, totals=None, no_open: bool = False):

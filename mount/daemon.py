@@ -366,6 +366,8 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
             raise UserError(f"cannot mount {settings.mountpoint}: {e}") from None
         log.info("mounted %s (%s) pid %d", settings.mountpoint,
                  ", ".join(f"{r.alias}={r.path}" for r in specs), os.getpid())
+        if hasattr(pyfuse3.Operations, "enable_symlink_cache"):
+            log.info("pyfuse3 %s: the kernel keeps symlink targets", pyfuse3.__version__)
         if no_open:
             log.info("pyfuse3 %s: the kernel sends no open, release, opendir or releasedir "
                      "requests", pyfuse3.__version__)

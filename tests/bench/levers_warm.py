@@ -1,14 +1,16 @@
 """Warm launches and walks with and without the kernel's open requests (issue 16), A/B.
 
-    .venv/bin/python tests/bench/levers_warm.py [--quick] [--rounds 7] [--stock-venv DIR]
+    .venv/bin/python tests/bench/levers_warm.py [--quick] [--rounds 7] [--venv NAME=DIR]
 
 Contenders, all rez-lazyfs at this commit:
     no-open        the patched pyfuse3 (patches/, what .ci/setup installs): the kernel
                    sends no open, release, opendir or releasedir, and keeps listings
+                   (and symlink targets)
     open-requests  the same build mounted with --open-requests: every open, release,
                    opendir and releasedir reaches the daemon, as with stock pyfuse3
-    stock          (with --stock-venv DIR: a venv holding the stock pyfuse3 release and
-                   this checkout, `pip install -e`) the fallback itself
+    NAME           (--venv NAME=DIR, repeatable) another environment holding this
+                   checkout (`pip install -e`) and another pyfuse3: the stock release
+                   (the fallback), or a build with fewer of the patches
 
 The store is run.py's (workloads.py; --quick: its 1/10 sizes), served through sshfs
 across a 1 ms RTT, 1 Gbit/s link (netstore.py), in WORKDIR (kept for the next run).
@@ -153,13 +155,16 @@ def summarize(raw: dict, names: list[str]) -> dict:
                         if run["daemon_us_per_request"] is not None) if any(
                         run["daemon_us_per_request"] for run in runs) else None,
                 }
-        if "open-requests" in names and "no-open" in names:
+        for other in names[1:]:  # each against the first, round by round
             for kind in ("warm_disk", "hot"):
-                pairs = [r["no-open"][kind]["seconds"] / r["open-requests"][kind]["seconds"]
+                pairs = [r[other][kind]["seconds"] / r[names[0]][kind]["seconds"]
                          for r in rounds]
-                s.setdefault("no_open_vs_open_requests", {})[kind] = {
-                    "median": round(statistics.median(pairs), 3),
-                    "per_round": [round(p, 3) for p in pairs]}
+                cpu = [r[other][kind]["daemon_cpu_seconds"] / r[names[0]][kind]["daemon_cpu_seconds"]
+                       for r in rounds if r[names[0]][kind]["daemon_cpu_seconds"]]
+                s.setdefault("against_first", {}).setdefault(other, {})[kind] = {
+                    "time_median": round(statistics.median(pairs), 3),
+                    "time_per_round": [round(p, 3) for p in pairs],
+                    "cpu_median": round(statistics.median(cpu), 3) if cpu else None}
     return summary
 
 
@@ -193,11 +198,12 @@ def write_markdown(path: Path, report: dict) -> None:
         for name in names:
             r = s[name]["warm_disk"]["requests"]
             lines.append(f"| {name} | " + " | ".join(f"{r.get(k, 0):,.0f}" for k in kinds) + " |")
-        if "no_open_vs_open_requests" in s:
-            ab = s["no_open_vs_open_requests"]
-            lines += ["", "no-open / open-requests, time per round (interleaved): warm-disk "
-                      f"{ab['warm_disk']['per_round']} (median {ab['warm_disk']['median']}), "
-                      f"hot {ab['hot']['per_round']} (median {ab['hot']['median']})."]
+        for other, ab in s.get("against_first", {}).items():
+            w, h = ab["warm_disk"], ab["hot"]
+            lines += ["", f"{other} / {names[0]}, round by round (interleaved): warm-disk time "
+                      f"{w['time_per_round']} (median {w['time_median']}; daemon CPU median "
+                      f"{w['cpu_median']}), hot time {h['time_per_round']} (median "
+                      f"{h['time_median']}; daemon CPU median {h['cpu_median']})."]
         lines.append("")
     path.write_text("\n".join(lines))
 
@@ -211,7 +217,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="run.py's ~1/10 sizes")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--workloads", default="W1,W3")
-    ap.add_argument("--stock-venv", type=Path, help="a venv with stock pyfuse3 and this checkout")
+    ap.add_argument("--contenders", default="open-requests,no-open",
+                    help="of this environment [open-requests,no-open]")
+    ap.add_argument("--venv", action="append", default=[], metavar="NAME=DIR",
+                    help="a contender in another venv (this checkout, another pyfuse3)")
     ap.add_argument("--rtt-ms", type=float, default=1.0)
     ap.add_argument("--rate-mbit", type=float, default=1000.0)
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rez-lazyfs-warmfuse"))
@@ -222,10 +231,12 @@ def main(argv=None) -> int:
         return 2
     sizes = Sizes.quick() if args.quick else Sizes()
     wls = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
-    contenders = [Contender("open-requests", CLI, ["--open-requests"]),
-                  Contender("no-open", CLI, [])]
-    if args.stock_venv:
-        contenders.append(Contender("stock", str(args.stock_venv / "bin" / "rez-lazyfs"), []))
+    own = {"open-requests": Contender("open-requests", CLI, ["--open-requests"]),
+           "no-open": Contender("no-open", CLI, [])}
+    contenders = [own[name.strip()] for name in args.contenders.split(",") if name.strip()]
+    for spec in args.venv:
+        name, _, venv = spec.partition("=")
+        contenders.append(Contender(name, str(Path(venv) / "bin" / "rez-lazyfs"), []))
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     netstore.install()
@@ -239,7 +250,7 @@ def main(argv=None) -> int:
         for wl in wls:
             for leftover in workdir.glob(f"cache-{wl}"):
                 subprocess.run(["rm", "-rf", str(leftover)], check=True)
-            fill_cache(wl, contenders[1], net, workdir, info)
+            fill_cache(wl, contenders[0], net, workdir, info)
             raw[wl] = []
             for r in range(args.rounds):
                 order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]

@@ -581,3 +581,28 @@ def test_a_file_changed_in_the_store_reads_anew_when_reopened_while_another_hold
         while (data := read_fully(big)) != final[::-1] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert data == final[::-1], f"{data[:20]!r}..., {len(data)} bytes"
+
+
+def test_the_kernel_keeps_symlink_targets_until_they_change(tmp_path, lazyfs_mount):
+    store = tmp_path / "store"
+    write_rez_package(store, "fam", "1.0", files={"lib/libfoo.so.1": "foo\n"})
+    write_rez_package(store, "fam", "2.0")
+    os.symlink("libfoo.so.1", store / "fam/1.0/lib/libfoo.so")
+    os.symlink("1.0", store / "fam/latest")
+    m = lazyfs_mount({"main": store}, metadata_ttl=1)
+    fam = m.repo_path("main") / "fam"
+    before = m.stats()["requests"].get("readlink", 0)
+    for _ in range(3):
+        assert os.readlink(fam / "1.0/lib/libfoo.so") == "libfoo.so.1"
+        assert (fam / "1.0/lib/libfoo.so").read_bytes() == b"foo\n"
+        assert os.readlink(fam / "latest") == "1.0"
+        assert (fam / "latest/lib/libfoo.so.1").exists()
+    assert m.stats()["requests"]["readlink"] - before == 2  # once per link
+    assert any(b"the kernel keeps symlink targets" in line for line in m.log_lines())
+
+    (store / "fam/latest").unlink()  # a link of a family directory moves on
+    os.symlink("2.0", store / "fam/latest")
+    deadline = time.monotonic() + 5
+    while os.readlink(fam / "latest") != "2.0" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.readlink(fam / "latest") == "2.0"
