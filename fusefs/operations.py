@@ -209,8 +209,9 @@ class LazyOperations(pyfuse3.Operations):
         attr = Attr(stat.S_IFDIR | 0o555, 0, 0, 0, 0, 2 + len(self.repos), self._uid, self._gid)
         return self._entry(pyfuse3.ROOT_INODE, attr, 1.0)
 
-    async def _attr_of(self, inode: int) -> pyfuse3.EntryAttributes:
-        alias, relpath = self.inodes.key(inode)
+    async def _attr_of(self, inode: int, key) -> pyfuse3.EntryAttributes:
+        """The attributes of `inode`, whose (alias, relpath) is `key`."""
+        alias, relpath = key
         if alias is None:
             return self._mount_root_entry()
         repo = self.repos[alias]
@@ -298,8 +299,14 @@ class LazyOperations(pyfuse3.Operations):
             for recording in self._recording(ctx):
                 recording.note_dir(alias, parent)
         inode = self._acquire(parent_inode, alias, name)
+        if name in (b".", b".."):
+            key = self.inodes.key(inode)
+        elif alias is None:
+            key = (os.fsdecode(name), b"")
+        else:
+            key = (alias, parent + b"/" + name if parent else name)
         try:
-            return await self._attr_of(inode)
+            return await self._attr_of(inode, key)
         except NotFound:
             self.inodes.forget(inode, 1)
             if alias is not None and not self.repos[alias].is_volatile_dir(parent):
@@ -323,8 +330,7 @@ class LazyOperations(pyfuse3.Operations):
 
     @error_boundary
     async def getattr(self, inode, ctx=None):
-        self._known(inode)
-        return await self._attr_of(inode)
+        return await self._attr_of(inode, self._known(inode))
 
     @error_boundary
     async def readlink(self, inode, ctx=None):

@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 
 import netstore  # noqa: E402
 from contenders import (  # noqa: E402
-    CLI, VARIANT_OF, LazyMount, WorkloadFailed, cpu_seconds, drop_caches, run_w1, run_w3)
+    CLI, VARIANT_OF, LazyMount, WorkloadFailed, drop_caches, run_w1, run_w3)
 from workloads import Sizes, ensure_store  # noqa: E402
 
 RUNNERS = {"W1": run_w1, "W3": run_w3}
@@ -75,6 +75,19 @@ def _settle(mount: LazyMount, quiet: float = 1.0, limit: float = 60.0) -> None:
         last = now
 
 
+def remount_store(net) -> None:
+    """A fresh sshfs (its caches cold); on a loaded machine its mount now and then
+    fails (the old one still going away): tried again, three times in all."""
+    for _ in range(2):
+        try:
+            net.remount()
+            return
+        except subprocess.CalledProcessError as e:
+            log(f"sshfs remount failed ({(e.stderr or '').strip()[-200:]}); again")
+            time.sleep(2)
+    net.remount()
+
+
 class Contender:
     def __init__(self, name: str, cli: str, extra: list[str]):
         self.name, self.cli, self.extra = name, cli, extra
@@ -98,7 +111,7 @@ def run_round(wl: str, order: list[Contender], store: Path, net, workdir: Path,
     native = runner(store / variant, info)["seconds"]
     out = {"native_seconds": native, "order": [c.name for c in order]}
     for c in order:
-        net.remount()
+        remount_store(net)
         drop_caches()
         mount = LazyMount(workdir / "lazy", net.mountpoint, workdir / f"cache-{wl}", c.extra,
                           cli=c.cli)
@@ -119,7 +132,7 @@ def run_round(wl: str, order: list[Contender], store: Path, net, workdir: Path,
 
 
 def fill_cache(wl: str, c: Contender, net, workdir: Path, info: dict) -> None:
-    net.remount()
+    remount_store(net)
     drop_caches()
     mount = LazyMount(workdir / "lazy", net.mountpoint, workdir / f"cache-{wl}", c.extra,
                       cli=c.cli)
@@ -171,7 +184,7 @@ def summarize(raw: dict, names: list[str]) -> dict:
 def write_markdown(path: Path, report: dict) -> None:
     names, lines = report["contenders"], []
     m = report["machine"]
-    lines += [f"# Warm launches and walks with and without open requests (issue 16)", "",
+    lines += ["# Warm launches and walks with and without open requests (issue 16)", "",
               f"`tests/bench/levers_warm.py{' --quick' if report['quick'] else ''} --rounds "
               f"{report['rounds']}` at {m['commit']}, {report['date']}: {m['nproc']} cores, "
               f"kernel {m['kernel']}, load average {m['load_start']} at the start and "

@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     out = HERE / "results"
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
     n_req = sum(requests.values())
-    lines = [f"# Daemon CPU of a warm W1 launch, per handler", "",
+    lines = ["# Daemon CPU of a warm W1 launch, per handler", "",
              f"`tests/bench/profile_warm.py{' --quick' if args.quick else ''} --runs {args.runs}"
              + "".join(f" --mount-option={o}" for o in args.mount_option) + f"`, "
              f"{report['date']}, load {' '.join(report['load'])}: {len(runs)} warm-disk "
