@@ -44,6 +44,7 @@ from .errors import (
 from .fetcher import Fetcher, FileVersion
 from .index import MetadataIndex
 from .model import Attr, display_path
+from .paths import split_path
 from .replay import replay
 from .singleflight import SingleFlight
 from .stores import Store
@@ -160,9 +161,7 @@ class Repository:
 
     # -- policy -------------------------------------------------------------
     def is_volatile_dir(self, relpath: bytes) -> bool:
-        # Its depth alone: the paths asked about come from listings and the
-        # kernel, checked already (this is asked on every lookup).
-        return self.policy.mutable or (relpath.count(b"/") + 1 if relpath else 0) <= VOLATILE_DEPTH
+        return self.policy.mutable or len(split_path(relpath)) <= VOLATILE_DEPTH
 
     def is_volatile(self, relpath: bytes) -> bool:
         """Whether the entry's attributes (and, for a file, its contents) may change."""

@@ -209,9 +209,8 @@ class LazyOperations(pyfuse3.Operations):
         attr = Attr(stat.S_IFDIR | 0o555, 0, 0, 0, 0, 2 + len(self.repos), self._uid, self._gid)
         return self._entry(pyfuse3.ROOT_INODE, attr, 1.0)
 
-    async def _attr_of(self, inode: int, key) -> pyfuse3.EntryAttributes:
-        """The attributes of `inode`, whose (alias, relpath) is `key`."""
-        alias, relpath = key
+    async def _attr_of(self, inode: int) -> pyfuse3.EntryAttributes:
+        alias, relpath = self.inodes.key(inode)
         if alias is None:
             return self._mount_root_entry()
         repo = self.repos[alias]
@@ -299,14 +298,8 @@ class LazyOperations(pyfuse3.Operations):
             for recording in self._recording(ctx):
                 recording.note_dir(alias, parent)
         inode = self._acquire(parent_inode, alias, name)
-        if name in (b".", b".."):
-            key = self.inodes.key(inode)
-        elif alias is None:
-            key = (os.fsdecode(name), b"")
-        else:
-            key = (alias, parent + b"/" + name if parent else name)
         try:
-            return await self._attr_of(inode, key)
+            return await self._attr_of(inode)
         except NotFound:
             self.inodes.forget(inode, 1)
             if alias is not None and not self.repos[alias].is_volatile_dir(parent):
@@ -330,7 +323,8 @@ class LazyOperations(pyfuse3.Operations):
 
     @error_boundary
     async def getattr(self, inode, ctx=None):
-        return await self._attr_of(inode, self._known(inode))
+        self._known(inode)
+        return await self._attr_of(inode)
 
     @error_boundary
     async def readlink(self, inode, ctx=None):

@@ -13,6 +13,10 @@ between handlers (trio, pyfuse3's request loop: Cython, no Python frames of its 
 else to the worker threads' work. The daemon's user CPU time (from /proc) is shared out
 in proportion to the samples, over the requests per handler (the stats xattr); system
 time (the kernel's side of requests, replies and cache-disk reads) is given apart.
+With --perf, perf(1) samples the daemon as well (every thread, user and kernel): the
+daemon's CPU by object (the kernel, libpython, pyfuse3, blake3, ...) and its hottest
+symbols, which the Python view cannot split (a syscall made holding the GIL counts as
+the Python frame that made it).
 Writes tests/bench/results/NAME.{json,md} (profile-warm, profile-warm-quick).
 """
 from __future__ import annotations
@@ -92,12 +96,30 @@ def parse(raw: Path, handlers: set[str]) -> tuple[collections.Counter, dict]:
     return buckets, leaves
 
 
+def perf_split(files: list[Path]) -> tuple[list, list]:
+    """([(object, share)], [(symbol, object, share)]) over the perf.data files."""
+    objects: collections.Counter = collections.Counter()
+    symbols: collections.Counter = collections.Counter()
+    for data in files:
+        out = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
+                              "--sort", "dso,sym", "-g", "none", "--percent-limit", "0.05"],
+                             capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[[.k]\]\s+(.*)$", line)
+            if m:
+                share, obj, sym = float(m[1]) / 100 / len(files), m[2], m[3].strip()
+                objects[obj] += share
+                symbols[(sym, obj)] += share
+    return (objects.most_common(), [(s, o, v) for (s, o), v in symbols.most_common(40)])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rate", type=int, default=1000, help="py-spy samples per second [1000]")
     ap.add_argument("--mount-option", action="append", default=[], metavar="ARG")
+    ap.add_argument("--perf", action="store_true", help="also sample with perf(1)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rez-lazyfs-warmfuse/full"))
     ap.add_argument("--output", help="results name [profile-warm, profile-warm-quick]")
     args = ap.parse_args(argv)
@@ -140,11 +162,19 @@ def main(argv=None) -> int:
                                     str(args.rate), "--format", "raw", "--gil",
                                     "--threads", "--output", str(raw)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            perf = None
+            if args.perf:
+                perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-p", str(m.pid),
+                                         "-o", str(workdir / f"perf-{n}.data")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # attached
             seconds = run_w1(m.mountpoint / "main" / W1_VARIANT, info)["seconds"]
             user1, sys1 = cpu_times(m.pid)
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
+            if perf is not None:
+                perf.send_signal(signal.SIGINT)
+                perf.wait(timeout=120)
             after = m.stats()["requests"]
         finally:
             m.umount()
@@ -197,6 +227,15 @@ def main(argv=None) -> int:
         top = "; ".join(f"{leaf} {c}" for leaf, c in r["top_leaves"][:4])
         lines.append(f"| {r['where']} | {r['share']:.1%} | {r['cpu_seconds']:.2f} s | "
                      f"{r['requests']:,} | {us} | {top} |")
+    if args.perf:
+        objects, symbols = perf_split([workdir / f"perf-{n}.data" for n in range(args.runs)])
+        report["perf"] = {"objects": objects, "symbols": symbols}
+        (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+        lines += ["", "perf, every thread of the daemon, user and kernel (share of its samples):",
+                  "", "| object | share |", "|---|---|"]
+        lines += [f"| {o} | {share:.1%} |" for o, share in objects[:10]]
+        lines += ["", "| hottest symbols | object | share |", "|---|---|---|"]
+        lines += [f"| `{sym}` | {o} | {share:.1%} |" for sym, o, share in symbols[:25]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     log(f"wrote {out / name}.md and .json")
     return 0
