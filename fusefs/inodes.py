@@ -54,6 +54,9 @@ class InodeTable:
     def __len__(self):
         return len(self._nodes)
 
+    def __contains__(self, inode: int) -> bool:
+        return inode in self._nodes
+
     def key(self, inode: int) -> NodeKey:
         """(alias, relpath) of a known inode; KeyError if the kernel has none."""
         node = self._nodes[inode]
@@ -98,6 +101,17 @@ class InodeTable:
             if node is None:
                 return None
         return node.inode
+
+    def directories(self, inode: int = pyfuse3.ROOT_INODE) -> list[int]:
+        """The inodes at and below `inode` with children: the directories the
+        kernel may hold entries (and listings) of."""
+        found, todo = [], [self._nodes[inode]]
+        while todo:
+            node = todo.pop()
+            if node.children:
+                found.append(node.inode)
+                todo.extend(node.children.values())
+        return found
 
     def acquire(self, inode: int) -> None:
         """One more kernel reference to a known inode (lookup of "." or "..")."""

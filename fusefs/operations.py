@@ -13,6 +13,7 @@ others, and listxattr lists none to them).
 from __future__ import annotations
 
 import errno
+import collections
 import functools
 import itertools
 import json
@@ -27,6 +28,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from cachecore.errors import LazyFSError, NotFound, StoreUnavailable
+from cachecore.fetcher import FileVersion
 from cachecore.model import Attr
 from cachecore.repository import Repository
 from cachecore.stats import Counters
@@ -59,14 +61,20 @@ TRACE_XATTR = b"user.rezlazyfs.trace."
 TRACE_PART = 60_000  # bytes: below the 64K an xattr value can hold
 MAX_RECORDINGS = 8
 IMMUTABLE_TIMEOUT = 24 * 3600.0  # released payload never changes: let the kernel keep it
+# Without opendir, where the kernel's listings stopped (a reader that stopped
+# early, readers listing one directory at once): kept for this many at most.
+MAX_DIR_CURSORS = 64
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
 def error_boundary(handler):
-    """Only FUSEError may leave a handler: anything else would kill the mount."""
+    """Only FUSEError may leave a handler: anything else would kill the mount.
+    Counts the requests each handler serves (the stats xattr shows them)."""
+    name = handler.__name__
 
     @functools.wraps(handler)
     async def guarded(self, *args):
+        self.requests[name] += 1
         try:
             return await handler(self, *args)
         except FUSEError:
@@ -89,6 +97,17 @@ def error_boundary(handler):
 
 def _read_only(*_args):
     raise FUSEError(errno.EROFS)
+
+
+def _drop_kernel_caches(inodes: list[int]) -> None:
+    """Have the kernel drop the attributes, pages and listings it holds of
+    `inodes` (those it has forgotten already it says so: ENOENT). Blocking."""
+    for inode in inodes:
+        try:
+            pyfuse3.invalidate_inode(inode)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
 
 
 class _OpenDir:
@@ -125,16 +144,28 @@ class LazyOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    # The kernel keeps symlink targets (a changed one is dropped like a file's
+    # pages), where pyfuse3 lets it (patches/): a walk or a path through a
+    # link is otherwise a readlink request each time.
+    enable_symlink_cache = True
 
     def __init__(self, repositories: dict[str, Repository], counters: Counters,
                  block_size: int, totals=None, config: dict | None = None, flush=None,
-                 root_alias: str | None = None):
+                 root_alias: str | None = None, no_open: bool = False):
         """config: what CONFIG_XATTR answers; flush: an async function writing
         the noted uses to the index (FLUSH_XATTR); root_alias: the one
         repository whose root is the mount root (a transparent mount,
         fusefs/inodes.py); the mount root keeps the mount's own xattrs (stats,
-        trace recording, config, flush) either way."""
+        trace recording, config, flush) either way. no_open: the kernel skips
+        open/release and opendir/releasedir (a patched pyfuse3)."""
         super().__init__()
+        # With a pyfuse3 that can (patches/), the kernel sends no open,
+        # release, opendir or releasedir: half the requests of a start-up.
+        # read and readdir then get the inode (pyfuse3 reads these two once,
+        # at init); a file's version is taken at its first read, and the
+        # kernel keeps the pages and listings it was given until told.
+        self.no_open = self.no_opendir = no_open
+        self.requests: collections.Counter[str] = collections.Counter()
         self.repos = repositories
         self.counters = counters
         self.totals = totals or (lambda: counters)
@@ -146,6 +177,11 @@ class LazyOperations(pyfuse3.Operations):
         self._handles = count(1)
         self._open_files = {}
         self._open_dirs: dict[int, _OpenDir] = {}
+        # no_open: inode -> (repository, version) from its first read, until
+        # the kernel forgets the inode or its directory is relisted changed.
+        self._versions: dict[int, tuple[Repository, FileVersion]] = {}
+        # no_opendir: (inode, position) -> the listing a readdir stopped in.
+        self._dir_cursors: dict[tuple[int, int], _OpenDir] = {}
         # Kernel cache invalidations, sent from a task of their own
         # (invalidate_kernel_caches): a handler must not wait for them, as the
         # kernel may wait for that very request to finish first.
@@ -226,7 +262,19 @@ class LazyOperations(pyfuse3.Operations):
         directory = self.inodes.find(alias, relpath)
         if directory is None:
             return  # the kernel holds nothing there
+        if self.no_open:  # versions are taken afresh at the next read
+            if names is None:
+                self._versions.clear()
+            else:
+                for name in names:
+                    self._versions.pop(self.inodes.child(directory, name), None)
         if names is None:
+            if self.no_opendir:
+                # Without opendir the kernel keeps listings: those of the
+                # directories it still holds at and below (in use: a cwd, an
+                # open handle) would outlive dropping their entries.
+                for inode in self.inodes.directories(directory):
+                    self._invalidate(pyfuse3.invalidate_inode, inode)
             self._drop_tree(directory)
             return
         for name in names:  # a new name may be cached as a negative lookup
@@ -295,6 +343,8 @@ class LazyOperations(pyfuse3.Operations):
     async def forget(self, inode_list):
         for inode, nlookup in inode_list:
             self.inodes.forget(inode, nlookup)
+            if inode in self._versions and inode not in self.inodes:
+                del self._versions[inode]
 
     @error_boundary
     async def getattr(self, inode, ctx=None):
@@ -311,30 +361,37 @@ class LazyOperations(pyfuse3.Operations):
             raise FUSEError(errno.EINVAL)
         return attr.target
 
-    @error_boundary
-    async def opendir(self, inode, ctx=None):
+    async def _listing(self, inode: int, recordings) -> _OpenDir:
+        """The directory's listing as it is now, noted by `recordings`: a
+        relisting replaces the repository's dict, never changes this one, so
+        offsets stay stable while the kernel walks it."""
         alias, relpath = self._known(inode)
         if alias is None:
             entries = {os.fsencode(a): await self.repos[a].root_attr() for a in sorted(self.repos)}
             ttl = min(self._ttl(repo, True) for repo in self.repos.values()) if self.repos else 1.0
-        else:
-            repo = self.repos[alias]
-            entries = await repo.readdir(relpath)
-            if self._recordings:
-                for recording in self._recording(ctx):
-                    recording.note_dir(alias, relpath)
-            # Every entry's attributes come from this one listing, so they share
-            # its policy: decided once here, not per entry in readdir.
-            ttl = self._ttl(repo, repo.is_volatile_dir(relpath))
+            return _OpenDir(inode, entries, ttl)
+        repo = self.repos[alias]
+        entries = await repo.readdir(relpath)
+        for recording in recordings:
+            recording.note_dir(alias, relpath)
+        # Every entry's attributes come from this one listing, so they share
+        # its policy: decided once here, not per entry in readdir.
+        return _OpenDir(inode, entries, self._ttl(repo, repo.is_volatile_dir(relpath)))
+
+    @error_boundary
+    async def opendir(self, inode, ctx=None):
+        d = await self._listing(inode, self._recording(ctx) if self._recordings else ())
         fh = next(self._handles)
-        # The listing as it is now: a relisting replaces the repository's
-        # dict, never changes this one, so offsets stay stable while listing.
-        self._open_dirs[fh] = _OpenDir(inode, entries, ttl)
+        self._open_dirs[fh] = d
         return fh
 
     @error_boundary
-    async def readdir(self, fh, start_id, token):
-        d = self._open_dirs[fh]
+    async def readdir(self, fh, start_id, token, ctx=None):
+        if self.no_opendir:  # fh is the inode
+            recordings = self._recording_no_open(fh, ctx) if self._recordings else ()
+            d = self._dir_cursors.pop((fh, start_id), None) or await self._listing(fh, recordings)
+        else:
+            d = self._open_dirs[fh]
         d.seek(start_id)
         while (item := d.peek()) is not None:
             name, attr = item
@@ -343,8 +400,13 @@ class LazyOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._entry(inode, attr, d.ttl),
                                          d.position + 1):
                 self.inodes.forget(inode, 1)
-                return
+                break
             d.advance()
+        if self.no_opendir and d.position > start_id:
+            # The kernel asks for the rest (or, at the end, for nothing more) from here.
+            if len(self._dir_cursors) >= MAX_DIR_CURSORS:
+                del self._dir_cursors[next(iter(self._dir_cursors))]
+            self._dir_cursors[(fh, d.position)] = d
 
     @error_boundary
     async def releasedir(self, fh):
@@ -387,15 +449,28 @@ class LazyOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @error_boundary
-    async def read(self, fh, off, size):
-        repo, version = self._open_files[fh]
-        if fh in self._recorded_files and size:
+    async def read(self, fh, off, size, ctx=None):
+        if self.no_open:  # fh is the inode
+            repo, version = self._versions.get(fh) or await self._first_read(fh)
+            recordings = self._recording_no_open(fh, ctx) if self._recordings else ()
+        else:
+            repo, version = self._open_files[fh]
+            recordings = self._recorded_files.get(fh, ())
+        if recordings and size:
             end = min(off + size, version.size)
             if off < end:
-                for recording in self._recorded_files[fh]:
+                for recording in recordings:
                     recording.note_read(repo.alias, version.relpath, version.identity,
                                         off // self.block_size, (end - 1) // self.block_size)
         return await repo.read(version, off, size)
+
+    async def _first_read(self, inode: int) -> tuple[Repository, FileVersion]:
+        """no_open: the version a file reads, taken where an open would take it
+        (which starts the sibling prefetch). Only regular files are read."""
+        alias, relpath = self._known(inode)
+        repo = self.repos[alias]
+        self._versions[inode] = repo, await repo.open(relpath)
+        return self._versions[inode]
 
     @error_boundary
     async def release(self, fh):
@@ -419,8 +494,8 @@ class LazyOperations(pyfuse3.Operations):
         if name == FORGET_XATTR:
             return await self._forget(alias, relpath)
         if mount_root and name == STATS_XATTR:
-            return json.dumps({**self.counters.snapshot(), **self._store_traffic()},
-                              sort_keys=True).encode()
+            return json.dumps({**self.counters.snapshot(), **self._store_traffic(),
+                               "requests": self.requests}, sort_keys=True).encode()
         if mount_root and name == TOTALS_XATTR:
             return json.dumps({**self.totals().to_record(), **self._store_traffic()},
                               sort_keys=True).encode()
@@ -448,6 +523,16 @@ class LazyOperations(pyfuse3.Operations):
         pid = getattr(ctx, "pid", 0)
         return [r for r in self._recordings.values() if not r.stopped and pid in r.tree]
 
+    def _recording_no_open(self, inode: int, ctx) -> list[Recording]:
+        """The recordings whose process tree made this read (or listing) of
+        `inode`. Without opens the kernel keeps what it is given for later
+        readers: if a recording does not see this request, the kernel drops
+        what it gives, so the recording's processes ask for it themselves."""
+        recordings = self._recording(ctx)
+        if len(recordings) < sum(not r.stopped for r in self._recordings.values()):
+            self._invalidate(pyfuse3.invalidate_inode, inode)
+        return recordings
+
     async def _trace_control(self, verb: bytes) -> bytes:
         """start:PID, stop:ID, part:ID:I, end:ID (TRACE_XATTR). Each answers the
         same when asked twice: a caller asks once for the size, once for the value."""
@@ -467,9 +552,14 @@ class LazyOperations(pyfuse3.Operations):
             self._recordings[rid] = Recording(ProcessTree(args[0]), self.block_size,
                                               {a: r.store.root for a, r in self.repos.items()})
             # What the kernel holds of the tree it answers itself: drop it, so
-            # the recorded processes' lookups reach us (their pages are
-            # dropped as they open each file: no keep_cache for them).
+            # the recorded processes' lookups reach us (with opens, their
+            # pages are dropped as they open each file: no keep_cache for them).
             self._drop_tree(pyfuse3.ROOT_INODE)
+            if self.no_open:
+                # Without opens, the pages and listings of files and
+                # directories still in use (open, mapped, a cwd) as well.
+                self._invalidate(_drop_kernel_caches,
+                                 [*self._versions, *self.inodes.directories()])
             await self._invalidations_sent()
             log.info("recording a trace of process %d (recording %d)", args[0], rid)
             return str(rid).encode()

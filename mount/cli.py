@@ -96,6 +96,8 @@ def repo_options(f):
 @click.option("--offline", is_flag=True, default=None, help="Never contact the store: serve the cache alone.")
 @click.option("--allow-other", is_flag=True, default=None, help="Let other users (and containers) use the mount.")
 @click.option("--debug", is_flag=True, default=None, help="Log every store request.")
+@click.option("--open-requests", is_flag=True, default=None,
+              help="Have the kernel send every open and release, as with stock pyfuse3 (slower).")
 @click.option("--shared-cache", "shared_caches", multiple=True, type=click.Path(file_okay=False),
               callback=lambda ctx, param, value: list(value) or None,
               help="A read-only cache (say the host's, in a container) read before the store; "

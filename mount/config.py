@@ -92,6 +92,10 @@ class Settings:
     allow_other: bool = False
     log_file: str = ""
     debug: bool = False
+    # Have the kernel send every open, release, opendir and releasedir, as
+    # with stock pyfuse3, even where the patched one lets it skip them
+    # (patches/): for A/B measurements and tests of the stock way.
+    open_requests: bool = False
     shared_caches: list[str] = field(default_factory=list)  # read-only caches read before the store
     # A transparent mount (mount/over.py): `mountpoint` is the store path of
     # its one repository, served at its own path.
@@ -134,8 +138,8 @@ _CONFIG_TYPES = {
     "cache": str, "mountpoint": str, "log_file": str, "block_size": _SIZE_TYPES,
     "cache_limit": _SIZE_TYPES, "read_ahead": _SIZE_TYPES, "prefetch": _SIZE_TYPES,
     "metadata_ttl": (int, float), "permission_ttl": (int, float), "store_timeout": (int, float), "store_threads": int,
-    "offline": bool, "allow_other": bool, "debug": bool, "shared_caches": list, "repos": dict,
-    "over": list,
+    "offline": bool, "allow_other": bool, "debug": bool, "open_requests": bool,
+    "shared_caches": list, "repos": dict, "over": list,
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list",
                dict: "a table", _SIZE_TYPES: "a size like \"128K\" or a byte count",

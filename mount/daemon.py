@@ -418,10 +418,15 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                                    prefetch_max_size=settings.prefetch,
                                    cache_may_stall=cache_can_stall,
                                    permission_ttl=_permission_ttl(settings), stores=stores)
+        # The kernel can skip open, release, opendir and releasedir (half
+        # the requests of a start-up) with a pyfuse3 that lets it: ours,
+        # patched (patches/); stock pyfuse3 serves them all, slower.
+        no_open = hasattr(pyfuse3.Operations, "no_open") and not settings.open_requests
         ops = LazyOperations(repos, cache.counters, cache.blocks.block_size,
                              totals=lambda: base + cache.counters,
                              config=served_config(settings, specs, cache.blocks.block_size),
-                             flush=lambda: cache.flush(totals_name, base), root_alias=root_alias)
+                             flush=lambda: cache.flush(totals_name, base), root_alias=root_alias,
+                             no_open=no_open)
         for repo in repos.values():  # before the first lookup, which may start a replay
             await repo.refresh_traces()
         options = set(pyfuse3.default_options) | {
@@ -435,6 +440,16 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
             raise UserError(f"cannot mount {settings.mountpoint}: {e}") from None
         log.info("mounted %s (%s) pid %d", settings.mountpoint,
                  ", ".join(f"{r.alias}={r.path}" for r in specs), os.getpid())
+        if hasattr(pyfuse3.Operations, "enable_symlink_cache"):
+            log.info("pyfuse3 %s: the kernel keeps symlink targets", pyfuse3.__version__)
+        if no_open:
+            log.info("pyfuse3 %s: the kernel sends no open, release, opendir or releasedir "
+                     "requests", pyfuse3.__version__)
+        else:
+            log.info("pyfuse3 %s: every open, release, opendir and releasedir reaches the daemon "
+                     "(%s)", pyfuse3.__version__, "--open-requests" if settings.open_requests else
+                     "a stock release; patches/install-pyfuse3 builds one that lets the kernel "
+                     "skip them")
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)

@@ -218,17 +218,20 @@ def cpu_seconds(pid: int) -> float | None:
 
 class LazyMount:
     """One `rez-lazyfs mount` of a store (the sshfs store's path, or the
-    image's URL), its daemon found by an env marker."""
+    image's URL), its daemon found by an env marker; `cli` is the rez-lazyfs
+    command (another environment's, say one with another pyfuse3)."""
 
-    def __init__(self, mountpoint: Path, store: Path, cache: Path, extra: list[str]):
+    def __init__(self, mountpoint: Path, store: Path, cache: Path, extra: list[str],
+                 cli: str = CLI):
         self.mountpoint, self.store, self.cache, self.extra = mountpoint, store, cache, extra
+        self.cli = cli
         self.marker = uuid.uuid4().hex
         self.pid: int | None = None
 
     def mount(self) -> None:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, MARKER_VAR: self.marker}
-        r = subprocess.run([CLI, "mount", str(self.mountpoint), "--repo", f"main={self.store}",
+        r = subprocess.run([self.cli, "mount", str(self.mountpoint), "--repo", f"main={self.store}",
                             "--cache", str(self.cache), *self.extra],
                            env=env, capture_output=True, text=True)
         if r.returncode:
@@ -251,9 +254,11 @@ class LazyMount:
 
     def umount(self) -> None:
         if is_mounted(self.mountpoint):
-            r = subprocess.run([CLI, "umount", str(self.mountpoint)], capture_output=True, text=True)
+            r = subprocess.run([self.cli, "umount", str(self.mountpoint)], capture_output=True,
+                               text=True)
             if r.returncode:
-                subprocess.run([CLI, "umount", "--lazy", str(self.mountpoint)], capture_output=True)
+                subprocess.run([self.cli, "umount", "--lazy", str(self.mountpoint)],
+                               capture_output=True)
         # the daemon flushes its index and exits: wait for it, so the next
         # mount of this cache does not race it
         deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT

@@ -94,13 +94,18 @@ class Rez:
         rez's API), no user configuration of either tool, and *env* on top."""
         from helpers.mounts import LAZYFS
 
-        extra, env = env, self.environ([self.workdir / "no-packages-here"])
+        return subprocess.run([str(LAZYFS), *map(str, args)], env=self.lazyfs_environ(env),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def lazyfs_environ(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment `lazyfs` runs its commands in (*extra* on top)."""
+        env = self.environ([self.workdir / "no-packages-here"])
         env.update(extra or {})
         xdg = self.workdir / "xdg"
         env.update(XDG_CONFIG_HOME=str(xdg / "config"), XDG_CACHE_HOME=str(xdg / "cache"),
                    XDG_DATA_HOME=str(xdg / "data"), XDG_STATE_HOME=str(xdg / "state"))
-        return subprocess.run([str(LAZYFS), *map(str, args)], env=env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout)
+        return env
 
     def resolve(self, request: list[str], packages_path: list[Path], out: Path) -> Path:
         self._run(["rez-env", *request, "--output", str(out)], packages_path)

@@ -42,6 +42,14 @@ def drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
+def resident_pages(path: Path) -> int:
+    """How many pages of *path* the kernel's page cache holds (fincore(1),
+    util-linux: mincore(2) of a mapping of it, so nothing is read)."""
+    out = subprocess.run(["fincore", "--noheadings", "--output", "PAGES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out)
+
+
 def read_range(path: Path, offset: int, length: int) -> bytes:
     """Exactly [offset, offset+length) of *path*. Readahead is switched off
     for this open file (POSIX_FADV_RANDOM): otherwise the kernel would ask

@@ -23,6 +23,9 @@ from helpers.walk import assert_same_tree, sha256_file, store_snapshot, walk
 from helpers.witness import StoreReadWitness
 
 BLOCK = 64 * KiB  # the fixture mounts with --block-size 64K
+# The two ways the daemon serves: without open requests (the patched pyfuse3
+# that .ci/setup installs), and with them (as with stock pyfuse3).
+MODES = {"no-open": (), "open-requests": ("--open-requests",)}
 
 
 def read_fully(path: Path | bytes) -> bytes:
@@ -314,11 +317,12 @@ def test_uncached_read_fails_with_eio_when_the_store_hangs(tmp_path, lazyfs_moun
 # 5. ---------------------------------------------------------------------------
 
 
-def test_every_kind_of_write_fails_with_erofs_and_changes_nothing(tmp_path, lazyfs_mount):
+@pytest.mark.parametrize("mode", MODES)
+def test_every_kind_of_write_fails_with_erofs_and_changes_nothing(tmp_path, lazyfs_mount, mode):
     store = tmp_path / "store"
     tree = build_tricky_tree(store, crowded_entries=100)
     before = store_snapshot(store)
-    m = lazyfs_mount({"main": store})
+    m = lazyfs_mount({"main": store}, extra_args=MODES[mode])
     repo = m.repo_path("main")
     file = repo / "a/top.txt"
     other_file = repo / "a/b/c/d/deep.txt"
@@ -426,14 +430,17 @@ def test_rez_env_resolves_and_runs_a_package_from_the_mount(tmp_path, lazyfs_mou
 
 # Prefetching (a lever of the performance issue) ---------------------------------
 
-def test_first_open_prefetches_same_suffix_siblings_so_imports_wait_for_no_fetch(
-        tmp_path, lazyfs_mount):
+@pytest.mark.parametrize("mode", MODES)
+def test_first_read_prefetches_same_suffix_siblings_so_imports_wait_for_no_fetch(
+        tmp_path, lazyfs_mount, mode):
+    """The prefetch starts at a file's first open, or without open requests
+    at its first read."""
     store = tmp_path / "store"
     modules = {f"python/pkg/mod{n:02d}.py": f"VALUE = {n}\n" for n in range(40)}
     write_rez_package(store, "fam", "1.0.0", files={
         **modules, "python/pkg/__init__.py": "", "python/pkg/notes.txt": "not code\n",
         "python/pkg/blob.py": "#" * (128 * KiB)})  # same suffix, but too big to prefetch
-    m = lazyfs_mount({"main": store}, prefetch="64K")
+    m = lazyfs_mount({"main": store}, prefetch="64K", extra_args=MODES[mode])
     pkg = m.repo_path("main") / "fam/1.0.0/python/pkg"
 
     os.listdir(pkg)  # listing alone fetches nothing: a walk or `ls` must stay cheap
@@ -457,3 +464,145 @@ def test_first_open_prefetches_same_suffix_siblings_so_imports_wait_for_no_fetch
     # Only mod00 waited for the store; notes.txt and the big module were never fetched.
     assert after["cache_misses"] == 1
     assert after["store_reads"] == len(modules)
+
+
+# Open requests (issue 16) ---------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_without_open_requests_the_kernel_keeps_pages_and_listings_across_opens(
+        tmp_path, lazyfs_mount, mode):
+    store = tmp_path / "store"
+    write_rez_package(store, "fam", "1.0.0", files={
+        f"python/pkg/mod{n}.py": f"VALUE = {n}\n" for n in range(5)})
+    m = lazyfs_mount({"main": store}, extra_args=MODES[mode])
+    pkg = m.repo_path("main") / "fam/1.0.0/python/pkg"
+    names = sorted(f"mod{n}.py" for n in range(5))
+
+    def listing_and_read() -> dict[str, int]:
+        before = m.stats()["requests"]
+        assert sorted(os.listdir(pkg)) == names
+        assert read_fully(pkg / "mod3.py") == b"VALUE = 3\n"
+        after = m.stats()["requests"]
+        return {k: after[k] - before.get(k, 0) for k in after
+                if after[k] != before.get(k, 0) and k != "getxattr"}  # the stats themselves
+
+    first = listing_and_read()
+    again = [listing_and_read() for _ in range(3)]
+    served = [line for line in m.log_lines() if b"pyfuse3 " in line]
+    assert first["readdir"] >= 1 and first["read"] == 1
+    if mode == "no-open":
+        assert b"the kernel sends no open, release, opendir or releasedir" in served[-1]
+        assert not {"open", "release", "opendir", "releasedir"} & first.keys(), first
+        # the kernel answers the same listing and read itself: nothing reaches the daemon
+        assert again == [{}] * 3, again
+    else:
+        assert b"every open, release, opendir and releasedir reaches the daemon" in served[-1]
+        assert b"--open-requests" in served[-1]
+        want = {"open": 1, "release": 1, "opendir": 1, "releasedir": 1,
+                "readdir": first["readdir"]}  # immutable payload: its pages are kept (keep_cache)
+        assert again == [want] * 3, again
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_directory_relisted_or_forgotten_is_listed_anew_by_the_kernel(
+        tmp_path, lazyfs_mount, mode):
+    """Without opendir the kernel keeps listings; a name that appears must
+    still show up once the daemon lists the directory again, even where the
+    store's directory time did not move (coarse timestamps) and in a
+    directory still in use (a shell's cwd)."""
+    store = tmp_path / "store"
+    write_rez_package(store, "fam", "1.0", files={"lib/a.py": "a = 1\n"})
+    m = lazyfs_mount({"main": store}, metadata_ttl=1, extra_args=MODES[mode])
+    fam = m.repo_path("main") / "fam"
+    lib = fam / "1.0/lib"
+
+    def listed_soon(path, want: list[str]) -> list[str]:
+        deadline = time.monotonic() + 5
+        while (names := sorted(os.listdir(path))) != want and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return names
+
+    assert os.listdir(fam) == ["1.0"]
+    family_times = os.stat(store / "fam").st_mtime_ns
+    write_rez_package(store, "fam", "2.0")
+    os.utime(store / "fam", ns=(family_times, family_times))  # a time that did not move
+    time.sleep(1.2)  # past metadata_ttl
+    assert not (fam / "3.0").exists()  # a lookup: the daemon lists the family again
+    assert listed_soon(fam, ["1.0", "2.0"]) == ["1.0", "2.0"]
+
+    held = os.open(lib, os.O_RDONLY)  # the directory in use: the kernel keeps its inode
+    try:
+        assert os.listdir(lib) == ["a.py"]
+        lib_times = os.stat(store / "fam/1.0/lib").st_mtime_ns
+        write_file(store / "fam/1.0/lib/late.py", "late = 1\n")
+        os.utime(store / "fam/1.0/lib", ns=(lib_times, lib_times))
+        run([VENV_BIN / "rez-lazyfs", "forget", "--mount", m.path, "fam-1.0"],
+            env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+        assert listed_soon(lib, ["a.py", "late.py"]) == ["a.py", "late.py"]
+    finally:
+        os.close(held)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_changed_in_the_store_reads_anew_when_reopened_while_another_holds_it(
+        tmp_path, lazyfs_mount, mode):
+    """A payload file listed while it was still being copied: a read finds it
+    changed, the daemon lists its directory again, and a reopen reads the
+    whole file, also while another process keeps the old one open (then the
+    kernel keeps its inode, and the version read by that inode must change);
+    likewise after `forget`."""
+    store = tmp_path / "store"
+    final = deterministic_bytes(3 * BLOCK + 5, seed=16)
+    write_file(store / "fam/1.0/package.py", "name = 'fam'\n")
+    write_file(store / "fam/1.0/lib/big.bin", final[:BLOCK])  # the copy is under way
+    m = lazyfs_mount({"main": store}, extra_args=MODES[mode])
+    big = m.repo_path("main") / "fam/1.0/lib/big.bin"
+    with open(big, "rb") as held:
+        assert os.fstat(held.fileno()).st_size == BLOCK
+        with open(store / "fam/1.0/lib/big.bin", "ab") as f:  # the copy finishes
+            f.write(final[BLOCK:])
+        m.expect_log("changed in the store")
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                data = read_fully(big)
+            except OSError as e:  # the read that found the change
+                data = errno.errorcode[e.errno].encode()
+            if data == final or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert data == final, f"{data[:20]!r}..., {len(data)} bytes"
+
+        # Changed once more, and `rez-lazyfs forget`: the same again.
+        write_file(store / "fam/1.0/lib/big.bin", final[::-1])
+        run([VENV_BIN / "rez-lazyfs", "forget", "--mount", m.path, "fam-1.0"],
+            env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+        deadline = time.monotonic() + 5
+        while (data := read_fully(big)) != final[::-1] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert data == final[::-1], f"{data[:20]!r}..., {len(data)} bytes"
+
+
+def test_the_kernel_keeps_symlink_targets_until_they_change(tmp_path, lazyfs_mount):
+    store = tmp_path / "store"
+    write_rez_package(store, "fam", "1.0", files={"lib/libfoo.so.1": "foo\n"})
+    write_rez_package(store, "fam", "2.0")
+    os.symlink("libfoo.so.1", store / "fam/1.0/lib/libfoo.so")
+    os.symlink("1.0", store / "fam/latest")
+    m = lazyfs_mount({"main": store}, metadata_ttl=1)
+    fam = m.repo_path("main") / "fam"
+    before = m.stats()["requests"].get("readlink", 0)
+    for _ in range(3):
+        assert os.readlink(fam / "1.0/lib/libfoo.so") == "libfoo.so.1"
+        assert (fam / "1.0/lib/libfoo.so").read_bytes() == b"foo\n"
+        assert os.readlink(fam / "latest") == "1.0"
+        assert (fam / "latest/lib/libfoo.so.1").exists()
+    assert m.stats()["requests"]["readlink"] - before == 2  # once per link
+    assert any(b"the kernel keeps symlink targets" in line for line in m.log_lines())
+
+    (store / "fam/latest").unlink()  # a link of a family directory moves on
+    os.symlink("2.0", store / "fam/latest")
+    deadline = time.monotonic() + 5
+    while os.readlink(fam / "latest") != "2.0" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.readlink(fam / "latest") == "2.0"

@@ -22,7 +22,8 @@ import pytest
 from helpers.faults import fault_store_fixture  # noqa: F401 (fixture)
 from helpers.mounts import is_mounted
 from helpers.rezrepo import Rez, build_store
-from helpers.workload import drop_page_cache
+from helpers.mounts import LAZYFS
+from helpers.workload import drop_page_cache, resident_pages
 
 ALIAS = "main"
 BLOCK = 128 * 1024  # the default block size: bake and seed use it
@@ -118,6 +119,13 @@ class Launch:
     def record(self) -> subprocess.CompletedProcess:
         return self.lazyfs("trace", "record", self.baked, "-o", self.trace, "--",
                            sys.executable, "-B", "-c", LAUNCH)
+
+    def record_in_background(self, code: str) -> subprocess.Popen:
+        """`trace record` of `python -B -c code`, not waited for."""
+        return subprocess.Popen([str(LAZYFS), "trace", "record", str(self.baked), "-o",
+                                 str(self.trace), "--", sys.executable, "-B", "-c", code],
+                                env=self.rez.lazyfs_environ(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def launch(self) -> tuple[str, float]:
         started = time.monotonic()
@@ -220,6 +228,52 @@ def test_traced_cold_launch_reads_the_same_bytes_fetches_each_block_once_and_is_
         output, timings[name] = launch.launch()
         assert output == launch.expected
     assert timings["traced-slow"] < timings["untraced"], timings
+
+
+# -- 1b. what the kernel holds does not hide reads from a recording -------------------
+def wait_until(done, what: str, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while not done():
+        assert time.monotonic() < deadline, f"not {what} within {limit}s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["no-open", "open-requests"])
+def test_a_recording_sees_reads_the_kernel_could_answer_from_earlier_or_other_readers(
+        launch, tmp_path, mode):
+    """Without open requests the kernel keeps a file's pages and a
+    directory's listing for the next reader: a recorded process must still
+    ask for them itself, whether they were read before the recording began
+    (by a process that keeps the file open) or during it by a process outside it."""
+    if mode == "open-requests":
+        launch.mount.remount(extra_args=("--open-requests",))
+    root = launch.mount.repo_path(ALIAS) / VARIANT
+    package = root / "python/applaunch"
+    modules = [package / f"mod_{i:03d}.py" for i in range(MODULES)]
+    started, go = tmp_path / "started", tmp_path / "go"
+    code = (f"import os, time\nopen({str(started)!r}, 'w').close()\n"
+            f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.02)\n{LAUNCH}")
+    with open(root / "share/data.bin", "rb") as held:  # in use since before the recording
+        held.read()
+        recording = launch.record_in_background(code)
+        try:
+            wait_until(started.exists, "started")
+            os.listdir(package)  # a process outside the recording lists and reads
+            for module in modules:
+                module.read_bytes()
+            if mode == "no-open":  # what the kernel was given, it drops again (at once)
+                wait_until(lambda: not any(resident_pages(m) for m in modules), "dropped", 10)
+            go.touch()
+            out, err = recording.communicate(timeout=120)
+        finally:
+            recording.kill()
+            recording.wait()
+    assert recording.returncode == 0 and out == launch.expected, err
+    doc = trace_doc(launch.trace)
+    blocks = trace_blocks(doc)
+    assert blocks[f"{VARIANT}/share/data.bin"] >= {0, 3, 7, 8, 12, 15, 16, 21}
+    assert sum(p.startswith(f"{VARIANT}/python/applaunch/mod_") for p in blocks) == MODULES
+    assert "python/applaunch" in doc["variants"][0]["dirs"]
 
 
 # -- 2. demand reads go first ---------------------------------------------------------
