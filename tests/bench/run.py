@@ -18,6 +18,12 @@ runs workloads W1-W4 (workloads.py) with the contenders (contenders.py)
 and writes tests/bench/results/latest.{json,md,png} (quick.* for --quick).
 Everything it sets up it tears down, also on Ctrl-C.
 
+With a lazy-cold-trace* contender (W1 and W4 only) it first records the W1
+launch's trace with the real rez and `rez-lazyfs trace record` (once per run,
+not timed; contenders.py, launchtrace.py) and reports the issue-12 targets:
+traced cold against warm from disk, store bytes and replayed-but-unread bytes
+against the bytes read (results/trace-findings.md: what the runs showed).
+
 With any http-* contender it also publishes the store as an image (once,
 kept in WORKDIR), serves it with nginx across the same link and puts a
 squid on the client side (imagestore.py), times `rez-lazyfs publish` of the
