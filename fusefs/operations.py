@@ -58,6 +58,10 @@ IMMUTABLE_TIMEOUT = 24 * 3600.0  # released payload never changes: let the kerne
 # Without opendir, where the kernel's listings stopped (a reader that stopped
 # early, readers listing one directory at once): kept for this many at most.
 MAX_DIR_CURSORS = 64
+# Without open requests, the versions of files read, kept by inode for their
+# next reads: at most this many (~550 bytes each); an older one is taken
+# again from its listing if its file is read again.
+MAX_VERSIONS = 20_000
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
@@ -165,6 +169,7 @@ class LazyOperations(pyfuse3.Operations):
         # no_open: inode -> (repository, version) from its first read, until
         # the kernel forgets the inode or its directory is relisted changed.
         self._versions: dict[int, tuple[Repository, FileVersion]] = {}
+        self.max_versions = MAX_VERSIONS
         # no_opendir: (inode, position) -> the listing a readdir stopped in.
         self._dir_cursors: dict[tuple[int, int], _OpenDir] = {}
         # Kernel cache invalidations, sent from a task of their own
@@ -444,8 +449,11 @@ class LazyOperations(pyfuse3.Operations):
         (which starts the sibling prefetch). Only regular files are read."""
         alias, relpath = self._known(inode)
         repo = self.repos[alias]
-        self._versions[inode] = repo, await repo.open(relpath)
-        return self._versions[inode]
+        found = repo, await repo.open(relpath)
+        while len(self._versions) >= self.max_versions:
+            del self._versions[next(iter(self._versions))]  # the oldest
+        self._versions[inode] = found
+        return found
 
     @error_boundary
     async def release(self, fh):

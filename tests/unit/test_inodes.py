@@ -114,3 +114,27 @@ def test_a_failed_lookup_leaves_no_reference_behind(tmp_path, store_root):
         assert len(ops.inodes) == before
 
     trio.run(main)
+
+
+def test_without_open_requests_reads_take_the_version_at_the_first_and_keep_a_bounded_few(
+        tmp_path, store_root):
+    for n in range(5):
+        (store_root / "fam/1.0/bin" / f"data{n}").write_bytes(b"%d" % n * (BS + n))
+    repo, counters, _ = make_repo(tmp_path, FilesystemStore(str(store_root)))
+
+    async def main():
+        ops = LazyOperations({"main": repo}, counters, BS, no_open=True)
+        ops.max_versions = 3
+        inode = ROOT
+        for name in (b"main", b"fam", b"1.0", b"bin"):
+            inode = (await ops.lookup(inode, name)).st_ino
+        files = [(await ops.lookup(inode, b"data%d" % n)).st_ino for n in range(5)]
+        for _ in range(2):  # the second time, the first ones are taken again
+            for n, f in enumerate(files):
+                assert bytes(await ops.read(f, BS, 100)) == b"%d" % n * min(100, n)
+                assert len(ops._versions) <= 3
+        assert set(ops._versions) == set(files[-3:])
+        await ops.forget([(files[-1], 1)])  # the kernel forgets: so does the daemon
+        assert set(ops._versions) == set(files[-3:-1])
+
+    trio.run(main)
