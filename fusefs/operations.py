@@ -252,12 +252,18 @@ class LazyOperations(pyfuse3.Operations):
         directory = self.inodes.find(alias, relpath)
         if directory is None:
             return  # the kernel holds nothing there
-        if self.no_open:  # versions are taken afresh at the next read
+        children = {name: self.inodes.child(directory, name) for name in names or ()}
+        if self.no_open:
+            # An inode keeps the version it was read at, as an open file does
+            # (a reader's next reads of a changed file fail, never mixing two
+            # versions); the name gets a new inode, which reads the new one.
+            # Forgotten, the directory does, and so everything below it.
             if names is None:
-                self._versions.clear()
-            else:
-                for name in names:
-                    self._versions.pop(self.inodes.child(directory, name), None)
+                self.inodes.retire(directory)
+            for inode in children.values():
+                if inode in self._versions:
+                    self._versions[inode] = self._versions.pop(inode)  # the last to go
+                    self.inodes.retire(inode)
         if names is None:
             if self.no_opendir:
                 # Without opendir the kernel keeps listings: those of the
@@ -272,9 +278,8 @@ class LazyOperations(pyfuse3.Operations):
             self._invalidate(pyfuse3.invalidate_entry, self.inodes.parent(directory),
                              self.inodes.name(directory))
             return
-        for name in names:  # a new name may be cached as a negative lookup
+        for name, inode in children.items():  # a new name may be cached as a negative lookup
             self._invalidate(pyfuse3.invalidate_entry, directory, name)
-            inode = self.inodes.child(directory, name)
             if inode is not None:  # attributes and pages of a file that changed
                 self._invalidate(pyfuse3.invalidate_inode, inode)
 

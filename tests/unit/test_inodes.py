@@ -38,6 +38,24 @@ def test_nodes_rebuild_paths_and_go_when_the_kernel_forgets_them():
     assert t.key(ROOT) == (None, b"")  # never goes away
 
 
+def test_a_retired_inode_lives_until_forgotten_while_its_name_gets_a_new_one():
+    t = InodeTable()
+    repo = t.acquire_child(ROOT, b"main")
+    lib = t.acquire_child(repo, b"lib")
+    old = t.acquire_child(lib, b"a.py")
+    t.retire(old)  # a file that changed while the kernel held it
+    new = t.acquire_child(lib, b"a.py")
+    assert new != old and t.child(lib, b"a.py") == new
+    assert t.key(old) == t.key(new) == ("main", b"lib/a.py")  # the old one still reads
+    t.forget(old, 1)
+    assert old not in t and t.child(lib, b"a.py") == new
+    t.forget(new, 1)
+    t.retire(lib)  # a forgotten directory, with nothing below it held any more
+    t.forget(lib, 1)
+    t.forget(repo, 1)
+    assert len(t) == 1  # nothing left behind
+
+
 def test_a_table_the_kernel_mostly_forgot_gives_its_memory_back():
     t = InodeTable()
     repo = t.acquire_child(ROOT, b"main")
