@@ -61,11 +61,11 @@ VOLATILE_DEPTH = 2
 class RepoPolicy:
     metadata_ttl: float = 60.0
     mutable: bool = False
-    # When a file of a payload directory is first opened, fetch its siblings
-    # with the same suffix of at most this size in the background: a start-up
-    # that imports one module of a package imports most of them (one round
-    # trip each if not overlapped), while a walk or an `ls` opens nothing and
-    # fetches nothing. 0 turns it off.
+    # When a file of a payload directory is first opened (first read, without
+    # open requests), fetch its siblings with the same suffix of at most this
+    # size in the background: a start-up that imports one module of a package
+    # imports most of them (one round trip each if not overlapped), while a
+    # walk or an `ls` opens nothing and fetches nothing. 0 turns it off.
     prefetch_max_size: int = 0
     prefetch_max_files: int = 2000
     # Payload listings are kept forever unless this is set (seconds): then

@@ -134,6 +134,16 @@ class InodeTable:
         child.lookups += 1
         return child.inode
 
+    def retire(self, inode: int) -> None:
+        """`inode` (and what is below it) stays the kernel's until forgotten,
+        but its name gets a new inode at its next lookup."""
+        node = self._nodes[inode]
+        parent = node.parent
+        if parent is not None and parent.children and parent.children.get(node.name) is node:
+            del parent.children[node.name]
+            if not parent.children:
+                parent.children = None
+
     def forget(self, inode: int, count: int) -> None:
         node = self._nodes.get(inode)
         if node is None:
@@ -141,11 +151,12 @@ class InodeTable:
         node.lookups -= count
         # Dropping a node may leave its parent unreferenced and childless too.
         while node.parent is not None and node.lookups <= 0 and not node.children:
-            del self._nodes[node.inode]
+            self._nodes.pop(node.inode, None)
             parent = node.parent
-            del parent.children[node.name]
-            if not parent.children:
-                parent.children = None
+            if parent.children and parent.children.get(node.name) is node:  # not retired
+                del parent.children[node.name]
+                if not parent.children:
+                    parent.children = None
             node = parent
         # A dict never gives back the table it grew to; after the kernel
         # forgot most of a big walk (memory pressure, drop_caches), copy it.

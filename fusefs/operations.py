@@ -64,6 +64,10 @@ IMMUTABLE_TIMEOUT = 24 * 3600.0  # released payload never changes: let the kerne
 # Without opendir, where the kernel's listings stopped (a reader that stopped
 # early, readers listing one directory at once): kept for this many at most.
 MAX_DIR_CURSORS = 64
+# Without open requests, the versions of files read, kept by inode for their
+# next reads: at most this many (~550 bytes each); an older one is taken
+# again from its listing if its file is read again.
+MAX_VERSIONS = 20_000
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
@@ -180,6 +184,7 @@ class LazyOperations(pyfuse3.Operations):
         # no_open: inode -> (repository, version) from its first read, until
         # the kernel forgets the inode or its directory is relisted changed.
         self._versions: dict[int, tuple[Repository, FileVersion]] = {}
+        self.max_versions = MAX_VERSIONS
         # no_opendir: (inode, position) -> the listing a readdir stopped in.
         self._dir_cursors: dict[tuple[int, int], _OpenDir] = {}
         # Kernel cache invalidations, sent from a task of their own
@@ -262,12 +267,18 @@ class LazyOperations(pyfuse3.Operations):
         directory = self.inodes.find(alias, relpath)
         if directory is None:
             return  # the kernel holds nothing there
-        if self.no_open:  # versions are taken afresh at the next read
+        children = {name: self.inodes.child(directory, name) for name in names or ()}
+        if self.no_open:
+            # An inode keeps the version it was read at, as an open file does
+            # (a reader's next reads of a changed file fail, never mixing two
+            # versions); the name gets a new inode, which reads the new one.
+            # Forgotten, the directory does, and so everything below it.
             if names is None:
-                self._versions.clear()
-            else:
-                for name in names:
-                    self._versions.pop(self.inodes.child(directory, name), None)
+                self.inodes.retire(directory)
+            for inode in children.values():
+                if inode in self._versions:
+                    self._versions[inode] = self._versions.pop(inode)  # the last to go
+                    self.inodes.retire(inode)
         if names is None:
             if self.no_opendir:
                 # Without opendir the kernel keeps listings: those of the
@@ -277,9 +288,8 @@ class LazyOperations(pyfuse3.Operations):
                     self._invalidate(pyfuse3.invalidate_inode, inode)
             self._drop_tree(directory)
             return
-        for name in names:  # a new name may be cached as a negative lookup
+        for name, inode in children.items():  # a new name may be cached as a negative lookup
             self._invalidate(pyfuse3.invalidate_entry, directory, name)
-            inode = self.inodes.child(directory, name)
             if inode is not None:  # attributes and pages of a file that changed
                 self._invalidate(pyfuse3.invalidate_inode, inode)
 
@@ -469,8 +479,11 @@ class LazyOperations(pyfuse3.Operations):
         (which starts the sibling prefetch). Only regular files are read."""
         alias, relpath = self._known(inode)
         repo = self.repos[alias]
-        self._versions[inode] = repo, await repo.open(relpath)
-        return self._versions[inode]
+        found = repo, await repo.open(relpath)
+        while len(self._versions) >= self.max_versions:
+            del self._versions[next(iter(self._versions))]  # the oldest
+        self._versions[inode] = found
+        return found
 
     @error_boundary
     async def release(self, fh):

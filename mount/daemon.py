@@ -447,7 +447,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                      "requests", pyfuse3.__version__)
         else:
             log.info("pyfuse3 %s: every open, release, opendir and releasedir reaches the daemon "
-                     "(%s)", pyfuse3.__version__, "--open-requests" if settings.open_requests else
+                     "(%s)", pyfuse3.__version__, "open_requests is set" if settings.open_requests else
                      "a stock release; patches/install-pyfuse3 builds one that lets the kernel "
                      "skip them")
         try:

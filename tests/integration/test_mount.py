@@ -497,7 +497,7 @@ def test_without_open_requests_the_kernel_keeps_pages_and_listings_across_opens(
         assert again == [{}] * 3, again
     else:
         assert b"every open, release, opendir and releasedir reaches the daemon" in served[-1]
-        assert b"--open-requests" in served[-1]
+        assert b"open_requests is set" in served[-1]
         want = {"open": 1, "release": 1, "opendir": 1, "releasedir": 1,
                 "readdir": first["readdir"]}  # immutable payload: its pages are kept (keep_cache)
         assert again == [want] * 3, again
@@ -606,3 +606,15 @@ def test_the_kernel_keeps_symlink_targets_until_they_change(tmp_path, lazyfs_mou
     while os.readlink(fam / "latest") != "2.0" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert os.readlink(fam / "latest") == "2.0"
+
+
+def test_open_requests_can_be_set_in_the_config_file(tmp_path, lazyfs_mount):
+    store = tmp_path / "store"
+    write_rez_package(store, "fam", "1.0", files={"lib/a.py": "a = 1\n"})
+    config = tmp_path / "config.toml"
+    config.write_text("open_requests = true\n")
+    m = lazyfs_mount({"main": store}, extra_args=("--config", str(config)))
+    assert read_fully(m.repo_path("main") / "fam/1.0/lib/a.py") == b"a = 1\n"
+    assert m.stats()["requests"]["open"] == 1
+    assert any(b"every open, release, opendir and releasedir reaches the daemon "
+               b"(open_requests is set)" in line for line in m.log_lines())

@@ -38,6 +38,24 @@ def test_nodes_rebuild_paths_and_go_when_the_kernel_forgets_them():
     assert t.key(ROOT) == (None, b"")  # never goes away
 
 
+def test_a_retired_inode_lives_until_forgotten_while_its_name_gets_a_new_one():
+    t = InodeTable()
+    repo = t.acquire_child(ROOT, b"main")
+    lib = t.acquire_child(repo, b"lib")
+    old = t.acquire_child(lib, b"a.py")
+    t.retire(old)  # a file that changed while the kernel held it
+    new = t.acquire_child(lib, b"a.py")
+    assert new != old and t.child(lib, b"a.py") == new
+    assert t.key(old) == t.key(new) == ("main", b"lib/a.py")  # the old one still reads
+    t.forget(old, 1)
+    assert old not in t and t.child(lib, b"a.py") == new
+    t.forget(new, 1)
+    t.retire(lib)  # a forgotten directory, with nothing below it held any more
+    t.forget(lib, 1)
+    t.forget(repo, 1)
+    assert len(t) == 1  # nothing left behind
+
+
 def test_a_table_the_kernel_mostly_forgot_gives_its_memory_back():
     t = InodeTable()
     repo = t.acquire_child(ROOT, b"main")
@@ -112,5 +130,29 @@ def test_a_failed_lookup_leaves_no_reference_behind(tmp_path, store_root):
         with pytest.raises(FUSEError):
             await ops.lookup(version, b"missing")  # volatile: ENOENT
         assert len(ops.inodes) == before
+
+    trio.run(main)
+
+
+def test_without_open_requests_reads_take_the_version_at_the_first_and_keep_a_bounded_few(
+        tmp_path, store_root):
+    for n in range(5):
+        (store_root / "fam/1.0/bin" / f"data{n}").write_bytes(b"%d" % n * (BS + n))
+    repo, counters, _ = make_repo(tmp_path, FilesystemStore(str(store_root)))
+
+    async def main():
+        ops = LazyOperations({"main": repo}, counters, BS, no_open=True)
+        ops.max_versions = 3
+        inode = ROOT
+        for name in (b"main", b"fam", b"1.0", b"bin"):
+            inode = (await ops.lookup(inode, name)).st_ino
+        files = [(await ops.lookup(inode, b"data%d" % n)).st_ino for n in range(5)]
+        for _ in range(2):  # the second time, the first ones are taken again
+            for n, f in enumerate(files):
+                assert bytes(await ops.read(f, BS, 100)) == b"%d" % n * min(100, n)
+                assert len(ops._versions) <= 3
+        assert set(ops._versions) == set(files[-3:])
+        await ops.forget([(files[-1], 1)])  # the kernel forgets: so does the daemon
+        assert set(ops._versions) == set(files[-3:-1])
 
     trio.run(main)
