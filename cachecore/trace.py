@@ -57,6 +57,11 @@ class VariantTrace:
     def blocks(self) -> int:
         return len(self.reads)
 
+    def payload_bytes(self) -> int:
+        """The bytes its blocks hold (a file's last block is short)."""
+        bs = self.block_size
+        return sum(min(bs, self.files[f][1][0] - b * bs) for f, b in self.reads)
+
     def to_json(self) -> dict:
         runs: list[int] = []
         for f, b in self.reads:

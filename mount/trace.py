@@ -79,7 +79,7 @@ def write_trace_file(path: str, traces: list[VariantTrace]) -> None:
 def summary(traces: list[VariantTrace]) -> list[dict]:
     return [{"repo": t.repo, "root": os.fsdecode(t.root), "files": len(t.files),
              "directories": len(t.dirs), "blocks": len(t.reads),
-             "bytes": len(t.reads) * t.block_size} for t in traces]
+             "bytes": t.payload_bytes()} for t in traces]
 
 
 # -- recording -------------------------------------------------------------------
@@ -161,7 +161,7 @@ def record(ctx_path: str, out_path: str, command: list[str], settings: Settings,
     merged = list(merge_all([*old, *new]).values())
     write_trace_file(out_path, merged)
     blocks = sum(len(t.reads) for t in new)
-    size = sum(len(t.reads) * t.block_size for t in new)
+    size = sum(t.payload_bytes() for t in new)
     say(f"recorded {blocks} block(s) ({size / 2**20:.1f} MiB) and "
         f"{sum(len(t.dirs) for t in new)} directories of {len(new)} variant(s)"
         f"{' into' if old else ':'} {out_path}")

@@ -235,3 +235,8 @@ def test_a_traced_file_is_the_same_version_by_size_mtime_and_content_id():
     assert not same_version((10, 5, 6, 7), (11, 5, 6, 7))     # another size
     assert same_version((10, 5, 6, 7), (10, 5, 0, 1, 42))     # recorded on the tree, published
     assert not same_version((10, 5, 0, 1, 41), (10, 5, 0, 1, 42))  # other content
+
+
+def test_a_traces_payload_counts_short_last_blocks():
+    t = trace_of({"a": (BS + 100, 1, 1, 1), "b": (10, 2, 2, 2)}, [(0, 0), (0, 1), (1, 0)])
+    assert t.payload_bytes() == BS + 100 + 10
