@@ -112,6 +112,7 @@ class _RouteFailed(Exception):
 class _Route:
     name: str  # a proxy URL or DIRECT
     down_until: float = 0.0  # monotonic time before which it is passed over
+    failed_at: float = 0.0   # monotonic time of its last failure
     requests: int = 0
     bytes: int = 0
     failures: int = 0
@@ -222,13 +223,14 @@ class Downloader:
             if answers:
                 with self._lock:
                     self._failovers += 1
+            started = time.monotonic()
             try:
                 data = self._transfer(route, url, no_cache, left)
             except _RouteFailed as e:
                 answers.append(f"{route.name}: {e}")
                 self._mark_failed(route, str(e))
                 continue
-            self._mark_up(route)
+            self._mark_up(route, started)
             if data is None:
                 raise NotFound(f"{url}: not found (HTTP 404 via {route.name})")
             return Download(data, url, route.name)
@@ -239,14 +241,22 @@ class Downloader:
 
     def _mark_failed(self, route: _Route, reason: str) -> None:
         with self._lock:
-            was_up = route.down_until <= time.monotonic()
+            now = time.monotonic()
+            was_up = route.down_until <= now
             route.failures += 1
-            route.down_until = time.monotonic() + self.backoff
+            route.failed_at = now
+            route.down_until = now + self.backoff
         if was_up:
             log.warning("%s failed (%s): passed over for %gs", route.name, reason, self.backoff)
 
-    def _mark_up(self, route: _Route) -> None:
+    def _mark_up(self, route: _Route, started: float) -> None:
+        """A transfer that `started` before the route's last failure (in flight
+        through a proxy as it died) does not bring the route back: only one
+        begun after it does. Else the back-off ends at once and every request
+        in flight fails over (and is warned of) again."""
         with self._lock:
+            if route.failed_at >= started:
+                return
             was_down = route.down_until > 0
             route.down_until = 0.0
         if was_down:
