@@ -11,8 +11,6 @@ read.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -23,77 +21,25 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-
-from cachecore.image.manifest import Manifest, load_private_key
-from cachecore.image.objects import encode_object, object_name, object_path
-from cachecore.image.traces import encode_trace_index
-from cachecore.trace import VariantTrace, encode
 from helpers.faults import lazyfs_cli_fixture
 from helpers.http import nginx_origin_fixture, squid_proxy_fixture
 from helpers.image import ImageReader, image_objects
 from helpers.rezrepo import Rez, build_store
 from helpers.trees import write_rez_package
 
+from cachecore.image.manifest import Manifest, load_private_key
+from cachecore.image.objects import encode_object, object_name, object_path
+from cachecore.image.traces import encode_trace_index
+from cachecore.trace import VariantTrace, encode
+
+# The launch, its store and its expected output: the same as the filesystem store's traces.
+from .test_traces import LAUNCH, VARIANT, expected_output
+from .test_traces import _store_entries as store_entries
+
 FIXTURES = (nginx_origin_fixture, squid_proxy_fixture, lazyfs_cli_fixture)
 ALIAS = "main"
-BLOCK = 128 * 1024  # the default block size and the image's chunk size
-VARIANT = "app/1.0"
-MODULES = 24
-DATA_SIZE = 20 * BLOCK
-RANGES = [(0, 4096), (3 * BLOCK + 100, 5000), (7 * BLOCK, BLOCK + 10), (12 * BLOCK + 5, 300),
-          (17 * BLOCK + 17, 64)]
-LAUNCH = "import applaunch, sys; sys.stdout.write(applaunch.main())"
 WARNING = "rez-lazyfs: warning: "
-
-
-def _module(i: int) -> str:
-    rng = random.Random(i)
-    body = "\n".join(f"def f{n}(x={rng.randrange(1000)}):\n    return x * {n}\n" for n in range(60))
-    return f"VALUE = {rng.randrange(10**6)}\n{body}\n"
-
-
-def store_entries() -> dict:
-    entries = {
-        f"{VARIANT}/package.py": """
-            name = "app"
-            version = "1.0"
-            def commands():
-                env.PYTHONPATH.prepend("{root}/python")
-                env.APP_DATA = "{root}/share/data.bin"
-        """,
-        f"{VARIANT}/python/applaunch/__init__.py": f"""
-            import hashlib, importlib, os
-            RANGES = {RANGES!r}
-            def main():
-                h = hashlib.sha256()
-                for i in range({MODULES}):
-                    h.update(str(importlib.import_module(f"applaunch.mod_{{i:03d}}").VALUE).encode())
-                with open(os.environ["APP_DATA"], "rb") as f:
-                    for offset, length in RANGES:
-                        f.seek(offset)
-                        h.update(f.read(length))
-                return h.hexdigest() + "\\n"
-        """,
-        f"{VARIANT}/share/data.bin": random.Random(7).randbytes(DATA_SIZE),
-        f"{VARIANT}/share/unused.bin": random.Random(8).randbytes(6 * BLOCK),
-    }
-    for i in range(MODULES):
-        entries[f"{VARIANT}/python/applaunch/mod_{i:03d}.py"] = _module(i)
-    return entries
-
-
-def expected_output(store: Path) -> str:
-    h = hashlib.sha256()
-    for i in range(MODULES):
-        spec = importlib.util.spec_from_file_location(
-            f"m{i}", store / VARIANT / f"python/applaunch/mod_{i:03d}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        h.update(str(module.VALUE).encode())
-    data = (store / VARIANT / "share/data.bin").read_bytes()
-    for offset, length in RANGES:
-        h.update(data[offset:offset + length])
-    return h.hexdigest() + "\n"
+BLOCK = 128 * 1024  # the default block size and the image's chunk size
 
 
 def lstat_identity(path: Path) -> tuple[int, int, int, int]:
