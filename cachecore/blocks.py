@@ -222,21 +222,32 @@ class BlockCache:
             os.close(fd)
 
     def write(self, key: str, index: int, data: bytes) -> None:
+        self.write_many(key, [(index, data)])
+
+    def write_many(self, key: str, blocks: list[tuple[int, bytes]]) -> None:
+        """Write (index, bytes) blocks of one file version, each slot's bytes
+        and then its mark in one call: the kernel copies them in file order,
+        so the mark never lands before the bytes it vouches for (and a reader
+        that catches a slot half written finds a mark that does not match)."""
         try:
             fd = self._open(key, os.O_WRONLY)
         except FileNotFoundError:
             fd = self._open(key, os.O_WRONLY | os.O_CREAT)
             self._readers.forget(key)  # a kept reader may hold an evicted predecessor
         try:
-            slot = self._slot(index)
-            _write_all(fd, data, slot)
-            _write_all(fd, self._mac(data, key, index), slot + len(data))  # the mark, last
+            for index, data in blocks:
+                _write_all(fd, [data, self._mac(data, key, index)], self._slot(index))
         finally:
             os.close(fd)
 
 
-def _write_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+def _write_all(fd: int, parts: list, offset: int) -> None:
+    views = [memoryview(p) for p in parts]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][written:]

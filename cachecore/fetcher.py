@@ -84,6 +84,11 @@ class FileVersion:
         return display_path(self.store.root, self.relpath)
 
 
+def block_length(f: FileVersion, index: int, block_size: int) -> int:
+    """The length of block `index` of the file version (its last may be short)."""
+    return min(block_size, f.size - index * block_size)
+
+
 class Fetcher:
     def __init__(self, blocks: BlockCache, counters: Counters, *,
                  store_limiter: trio.CapacityLimiter, local_limiter: trio.CapacityLimiter,
@@ -151,7 +156,7 @@ class Fetcher:
     async def _prefetch_block(self, f: FileVersion, index: int) -> None:
         async with self.background_limiter:
             try:
-                await self._flights.run((f.key, index), lambda: self._fetch(f, index, "prefetch"))
+                await self._flights.run((f.key, index), lambda: self._fetch(f, index, prefetch=True))
             except LazyFSError as e:
                 log.debug("prefetch of %s failed: %s", f.display, e)
 
@@ -163,10 +168,91 @@ class Fetcher:
         self._background.start_soon(fn, *args)
         return True
 
-    async def fetch_ahead(self, f: FileVersion, index: int) -> None:
-        """Fetch a block for a trace replay (the caller holds a background_limiter
-        slot), joining any fetch of it under way; errors as for a read."""
-        await self._flights.run((f.key, index), lambda: self._fetch(f, index, "replay"))
+    async def fetch_ahead(self, blocks: list[tuple[FileVersion, int]]) -> dict:
+        """Fetch (file version, index) blocks of one store for a trace replay, in
+        one store-thread call (the caller holds a background_limiter slot):
+        those nobody is fetching already, in order. {(file key, index): the
+        error} for the blocks that failed; raises what failed them all."""
+        wanted = {(f.key, index): (f, index) for f, index in blocks}
+        outcome = await self._flights.run_many(
+            list(wanted),
+            lambda led, settle: self._fetch_replayed([wanted[key] for key in led], settle))
+        return {key: e for key, e in outcome.items() if isinstance(e, Exception)}
+
+    async def _fetch_replayed(self, blocks: list[tuple[FileVersion, int]], settle) -> dict:
+        """fetch_ahead's call: {(file key, index): bytes or the error}. Each block
+        is settled (counted, its waiting readers woken) as soon as the worker
+        thread has kept it, not at the end of the call; if the cache may
+        stall, once the call has returned and a local call has kept them."""
+        now = time.time()
+        for f, _ in blocks:
+            self._uses[f.key] = (f, now)  # as _fetch: status attributes them again
+        outcome: dict = {}
+
+        def arrived(n: int, got) -> None:  # on the event loop
+            f, index = blocks[n]
+            key = (f.key, index)
+            if key in outcome:
+                return  # reported from the thread already
+            if not isinstance(got, Exception):
+                got, seconds = got
+                self.counters.record_latency(seconds)
+                self.counters.store_reads += 1
+                self.counters.store_bytes += len(got)
+                self.counters.replay_blocks += 1
+                self.counters.replay_bytes += len(got)
+                if len(self._replayed) < 200_000:  # ~25 MiB; past it, useful reads go uncounted
+                    self._replayed.add(key)
+            outcome[key] = got
+            settle(key, got)
+
+        token = trio.lowlevel.current_trio_token()
+
+        def report(n: int, got) -> None:  # in the worker thread: no waiting for the loop
+            try:
+                token.run_sync_soon(arrived, n, got)
+            except trio.RunFinishedError:
+                pass  # an abandoned call outliving the loop
+
+        first = blocks[0][0]
+        what = first.display if len(blocks) == 1 else f"{first.display} and {len(blocks) - 1} more"
+        fetched = await self.call_store(first.store, what, self._fetch_many_sync, blocks,
+                                        None if self.cache_may_stall else report, progress=True)
+        if self.cache_may_stall:
+            try:
+                await self.call_local(self._keep_each, [
+                    (f, index, got[0]) for (f, index), got in zip(blocks, fetched)
+                    if not isinstance(got, Exception)])
+            except CacheUnavailable:
+                pass
+        for n, got in enumerate(fetched):
+            arrived(n, got)
+        return outcome
+
+    def _fetch_many_sync(self, blocks: list[tuple[FileVersion, int]], report, progress) -> list:
+        """[(bytes, seconds) or the error] per block, read in order; each kept
+        and given to report(n, ...) as it comes, unless report is None. A file
+        found changed is not read further; a store that fails one read fails
+        the rest of the call (blocking)."""
+        fetched, failed, down = [], {}, None
+        for n, (f, index) in enumerate(blocks):
+            if down is not None or f.key in failed:
+                fetched.append(down or failed[f.key])
+                continue
+            started = time.monotonic()
+            try:
+                got = self._read_store(f, index), time.monotonic() - started
+            except StoreUnavailable as e:
+                got = down = e
+            except LazyFSError as e:  # changed, short: this file only
+                got = failed[f.key] = e
+            fetched.append(got)
+            if report is not None:
+                if not isinstance(got, Exception):
+                    self._keep_each([(f, index, got[0])])
+                report(n, got)
+            progress()
+        return fetched
 
     def room(self) -> int | None:
         """Bytes the cache may still take before its limit (None: no limit)."""
@@ -196,8 +282,7 @@ class Fetcher:
         stream.ahead = max(stream.ahead, end)
 
     def _block_length(self, f: FileVersion, index: int) -> int:
-        bs = self.blocks.block_size
-        return min(bs, f.size - index * bs)
+        return block_length(f, index, self.blocks.block_size)
 
     def note_use(self, f: FileVersion) -> None:
         now = time.time()
@@ -293,52 +378,39 @@ class Fetcher:
         self.note_use(f)
         return await self._flights.run((f.key, index), lambda: self._fetch(f, index))
 
-    async def _fetch(self, f: FileVersion, index: int, ahead: str | None = None) -> bytes:
-        """ahead: None for a reader, "prefetch" or "replay" for background fetches."""
+    async def _fetch(self, f: FileVersion, index: int, prefetch: bool = False) -> bytes:
+        """prefetch: for a prefetch, not a reader."""
         data = None
-        # Another process sharing the cache may have fetched it meanwhile. A
-        # replay looked at what is cached when it started: a second look per
-        # block would be one more thread hop each (~1/3 of a replay's CPU).
-        if ahead != "replay":
-            try:
-                data = await self.call_local(self.blocks.read, f.key, index,
-                                             self._block_length(f, index))
-            except CacheUnavailable:
-                pass
+        # Another process sharing the cache may have fetched it meanwhile.
+        try:
+            data = await self.call_local(self.blocks.read, f.key, index,
+                                         self._block_length(f, index))
+        except CacheUnavailable:
+            pass
         if data is not None:
-            if ahead is None:
+            if not prefetch:
                 self.counters.cache_hits += 1
             return data
-        if ahead == "prefetch":
+        if prefetch:
             self.counters.prefetch_blocks += 1
-        elif ahead is None:
+        else:
             self.counters.cache_misses += 1
         # Recorded on every fetch, not just once a minute: a clean may have
         # just forgotten this file, and status must attribute it again.
         self._uses[f.key] = (f, time.time())
         started = trio.current_time()
-        try:
-            data = await self.call_store(f.store, f.display, self._fetch_sync, f, index)
-        except NotFound as e:
-            # The index lists this file, so the store lost it or is not mounted:
-            # a read error (EIO), not "no such file" for a file just listed.
-            raise StoreUnavailable(f"{e.args[0]} (it is in the index)") from None
+        data = await self.call_store(f.store, f.display, self._fetch_sync, f, index)
         self.counters.record_latency(trio.current_time() - started)
         if self.cache_may_stall:
             # Written in a bounded call of its own: a stalled cache disk must
             # not hold a store thread or fail a read the store has answered.
             try:
-                await self.call_local(self._keep, f, index, data)
+                await self.call_local(self._keep_each, [(f, index, data)])
             except CacheUnavailable:
                 pass
         # Counted here, on the event loop, so no two threads race on a counter.
         self.counters.store_reads += 1
         self.counters.store_bytes += len(data)
-        if ahead == "replay":
-            self.counters.replay_blocks += 1
-            self.counters.replay_bytes += len(data)
-            if len(self._replayed) < 200_000:  # ~25 MiB; past it, useful reads go uncounted
-                self._replayed.add((f.key, index))
         return data
 
     async def call_store(self, store, what: str, fn, *args, progress: bool = False):
@@ -416,16 +488,31 @@ class Fetcher:
         return False, None
 
     def _fetch_sync(self, f: FileVersion, index: int) -> bytes:
-        offset = index * self.blocks.block_size
-        data = f.store.read(f.relpath, f.identity, offset, self._block_length(f, index))
+        data = self._read_store(f, index)
         if not self.cache_may_stall:
-            self._keep(f, index, data)  # in the same hop: a local disk answers
+            self._keep_each([(f, index, data)])  # in the same hop: a local disk answers
         return data
 
-    def _keep(self, f: FileVersion, index: int, data: bytes) -> None:
-        """Write a fetched block to the cache (blocking)."""
+    def _read_store(self, f: FileVersion, index: int) -> bytes:
         try:
-            self.blocks.write(f.key, index, data)
+            return f.store.read(f.relpath, f.identity, index * self.blocks.block_size,
+                                self._block_length(f, index))
+        except NotFound as e:
+            # The index lists this file, so the store lost it or is not mounted:
+            # a read error (EIO), not "no such file" for a file just listed.
+            raise StoreUnavailable(f"{e.args[0]} (it is in the index)") from None
+
+    def _keep_each(self, blocks: list[tuple[FileVersion, int, bytes]]) -> None:
+        """Write fetched blocks to the cache, a file's in one open (blocking)."""
+        by_file: dict[str, tuple[FileVersion, list]] = {}
+        for f, index, data in blocks:
+            by_file.setdefault(f.key, (f, []))[1].append((index, data))
+        for f, file_blocks in by_file.values():
+            self._keep(f, file_blocks)
+
+    def _keep(self, f: FileVersion, blocks: list[tuple[int, bytes]]) -> None:
+        try:
+            self.blocks.write_many(f.key, blocks)
             self._cache_writable = True
         except UntrustedCache as e:
             log.warning("not writing to the block cache (%s); serving %s from the store",

@@ -8,10 +8,11 @@ threads): the cache's index (a seeded trace or a baked context's,
 (stores/http.py). A variant traced in several is replayed from their union.
 
 The replay (`replay`) first loads the trace's directory listings, then
-fetches the missing blocks in trace order through the fetcher's single
-flight (a reader asking for a block being replayed waits for that one
-fetch, never for a second), at most `background_limiter` at a time, so
-readers always find store threads free. A traced file whose identity is
+fetches the missing blocks in trace order, a batch of them per store-thread
+call (`batches`), through the fetcher's single flight (a reader asking for
+a block being replayed waits for that batch, never for a second fetch), at
+most `background_limiter` batches at a time, so readers always find store
+threads free. A traced file whose identity is
 not the store's any more (changed, gone) is skipped, never read. It stops
 when the store does not answer, when the cache reaches its limit, or with
 the daemon (its task is cancelled: abandoned store calls return on their
@@ -35,12 +36,17 @@ from .errors import (
     StoreFileChanged,
     StoreUnavailable,
 )
+from .fetcher import block_length
 from .trace import BadTrace, VariantTrace, decode, merge, rescaled, same_version
 
 log = logging.getLogger(__name__)
 TRACE_SUFFIX = ".trace"
 MAX_TRACE_FILES = 10_000       # in a trace directory
 MAX_TRACE_FILE_SIZE = 64 * 2**20
+# A replay fetches at most this much per store-thread call (`batches`); a
+# reader that wants a block of a batch waits for the reads before it there.
+BATCH_BLOCKS = 16
+BATCH_BYTES = 2**20
 
 
 class TraceSource(Protocol):
@@ -113,6 +119,35 @@ class TraceDirectory:
         return found
 
 
+def batches(blocks: list, block_size: int, workers: int) -> list[list]:
+    """The (file version, index) blocks in order, cut into runs of at most
+    BATCH_BLOCKS blocks and BATCH_BYTES bytes, one store-thread call each,
+    and into enough runs to keep `workers` busy to the end. A launch's blocks
+    are mostly whole small files (.pyc): a call per block was mostly thread
+    hand-offs and waits for the GIL (daemon CPU halved, replay_alone.py)."""
+    most = max(1, min(BATCH_BLOCKS, len(blocks) // (4 * workers)))
+    out, batch, size = [], [], 0
+    for version, index in blocks:
+        length = block_length(version, index, block_size)
+        if batch and (len(batch) == most or size + length > BATCH_BYTES):
+            out.append(batch)
+            batch, size = [], 0
+        batch.append((version, index))
+        size += length
+    if batch:
+        out.append(batch)
+    return out
+
+
+def within(batch: list, room: int, block_size: int) -> list:
+    """The first blocks of the batch that fit in `room` bytes."""
+    for n, (version, index) in enumerate(batch):
+        room -= block_length(version, index, block_size)
+        if room < 0:
+            return batch[:n]
+    return batch
+
+
 async def replay(repo, trace: VariantTrace) -> None:
     """Fetch ahead what `trace` read, for `repo` (a Repository). Never raises
     for store or cache trouble: it stops, says why in the log, and returns."""
@@ -171,25 +206,34 @@ async def replay(repo, trace: VariantTrace) -> None:
     stopped: list[str] = []
     fetched_before = counters.replay_blocks
 
-    async def fetch(item) -> None:
-        version, index = item
-        if stopped or version.key in changed:
+    async def fetch(batch) -> None:
+        batch = [(version, index) for version, index in batch if version.key not in changed]
+        if stopped or not batch:
             return
         room = fetcher.room()
-        if room is not None and room <= 0:
-            stopped.append("the cache is at its limit")
-            return
+        if room is not None:
+            fits = within(batch, room, block_size)
+            if len(fits) < len(batch):
+                stopped.append("the cache is at its limit")
+            if not fits:
+                return
+            batch = fits
         try:
-            await fetcher.fetch_ahead(version, index)
-        except StoreFileChanged:
-            changed.add(version.key)  # the reader that opens it next relists it
-            counters.replay_skipped += 1
+            failed = await fetcher.fetch_ahead(batch)
         except StoreUnavailable as e:
             stopped.append(str(e))
-        except LazyFSError as e:
-            log.debug("trace replay of %s: %s", name, e)
+            return
+        for (key, _), e in failed.items():
+            if isinstance(e, StoreFileChanged):
+                if key not in changed:  # the reader that opens it next relists it
+                    changed.add(key)
+                    counters.replay_skipped += 1
+            elif isinstance(e, StoreUnavailable):
+                stopped.append(str(e))
+            else:
+                log.debug("trace replay of %s: %s", name, e)
 
-    await each(todo, fetch)
+    await each(batches(todo, block_size, workers), fetch)
     fetched = counters.replay_blocks - fetched_before
     if stopped:
         log.info("trace replay of %s stopped after %d block(s): %s", name, fetched, stopped[0])

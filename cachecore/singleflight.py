@@ -53,6 +53,43 @@ class SingleFlight:
             flight.done.set()
 
 
+    async def run_many(self, keys: list[Hashable], fn: Callable[..., Awaitable[dict]]) -> dict:
+        """Lead, in one call, the flights of the keys nobody leads yet:
+        `fn(led, settle)` answers {key: its result or its exception} for each
+        key led, and may call settle(key, result or exception) on the event
+        loop to end a key's flight before it returns. The other keys are
+        left to their leaders, unwaited for. Returns fn's answer."""
+        led = [key for key in keys if key not in self._flights]
+        flights = {key: self._flights.setdefault(key, _Flight()) for key in led}
+
+        def settle(key: Hashable, outcome) -> None:
+            flight = flights.pop(key, None)
+            if flight is None:
+                return  # settled already
+            del self._flights[key]
+            if isinstance(outcome, BaseException):
+                flight.error = outcome
+            else:
+                flight.result = outcome
+            flight.done.set()
+
+        if not led:
+            return {}
+        try:
+            outcome = await fn(led, settle)
+        except Exception as e:
+            for key in list(flights):
+                settle(key, e)
+            raise
+        except BaseException:  # cancelled: waiters must not wait forever
+            for key in list(flights):
+                settle(key, trio.TooSlowError(f"{key!r}: the fetch they waited on was cancelled"))
+            raise
+        for key, result in outcome.items():
+            settle(key, result)
+        return outcome
+
+
 class _ThreadFlight:
     __slots__ = ("running", "result", "error")
 

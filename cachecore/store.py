@@ -101,6 +101,14 @@ class FilesystemStore:
         # block, a round trip each; an open file keeps the store's filesystem
         # busy, so not for long.
         self._files = OpenFiles(max_idle=64, idle_seconds=2.0)
+        # The directories files were opened in, walked to once (O_PATH): a
+        # start-up opens thousands of files in a few hundred directories, and
+        # a walk from the root costs two system calls per component, each a
+        # wait for the GIL among the store threads. A kept descriptor may name
+        # a directory the store has moved or replaced since; what is opened
+        # through it must still have the indexed identity (read()), so it is
+        # the very file the index lists, wherever its directory went.
+        self._dirs = OpenFiles(max_idle=256, idle_seconds=2.0)
 
     def __repr__(self):
         return f"FilesystemStore({self.root!r})"
@@ -110,9 +118,18 @@ class FilesystemStore:
 
     def close_idle(self) -> None:
         self._files.close_idle()
+        self._dirs.close_idle()
 
     @contextmanager
     def _open_dir(self, relpath: bytes, for_listing: bool = False):
+        fd = self._walk(relpath, for_listing)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _walk(self, relpath: bytes, for_listing: bool = False) -> int:
+        """A descriptor of the directory (opened for listing, or O_PATH)."""
         if self.offline:
             raise StoreUnavailable(f"{self.root}: offline mode, store not consulted")
         components = split_path(relpath)
@@ -132,9 +149,10 @@ class FilesystemStore:
                     raise self._error(relpath, e) from None
                 os.close(fd)
                 fd = child
-            yield fd
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
     def _error(self, relpath: bytes, e: OSError):
         where = display_path(self.root, relpath)
@@ -279,11 +297,21 @@ class FilesystemStore:
 
     def _open_file(self, relpath: bytes) -> int:
         parts = split_path(relpath)
-        with self._open_dir(b"/".join(parts[:-1])) as dfd:
+        parent = b"/".join(parts[:-1])
+        for attempt in range(2):
+            dfd = self._dirs.acquire(parent, lambda: self._walk(parent))
             try:
-                return os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
+                fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
             except OSError as e:
-                raise self._error(relpath, e) from None
+                self._dirs.release(parent, dfd, keep=False)
+                if attempt:
+                    raise self._error(relpath, e) from None
+                # A kept directory may be gone or stale (moved, replaced, an
+                # NFS handle gone): walk to it afresh once before failing.
+                self._dirs.forget(parent)
+                continue
+            self._dirs.release(parent, dfd)
+            return fd
 
 
 def _is_link(st) -> bool:

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import collections
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,10 +30,29 @@ sys.path.insert(0, str(HERE))
 
 import launchtrace  # noqa: E402
 import netstore  # noqa: E402
+import profile_warm  # noqa: E402
 from contenders import W1_VARIANT, Bench, LazyMount, drop_caches  # noqa: E402
 from workloads import Sizes, ensure_store  # noqa: E402
 
 KEPT = "lazy-cold-trace-kept"
+
+
+def print_hottest(raw: Path, top: int = 25) -> None:
+    """The leaf frames py-spy saw most, and the frames of ours under them."""
+    leaves, ours = collections.Counter(), collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if count.isdigit():
+            frames = stack.split(";")
+            leaves[frames[-1].strip()] += int(count)
+            for frame in set(frames):
+                if "cachecore/" in frame or "fusefs/" in frame:
+                    ours[frame.strip()] += int(count)
+    total = sum(leaves.values()) or 1
+    for title, counter in (("leaf frames", leaves), ("our frames (inclusive)", ours)):
+        print(f"{title}, of {total} samples:")
+        for frame, n in counter.most_common(top):
+            print(f"  {100 * n / total:5.1f}%  {frame}")
 
 
 def main(argv=None) -> int:
@@ -39,7 +61,15 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--config", action="append", default=[],
                     help="a mount config to compare with the default (repeat)")
+    ap.add_argument("--code", action="append", default=[], type=Path,
+                    help="a checkout whose cachecore/fusefs/mount the daemon runs instead, "
+                         "interleaved with this one's (repeat)")
+    ap.add_argument("--profile", action="store_true",
+                    help="sample the daemon with py-spy during each replay; print its hottest frames")
     args = ap.parse_args(argv)
+    variants = ([("default", [], {})]
+                + [(Path(c).name, [f"--config={c}"], {}) for c in args.config]
+                + [(f"code:{c}", [], {"PYTHONPATH": str(c)}) for c in args.code])
     store, info = ensure_store(args.workdir, Sizes(), log=print)
     info = {**info, "sizes": Sizes().__dict__}
     net = netstore.NetStore(store, args.workdir / "sshfs")
@@ -49,24 +79,37 @@ def main(argv=None) -> int:
         net.start()
         bench = Bench(args.workdir, store, net, info, [], log=print)
         trace = bench._ensure_trace(KEPT)
-        variants = [("default", [])] + [(Path(c).name, [f"--config={c}"]) for c in args.config]
         for run in range(args.runs):
-            for name, extra in variants:
+            for name, extra, env in variants:
                 bench._unmount()
                 bench._fresh(bench.trace_cache)
                 kept = bench._trace_store(KEPT)
                 launchtrace.seed(trace, kept, bench.trace_cache, extra)
                 drop_caches()
-                mount = bench._add_mount(LazyMount(bench.lazy_mp, kept, bench.trace_cache, extra))
-                before, cpu0 = mount.stats(), mount.cpu_seconds()
+                mount = bench._add_mount(LazyMount(bench.lazy_mp, kept, bench.trace_cache, extra,
+                                                      env=env))
+                before, cpu0 = mount.stats(), profile_warm.cpu_times(mount.pid)
+                spy = raw = None
+                if args.profile:
+                    raw = args.workdir / f"replay-profile-{run}-{name}.txt"
+                    spy = subprocess.Popen(
+                        [str(profile_warm.ensure_py_spy(args.workdir)), "record", "--pid",
+                         str(mount.pid), "--rate", "500", "--format", "raw", "--gil",
+                         "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(1.0)  # attached
                 t0 = time.time()
                 os.stat(mount.mountpoint / "main" / W1_VARIANT)
                 after, _ = bench._settle(mount)
-                cpu = mount.cpu_seconds() - cpu0
+                user, system = (b - a for a, b in zip(cpu0, profile_warm.cpu_times(mount.pid)))
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=60)
+                    print_hottest(raw)
                 bench._unmount()
                 bench._kept_used = time.monotonic()
                 timing = launchtrace.replay_timing(bench.trace_cache / "logs" / "daemon.log", t0)
-                row = {"run": run + 1, "config": name, "daemon_cpu_seconds": round(cpu, 2),
+                row = {"run": run + 1, "config": name, "daemon_cpu_seconds": round(user + system, 2),
+                       "daemon_user_seconds": round(user, 2),
                        "replay_width": launchtrace.replay_width(extra), **timing,
                        **{k: after[k] - before[k] for k in ("replay_blocks", "replay_bytes",
                                                             "store_reads", "store_listings")}}
@@ -77,7 +120,7 @@ def main(argv=None) -> int:
             bench.close()
         net.close()
     summary = {}
-    for name, _ in [("default", [])] + [(Path(c).name, []) for c in args.config]:
+    for name, _, _ in variants:
         mine = [r for r in rows if r["config"] == name and r.get("replay_end_s") is not None]
         if mine:
             summary[name] = {k: statistics.median(r[k] for r in mine)

@@ -598,6 +598,36 @@ def test_store_keeps_a_file_open_across_blocks_and_closes_it_when_idle(store_roo
     data = b"".join(store.read(b"fam/1.0/bin/tool", identity, off, min(BS, st.st_size - off))
                     for off in range(0, st.st_size, BS))
     assert data == tool.read_bytes() and opened == [b"fam/1.0/bin/tool"]
-    assert len(os.listdir("/proc/self/fd")) == fds_before + 1  # kept open, idle
+    assert len(os.listdir("/proc/self/fd")) == fds_before + 2  # the file and its directory, idle
     store._files.close_idle(max_age=0)
+    store._dirs.close_idle(max_age=0)
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_store_opens_files_of_a_directory_through_one_walk_and_walks_again_when_it_moved(
+        store_root):
+    walks = []
+
+    class WalkCountingStore(FilesystemStore):
+        def _walk(self, relpath, for_listing=False):
+            walks.append(relpath)
+            return super()._walk(relpath, for_listing)
+
+    store = WalkCountingStore(str(store_root))
+    bin_dir = store_root / "fam/1.0/bin"
+    (bin_dir / "other").write_bytes(b"other bytes")
+    for name in (b"tool", b"other"):
+        path = bin_dir / os.fsdecode(name)
+        st = path.stat()
+        assert store.read(b"fam/1.0/bin/" + name, identity_of_stat(st), 0, 5) == \
+            path.read_bytes()[:5]
+    assert walks == [b"fam/1.0/bin"]
+    # The directory is replaced by another with a file of that name: the kept
+    # descriptor names the old one, where the file is gone; a fresh walk finds it.
+    os.rename(bin_dir, store_root / "fam/1.0/bin.old")
+    bin_dir.mkdir()
+    (bin_dir / "new").write_bytes(b"new bytes")
+    st = (bin_dir / "new").stat()
+    assert store.read(b"fam/1.0/bin/new", identity_of_stat(st), 0, 9) == b"new bytes"
+    assert walks == [b"fam/1.0/bin"] * 2
+    store.close_idle()
