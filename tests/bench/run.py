@@ -456,6 +456,9 @@ def markdown(report: dict) -> str:
         lines += trace_markdown(report)
     if report.get("http"):
         lines += http_markdown(report)
+    if report.get("load") and (report.get("trace") or report.get("peers")) and not report.get("http"):
+        lines += [f"Load (uptime: 1, 5, 15 min) at the start: {report['load']['start']}; at the "
+                  f"end: {report['load']['end']} (other jobs share this 2-core machine).", ""]
     if report.get("errors"):
         lines += ["## Failures", ""] + [f"- {e}" for e in report["errors"]] + [""]
     lines += ["Variant sizes (what a whole-variant copy moves): " + ", ".join(
@@ -552,9 +555,6 @@ def trace_markdown(report: dict) -> list[str]:
         lines.append("")
     if not report.get("http"):
         lines += where_the_time_goes(report)
-        if report.get("load"):
-            lines += [f"Load (uptime: 1, 5, 15 min) at the start: {report['load']['start']}; at the "
-                      f"end: {report['load']['end']} (other jobs share this 2-core machine).", ""]
     return lines
 
 
