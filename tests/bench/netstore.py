@@ -76,7 +76,9 @@ def install(packages: dict[str, str] = APT_PACKAGES) -> None:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+    # another apt-get on the machine (a shared one) may hold dpkg's lock a while
+    subprocess.run(["apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=300", *missing],
+                   check=True, env=env)
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:

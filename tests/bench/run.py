@@ -470,7 +470,10 @@ def markdown(report: dict) -> str:
 def peers_markdown(report: dict) -> list[str]:
     """What the peer contenders are and how they were run."""
     p = report["peers"]
-    return ["## The peers: rclone and bindfs", "",
+    ran = {c.split("-")[0] for wl in report["summary"].values() for c in wl if c in PEER_CONTENDERS}
+    lines = [f"## The peers: {' and '.join(sorted(ran, reverse=True))}", ""]
+    if "rclone" in ran:
+        lines += [
             f"rclone-* ({p['rclone'] or 'rclone'}): `rclone mount` of the store's directory with its "
             "sftp backend, logging in to the same sshd through the same delaying relay and link as "
             "sshfs (so the SFTP requests and network columns count it as they count sshfs), SFTP "
@@ -479,15 +482,17 @@ def peers_markdown(report: dict) -> list[str]:
             "listings and attributes in memory for the mount's life. rclone-cold: an empty VFS "
             "cache, a fresh mount, page cache dropped; rclone-warm-disk: the VFS cache a cold run "
             "filled, remounted (so it lists the store again: it keeps no metadata on disk), page "
-            "cache dropped; rclone-warm-hot: the same mount again, at once.", "",
+            "cache dropped; rclone-warm-hot: the same mount again, at once.", ""]
+    if "bindfs" in ran:
+        lines += [
             f"bindfs-* ({p['bindfs'] or 'bindfs'}): `" + " ".join(p["bindfs_argv"]) + "` over the "
             "store directory on local disk: no network and no cache of its own, the kernel caching "
             "rez-lazyfs asks for its payload (its entry, attribute and negative timeouts, the page "
             "cache kept across opens). What a C FUSE filesystem costs over native on this kernel: "
             "the floor of a warm rez-lazyfs. bindfs-warm-disk: remounted, page cache dropped; "
-            "bindfs-hot: the same mount again, at once.", "",
-            "Daemon CPU and peak RSS in their rows are the rclone or bindfs process's (not in the "
-            "memory target, which is rez-lazyfs's).", ""]
+            "bindfs-hot: the same mount again, at once.", ""]
+    return lines + ["Daemon CPU and peak RSS in their rows are the peer's own process's (not in the "
+                    "memory target, which is rez-lazyfs's).", ""]
 
 
 def trace_markdown(report: dict) -> list[str]:
