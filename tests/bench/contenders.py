@@ -34,10 +34,21 @@
     http-warm              node 0's cache, filled by the cold run, remounted
                            (W4: 8 launches at once on it, as lazy-warm-disk)
 
+    The peers (peers.py: how each is run), the workload on their mount point:
+    rclone-cold       `rclone mount --vfs-cache-mode full` over the sshfs store's
+                      link and sshd (its sftp backend), an empty VFS cache, a
+                      fresh mount, page cache dropped
+    rclone-warm-disk  its VFS cache kept from a cold run, remounted, page cache dropped
+    rclone-warm-hot   the same mount again, right after rclone-warm-disk (page cache hot)
+    bindfs-warm-disk  `bindfs -o ro` over the store directory itself (no network),
+                      remounted, page cache dropped: a C FUSE filesystem's floor
+    bindfs-hot        the same mount again, right after bindfs-warm-disk
+
 Store traffic: for rez-lazyfs from its stats xattr (store_reads, store_bytes,
 store_listings); for every contender that touches the network, also the SFTP
-requests and the bytes on the client veth (NetStore.counters); for HTTP, the
-requests squid answered and those that reached the origin (ImageSide.since).
+requests and the bytes on the client veth (NetStore.counters), counted until
+the link is quiet (a peer's read-ahead may outlast the workload); for HTTP,
+the requests squid answered and those that reached the origin (ImageSide.since).
 
 This file is also run as `python contenders.py rez-cache-add REPO NAME VERSION CACHE`:
 Rez's package cache copying one variant, in its own process.
@@ -59,6 +70,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import launchtrace  # noqa: E402
+import peers  # noqa: E402
 from netstore import is_mounted  # noqa: E402
 from workloads import (  # noqa: E402
     W1_VARIANT, W2_FILE, W2_VARIANT, W3_DIR, W3_VARIANT, launch_argv)
@@ -66,8 +78,10 @@ from workloads import (  # noqa: E402
 CLI = str(Path(sys.executable).parent / "rez-lazyfs")
 CONTENDERS = ["native", "direct", "copy", "lazy-cold", "lazy-cold-trace", "lazy-cold-trace-kept",
               "lazy-cold-trace-kept-b", "lazy-warm-disk", "lazy-warm-hot",
-              "http-cold-squid-cold", "http-cold-squid-warm", "http-warm"]
+              "http-cold-squid-cold", "http-cold-squid-warm", "http-warm",
+              "rclone-cold", "rclone-warm-disk", "rclone-warm-hot", "bindfs-warm-disk", "bindfs-hot"]
 HTTP_CONTENDERS = [c for c in CONTENDERS if c.startswith("http-")]
+PEER_CONTENDERS = [c for c in CONTENDERS if c.startswith(tuple(f"{p}-" for p in peers.APT_PACKAGES))]
 LABELS = {"native": "native (local disk, page cache dropped)",
           "direct": "direct from the sshfs store (cold)",
           "copy": "Rez package cache: copy variant, then run",
@@ -79,7 +93,12 @@ LABELS = {"native": "native (local disk, page cache dropped)",
           "lazy-warm-hot": "rez-lazyfs warm, page cache hot",
           "http-cold-squid-cold": "HTTP image, cold, squid cold",
           "http-cold-squid-warm": "HTTP image, cold, squid warm (a second node)",
-          "http-warm": "HTTP image, warm, page cache dropped"}
+          "http-warm": "HTTP image, warm, page cache dropped",
+          "rclone-cold": "rclone VFS cache (full) over SFTP, cold (empty cache)",
+          "rclone-warm-disk": "rclone VFS cache (full), warm, page cache dropped",
+          "rclone-warm-hot": "rclone VFS cache (full), warm, page cache hot",
+          "bindfs-warm-disk": "bindfs over local disk, page cache dropped",
+          "bindfs-hot": "bindfs over local disk, page cache hot"}
 TRACED_WORKLOADS = ("W1", "W4")  # lazy-cold-trace*: the launches (W1's trace)
 TRACE_CONTENDERS = ["lazy-cold-trace", "lazy-cold-trace-kept", "lazy-cold-trace-kept-b"]
 # sshfs keeps attributes and listings this long (its dcache_timeout, 20 s by
@@ -89,6 +108,7 @@ VARIANT_OF = {"W1": W1_VARIANT, "W2": W2_VARIANT, "W3": W3_VARIANT, "W4": W1_VAR
 MARKER_VAR = "REZ_LAZYFS_BENCH_MARKER"
 STATS_XATTR = "user.rezlazyfs.stats"
 DAEMON_EXIT_TIMEOUT = 60
+PEER_MOUNT_TIMEOUT = 30
 
 
 def drop_caches() -> None:
@@ -216,7 +236,19 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class LazyMount:
+class Daemon:
+    """The process serving a mount (once mounted): its CPU time and peak RSS."""
+
+    pid: int | None = None
+
+    def peak_rss_kib(self) -> int | None:
+        return vm_hwm_kib(self.pid) if self.pid else None
+
+    def cpu_seconds(self) -> float | None:
+        return cpu_seconds(self.pid) if self.pid else None
+
+
+class LazyMount(Daemon):
     """One `rez-lazyfs mount` of a store (the sshfs store's path, or the
     image's URL), its daemon found by an env marker; `cli` is the rez-lazyfs
     command (another environment's, say one with another pyfuse3)."""
@@ -225,10 +257,10 @@ class LazyMount:
                  cli: str = CLI, env: dict | None = None):
         """env: added to the daemon's environment (PYTHONPATH: another checkout's code)."""
         self.mountpoint, self.store, self.cache, self.extra = mountpoint, store, cache, extra
+        self.repo_root = mountpoint / "main"  # the store's root, mirrored
         self.cli = cli
         self.env = env or {}
         self.marker = uuid.uuid4().hex
-        self.pid: int | None = None
 
     def mount(self) -> None:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
@@ -247,12 +279,6 @@ class LazyMount:
 
     def stats(self) -> dict:
         return json.loads(os.getxattr(self.mountpoint, STATS_XATTR))
-
-    def peak_rss_kib(self) -> int | None:
-        return vm_hwm_kib(self.pid) if self.pid else None
-
-    def cpu_seconds(self) -> float | None:
-        return cpu_seconds(self.pid) if self.pid else None
 
     def umount(self) -> None:
         if is_mounted(self.mountpoint):
@@ -279,6 +305,48 @@ class LazyMount:
                 pass
 
 
+class PeerMount(Daemon):
+    """A peer's FUSE filesystem (peers.py): `argv` run in the foreground as a
+    child of ours, mounting the store's root at `mountpoint`; its output
+    appended to `log`. Stopped by unmounting, then by its PID."""
+
+    def __init__(self, mountpoint: Path, argv: list[str], log: Path):
+        self.mountpoint = self.repo_root = mountpoint
+        self.argv, self.log = argv, log
+        self.proc: subprocess.Popen | None = None
+
+    def mount(self) -> None:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            start = out.tell()
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                         start_new_session=True)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + PEER_MOUNT_TIMEOUT
+        while not is_mounted(self.mountpoint):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.umount()
+                with open(self.log, "rb") as f:
+                    f.seek(start)
+                    said = f.read(500).decode(errors="replace").strip()  # the error comes first
+                raise WorkloadFailed(f"{self.argv[0]} did not mount ({self.log}): {said}")
+            time.sleep(0.05)
+
+    def umount(self) -> None:
+        if is_mounted(self.mountpoint):
+            r = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+            if r.returncode:
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+        # unmounted, it exits (rclone writes its cache's metadata first)
+        if self.proc is not None:
+            try:
+                self.proc.wait(DAEMON_EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = self.pid = None
+
+
 def cached_payload_bytes(cache: Path) -> int | None:
     """Payload bytes the cache holds, all packages (`rez-lazyfs status --json`)."""
     r = subprocess.run([CLI, "status", "--json", "--cache", str(cache)], capture_output=True, text=True)
@@ -292,7 +360,8 @@ def cached_payload_bytes(cache: Path) -> int | None:
 # -- the bench: one contender, one workload, one run ------------------------------
 class Bench:
     def __init__(self, workdir: Path, store: Path, netstore, info: dict, mount_extra: list[str],
-                 log=print, image=None, ab_extra: list[str] | None = None):
+                 log=print, image=None, ab_extra: list[str] | None = None,
+                 rclone_extra: list[str] | None = None):
         self.workdir, self.store, self.net, self.info = workdir, store, netstore, info
         self.mount_extra = mount_extra
         self.ab_extra = ab_extra or []  # lazy-cold-trace-kept-b's extra mount arguments
@@ -307,9 +376,16 @@ class Bench:
         self.kept_sshfs = workdir / "sshfs-kept"  # lazy-cold-trace-kept's store
         self._kept_used: float | None = None  # when it was last read (None: not mounted)
         self.copy_dir = workdir / "pkgcache"
-        self.mounted: list[LazyMount] = []
-        self._cold_done: dict[str, bool] = {}
-        self._http_cold_done: dict[str, bool] = {}
+        self.rclone_mp, self.rclone_cache = workdir / "rclone", workdir / "rclone-cache"
+        self.rclone_config = workdir / "rclone.conf"
+        self.rclone_extra = rclone_extra or []  # run.py's --rclone-option
+        self.bindfs_mp = workdir / "bindfs"
+        self.peer_logs = {name: workdir / f"{name}.log" for name in peers.APT_PACKAGES}
+        for peer_log in self.peer_logs.values():
+            peer_log.unlink(missing_ok=True)  # this bench run's only
+        self.mounted: list[LazyMount | PeerMount] = []
+        self._hot_ready: str | None = None  # whose *-warm-disk mount is still mounted
+        self._cold_done: set[tuple[str, str]] = set()  # (lazy, rclone or http, workload)
 
     # store-side traffic --------------------------------------------------------
     def _net_before(self) -> dict:
@@ -364,23 +440,28 @@ class Bench:
         out["rez_status"] = added["status"]
         return out
 
-    def _lazy_run(self, wl: str, fn, *mounts: LazyMount) -> dict:
+    def _run_on(self, wl: str, fn, *mounts: LazyMount | PeerMount) -> dict:
         """The workload on one mount; with several (nodes), one W1 launch on
-        each, all at once. Store counters summed over the mounts."""
-        before, net_before = [m.stats() for m in mounts], self._net_before()
+        each, all at once. rez-lazyfs's store counters summed over its mounts."""
+        lazy = [m for m in mounts if isinstance(m, LazyMount)]
+        before, net_before = [m.stats() for m in lazy], self._net_before()
         cpu_before = [m.cpu_seconds() for m in mounts]
-        roots = [m.mountpoint / "main" / VARIANT_OF[wl] for m in mounts]
+        roots = [m.repo_root / VARIANT_OF[wl] for m in mounts]
         out = fn(roots[0], self.info) if len(roots) == 1 else run_launches(roots, self.info)
         # Background work (prefetch, read-ahead) may still be fetching when the
         # workload ends: it counts as this run's store traffic (not its time).
         store, out["settle_seconds"] = {}, 0.0
-        for m, b in zip(mounts, before):
+        for m, b in zip(lazy, before):
             after, settle = self._settle(m)
             out["settle_seconds"] += settle
             for k, v in after.items():
                 if isinstance(v, int):
                     store[k] = store.get(k, 0) + v - b[k]
-        out["store"] = store
+        if lazy:
+            out["store"] = store
+        elif self.net.counters() != net_before:  # a peer's, over the link
+            link = ("net_rx_bytes", "net_tx_bytes")
+            out["settle_seconds"] = self._until_still(self.net.counters, link)[1]
         out["network"] = self._net_after(net_before)
         out["daemon_peak_rss_kib"] = max((m.peak_rss_kib() or 0) for m in mounts) or None
         cpu = [(m.cpu_seconds(), b) for m, b in zip(mounts, cpu_before)]
@@ -388,16 +469,22 @@ class Bench:
         return out
 
     @staticmethod
-    def _settle(mount: LazyMount, quiet: float = 1.0, limit: float = 60.0) -> tuple[dict, float]:
-        """Stats once the store counters have not moved for `quiet` seconds."""
+    def _settle(mount: LazyMount) -> tuple[dict, float]:
+        """Stats once the store counters have not moved for a second."""
+        return Bench._until_still(mount.stats, ("store_reads", "store_listings"))
+
+    @staticmethod
+    def _until_still(read, keys: tuple[str, ...], quiet: float = 1.0,
+                     limit: float = 60.0) -> tuple[dict, float]:
+        """read() once its `keys` have not moved for `quiet` seconds, and how
+        long they moved."""
         t0 = time.monotonic()
-        last = mount.stats()
+        last = read()
         still_since = time.monotonic()
         while time.monotonic() - still_since < quiet and time.monotonic() - t0 < limit:
             time.sleep(0.1)
-            now = mount.stats()
-            key = ("store_reads", "store_listings")
-            if any(now.get(k) != last.get(k) for k in key):
+            now = read()
+            if any(now.get(k) != last.get(k) for k in keys):
                 still_since = time.monotonic()
             last = now
         return last, time.monotonic() - t0 - quiet
@@ -408,7 +495,7 @@ class Bench:
         drop_caches()
         mount = self._mount()
         try:
-            out = self._lazy_run(wl, fn, mount)
+            out = self._run_on(wl, fn, mount)
         except WorkloadFailed as e:
             self._unmount()
             raise WorkloadFailed(f"{e} [daemon log kept: {self._keep_log(self.cache, wl)}]") from None
@@ -417,7 +504,7 @@ class Bench:
         # a fresh cache that only this run filled: what it holds afterwards is
         # every distinct block fetched, once
         out["bytes_cached"] = cached_payload_bytes(self.cache)
-        self._cold_done[wl] = True
+        self._cold_done.add(("lazy", wl))
         return out
 
     def _lazy_cold_trace(self, wl: str, fn) -> dict:
@@ -468,7 +555,7 @@ class Bench:
         mount = self._add_mount(LazyMount(self.lazy_mp, store, self.trace_cache, extra))
         t0 = time.time()
         try:
-            out = self._lazy_run(wl, fn, mount)
+            out = self._run_on(wl, fn, mount)
         except WorkloadFailed as e:
             self._unmount()
             raise WorkloadFailed(f"{e} [daemon log kept: {self._keep_log(self.trace_cache, wl)}]") from None
@@ -539,19 +626,29 @@ class Bench:
         return trace
 
     def _lazy_warm_disk(self, wl: str, fn) -> dict:
-        if not self._cold_done.get(wl):
+        if ("lazy", wl) not in self._cold_done:
             self._lazy_cold(wl, fn)  # warm the cache first (not recorded)
         self._unmount()
         self.net.remount()
         drop_caches()
-        mount = self._mount()
-        return self._lazy_run(wl, fn, mount)  # stays mounted for lazy-warm-hot
+        return self._warm_disk_run(wl, fn, "lazy", self._mount())
 
     def _lazy_warm_hot(self, wl: str, fn) -> dict:
-        if not self.mounted:
-            self._lazy_warm_disk(wl, fn)  # mount a warm cache and heat the page cache
+        return self._hot(wl, fn, "lazy")
+
+    def _warm_disk_run(self, wl: str, fn, family: str, mount: LazyMount | PeerMount) -> dict:
+        """A *-warm-disk run, its mount left mounted for the family's hot run."""
+        out = self._run_on(wl, fn, mount)
+        self._hot_ready = family
+        return out
+
+    def _hot(self, wl: str, fn, family: str) -> dict:
+        """The workload again on the mount the family's warm-disk run left
+        (page cache hot); that run first if it is not there (not recorded)."""
+        if self._hot_ready != family:
+            getattr(self, f"_{family}_warm_disk")(wl, fn)
         try:
-            return self._lazy_run(wl, fn, self.mounted[0])
+            return self._run_on(wl, fn, self.mounted[-1])
         finally:
             self._unmount()
 
@@ -559,14 +656,54 @@ class Bench:
         self._unmount()
         return self._add_mount(LazyMount(self.lazy_mp, self.net.mountpoint, self.cache, self.mount_extra))
 
-    def _add_mount(self, m: LazyMount) -> LazyMount:
+    def _add_mount(self, m: LazyMount | PeerMount) -> LazyMount | PeerMount:
         self.mounted.append(m)
         m.mount()
         return m
 
     def _unmount(self) -> None:
+        self._hot_ready = None
         while self.mounted:
             self.mounted.pop().umount()
+
+    # the peers ---------------------------------------------------------------------
+    def _rclone_mount(self) -> PeerMount:
+        self._unmount()
+        config = peers.write_rclone_config(self.rclone_config, self.net)
+        argv = peers.rclone_argv(config, self.net.store, self.rclone_mp, self.rclone_cache,
+                                 self.rclone_extra)
+        return self._add_mount(PeerMount(self.rclone_mp, argv, self.peer_logs["rclone"]))
+
+    def _rclone_cold(self, wl: str, fn) -> dict:
+        self._unmount()
+        self._fresh(self.rclone_cache)
+        drop_caches()
+        try:
+            out = self._run_on(wl, fn, self._rclone_mount())
+        finally:
+            self._unmount()
+        self._cold_done.add(("rclone", wl))
+        return out
+
+    def _rclone_warm_disk(self, wl: str, fn) -> dict:
+        if ("rclone", wl) not in self._cold_done:
+            self._rclone_cold(wl, fn)  # fill its VFS cache first (not recorded)
+        self._unmount()
+        drop_caches()
+        return self._warm_disk_run(wl, fn, "rclone", self._rclone_mount())
+
+    def _rclone_warm_hot(self, wl: str, fn) -> dict:
+        return self._hot(wl, fn, "rclone")
+
+    def _bindfs_warm_disk(self, wl: str, fn) -> dict:
+        self._unmount()
+        drop_caches()
+        mount = PeerMount(self.bindfs_mp, peers.bindfs_argv(self.store, self.bindfs_mp),
+                          self.peer_logs["bindfs"])
+        return self._warm_disk_run(wl, fn, "bindfs", self._add_mount(mount))
+
+    def _bindfs_hot(self, wl: str, fn) -> dict:
+        return self._hot(wl, fn, "bindfs")
 
     # the published image over HTTP ------------------------------------------------
     def _http_node(self, n: int) -> tuple[Path, Path]:
@@ -597,17 +734,17 @@ class Bench:
         drop_caches()
         mark = self.image.mark()
         try:
-            out = self._lazy_run(wl, fn, *(self._http_mount(n) for n in range(nodes)))
+            out = self._run_on(wl, fn, *(self._http_mount(n) for n in range(nodes)))
         finally:
             self._unmount()
         out["http"] = self.image.since(mark)
         out["nodes"] = nodes
         self.image.warmed.add(wl)
-        self._http_cold_done[wl] = True
+        self._cold_done.add(("http", wl))
         return out
 
     def _http_warm(self, wl: str, fn) -> dict:
-        if not self._http_cold_done.get(wl):
+        if ("http", wl) not in self._cold_done:
             if self.image.squid is None:
                 self.image.fresh_squid()
             self._http_cold(wl, fn)  # fill node 0's cache (not recorded)
@@ -615,7 +752,7 @@ class Bench:
         drop_caches()
         mark = self.image.mark()
         try:
-            out = self._lazy_run(wl, fn, self._http_mount(0))
+            out = self._run_on(wl, fn, self._http_mount(0))
         finally:
             self._unmount()
         out["http"] = self.image.since(mark)
@@ -636,15 +773,16 @@ class Bench:
         self._fresh(self.trace_cache)
         self._fresh(self.copy_dir)
         self._fresh_http_caches()
+        self._fresh(self.rclone_cache)
         self._cold_done.clear()
-        self._http_cold_done.clear()
 
     def close(self) -> None:
         try:
             self._unmount()
         finally:
-            if is_mounted(self.lazy_mp):
-                subprocess.run(["fusermount3", "-u", "-z", str(self.lazy_mp)], capture_output=True)
+            for mountpoint in (self.lazy_mp, self.rclone_mp, self.bindfs_mp):
+                if is_mounted(mountpoint):
+                    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
             self._fresh(self.cache)
             self._fresh(self.trace_cache)
             for tdir in self.trace_dir.glob("*/record-cache"):
@@ -654,6 +792,8 @@ class Bench:
                 self._kept_used = None
             self._fresh(self.copy_dir)
             self._fresh_http_caches()
+            self._fresh(self.rclone_cache)
+            self.rclone_config.unlink(missing_ok=True)
 
 
 def median(xs):

@@ -52,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CLONE_NEWNET = 0x40000000
 SUBNET = "10.213.47"  # a /30: .1 client end, .2 server end; only inside our namespaces
-APT_PACKAGES = ["sshfs", "openssh-server"]
+# Debian package -> a program it installs (present: nothing to install)
+APT_PACKAGES = {"sshfs": "sshfs", "openssh-server": "/usr/sbin/sshd"}
 
 
 def run(argv: list, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -67,13 +68,17 @@ def in_netns(ns: str) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{ns}", "--"]
 
 
-def install() -> None:
-    """Debian's sshfs and openssh-server, if missing."""
-    if shutil.which("sshfs") and os.path.exists("/usr/sbin/sshd"):
+def install(packages: dict[str, str] = APT_PACKAGES) -> None:
+    """The Debian packages (name -> a program of theirs) whose program is
+    missing: sshfs and openssh-server unless told others."""
+    missing = [name for name, program in packages.items() if not shutil.which(program)]
+    if not missing:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *APT_PACKAGES], check=True, env=env)
+    # another apt-get on the machine (a shared one) may hold dpkg's lock a while
+    subprocess.run(["apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=300", *missing],
+                   check=True, env=env)
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -120,13 +125,14 @@ class NetStore:
         self.sftp_log = self.tmp / "sftp.log"
         self._made_run_sshd = False
         self._netns_made: list[str] = []
+        self.client_key = self.tmp / "client_key"  # what every SFTP client of ours logs in with
         # remember=-1: sshfs numbers inodes in lookup order (SFTP has no inode
         # numbers) and, by default, numbers a file again once the kernel
         # forgets it (any drop_caches on the machine): rez-lazyfs's file
         # identity (size, mtime, ctime, inode) then changes under a running
         # mount and its reads fail with EIO ("changed in the store"). With it
         # a file keeps its number for the life of the sshfs mount.
-        self.sshfs_options = ["-o", "ro", "-o", "IdentityFile=" + str(self.tmp / "client_key"),
+        self.sshfs_options = ["-o", "ro", "-o", "IdentityFile=" + str(self.client_key),
                               "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                               "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "remember=-1",
                               "-F", "/dev/null"]
@@ -167,8 +173,8 @@ class NetStore:
     def _sshd(self) -> None:
         t = self.tmp
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", t / "host_key"])
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", t / "client_key"])
-        shutil.copy(t / "client_key.pub", t / "authorized_keys")
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.client_key])
+        shutil.copy(f"{self.client_key}.pub", t / "authorized_keys")
         (t / "sshd_config").write_text("\n".join([
             f"ListenAddress {self.addr_srv}", "Port 22",
             f"HostKey {t / 'host_key'}", f"AuthorizedKeysFile {t / 'authorized_keys'}",

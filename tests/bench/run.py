@@ -9,8 +9,9 @@ Medians of --runs runs; the package-cache copy, by far the slowest contender
 and network-bound, runs --copy-runs times (1). Cold runs start from a remounted
 sshfs, a fresh rez-lazyfs cache and a dropped page cache, every time.
 
-It installs what it needs (Debian's sshfs and openssh-server with apt,
-matplotlib with pip into WORKDIR/pydeps, not the project's environment),
+It installs what it needs (Debian's sshfs and openssh-server with apt, and
+rclone and bindfs for their contenders; matplotlib with pip into
+WORKDIR/pydeps, not the project's environment; none with --no-install),
 generates the store once (kept in WORKDIR for the next run), serves it over
 a real network link (netstore.py: sshd in a network namespace of its own,
 a veth with a tbf rate, a delaying relay for the RTT, sshfs on the client),
@@ -23,6 +24,10 @@ launch's trace with the real rez and `rez-lazyfs trace record` (once per run,
 not timed; contenders.py, launchtrace.py) and reports the issue-12 targets:
 traced cold against warm from disk, store bytes and replayed-but-unread bytes
 against the bytes read (results/trace-findings.md: what the runs showed).
+
+With rclone-* or bindfs-* contenders (peers.py) it also runs two other FUSE
+filesystems over the same store (rclone's VFS cache over the same SFTP link,
+bindfs over the local tree) and reports rez-lazyfs against them (issue 16).
 
 With any http-* contender it also publishes the store as an image (once,
 kept in WORKDIR), serves it with nginx across the same link and puts a
@@ -51,8 +56,10 @@ sys.path.insert(0, str(HERE))
 
 import imagestore  # noqa: E402
 import netstore  # noqa: E402
+import peers  # noqa: E402
 from contenders import (  # noqa: E402
-    CONTENDERS, HTTP_CONTENDERS, LABELS, TRACE_CONTENDERS, TRACED_WORKLOADS, Bench, WorkloadFailed)
+    CONTENDERS, HTTP_CONTENDERS, LABELS, PEER_CONTENDERS, TRACE_CONTENDERS, TRACED_WORKLOADS, Bench,
+    WorkloadFailed)
 from netstore import is_mounted  # noqa: E402
 from workloads import LAUNCH_PYTHON, W1_VARIANT, Sizes, ensure_store  # noqa: E402
 
@@ -70,6 +77,9 @@ SQUID_WARM_LIMIT = 2.0  # W1 cold through a warm squid / W1 warm from disk
 TRACE_WARM_LIMIT = 1.5  # W1 (W4) cold with a trace / W1 (W4) warm from disk
 TRACE_BYTES_LIMIT = 1.3  # store bytes of a traced cold launch / bytes it read
 TRACE_WASTE_LIMIT = 0.10  # replayed bytes no reader read / bytes the launch read
+# rez-lazyfs's contender -> rclone's in the same state, for "ahead of rclone"
+RCLONE_PAIRS = {"lazy-cold": "rclone-cold", "lazy-warm-disk": "rclone-warm-disk",
+                "lazy-warm-hot": "rclone-warm-hot"}
 
 
 def log(msg: str) -> None:
@@ -229,14 +239,49 @@ def targets(summary: dict, raw: dict, info: dict, publish: dict | None = None,
         "worst cold W4 run: store bytes / payload bytes in its cache afterwards (`rez-lazyfs status`)"
         + (f"; store bytes of 8 launches / of one launch (W1 cold, medians) {w4b / w1b:.3f}"
            if w1b and w4b else ""))
-    rss = [s.get("daemon_peak_rss_mib") for wl in summary.values() for s in wl.values()]
+    rss = [s.get("daemon_peak_rss_mib") for wl in summary.values() for c, s in wl.items()
+           if c not in PEER_CONTENDERS]
     rss = [x for x in rss if x]
     peak = max(rss) if rss else None
     add(f"Memory: daemon peak RSS over W1-W4 at most {RSS_LIMIT_MIB} MiB", peak, RSS_LIMIT_MIB,
         peak is not None and peak <= RSS_LIMIT_MIB, "max VmHWM of the daemon at the end of every run (MiB)")
     http_targets(add, summary, raw, publish)
     trace_targets(add, summary, raw, info, trace)
+    peer_targets(add, summary)
     return t
+
+
+def _ratio(summary: dict, wl: str, a: str, b: str) -> float | None:
+    """Median time of contender a / median time of contender b on wl."""
+    x, y = (_get(summary, wl, c, "median_seconds") for c in (a, b))
+    return x / y if x and y else None
+
+
+def peer_targets(add, summary: dict) -> None:
+    """The peers' targets (issue 16), as ratios of medians within this run,
+    for each peer contender that ran."""
+    for lazy, rclone in RCLONE_PAIRS.items():
+        ratios = {wl: _ratio(summary, wl, lazy, rclone) for wl in WORKLOADS
+                  if rclone in summary.get(wl, {})}
+        if not ratios:
+            continue
+        measured = [r for r in ratios.values() if r is not None]
+        worst = max(measured) if len(measured) == len(ratios) else None
+        add(f"Peers: rez-lazyfs ahead of rclone on every workload ({lazy} against {rclone})", worst,
+            1.0, worst is not None and worst < 1.0,
+            f"the highest over the workloads of median {lazy} time / median {rclone} time: "
+            + ", ".join(f"{wl} {_fmt(r, 2, 'x')}" for wl, r in ratios.items()))
+    if "bindfs-warm-disk" in summary.get("W1", {}):
+        r = _ratio(summary, "W1", "lazy-warm-disk", "bindfs-warm-disk")
+        hot = _ratio(summary, "W1", "lazy-warm-hot", "bindfs-hot")
+        add("Peers: W1 warm ahead of bindfs over local disk", r, 1.0, r is not None and r < 1.0,
+            "median lazy-warm-disk time / median bindfs-warm-disk time (page cache dropped for both)"
+            + (f"; page cache hot (lazy-warm-hot / bindfs-hot): {hot:.2f}x" if hot else ""))
+    if "bindfs-warm-disk" in summary.get("W2", {}):
+        r = _ratio(summary, "W2", "bindfs-warm-disk", "lazy-warm-disk")
+        add("Peers: W2 warm from disk cache at least bindfs's throughput", r, 1.0,
+            r is not None and r >= 1.0,
+            "median bindfs-warm-disk time / median lazy-warm-disk time (page cache dropped for both)")
 
 
 def trace_waste(run: dict, block_size: int) -> int | None:
@@ -405,16 +450,49 @@ def markdown(report: dict) -> str:
         if notes:
             lines += ["", "; ".join(notes) + "."]
         lines.append("")
+    if report.get("peers"):
+        lines += peers_markdown(report)
     if report.get("trace"):
         lines += trace_markdown(report)
     if report.get("http"):
         lines += http_markdown(report)
+    if report.get("load") and (report.get("trace") or report.get("peers")) and not report.get("http"):
+        lines += [f"Load (uptime: 1, 5, 15 min) at the start: {report['load']['start']}; at the "
+                  f"end: {report['load']['end']} (other jobs share this 2-core machine).", ""]
     if report.get("errors"):
         lines += ["## Failures", ""] + [f"- {e}" for e in report["errors"]] + [""]
     lines += ["Variant sizes (what a whole-variant copy moves): " + ", ".join(
         f"{v} {d['files']} files / {d['bytes'] / MiB:.0f} MiB" for v, d in info["variants"].items()) + ".",
         "", f"Total bench time: {report['elapsed_seconds'] / 60:.1f} min.", ""]
     return "\n".join(lines)
+
+
+def peers_markdown(report: dict) -> list[str]:
+    """What the peer contenders are and how they were run."""
+    p = report["peers"]
+    ran = {c.split("-")[0] for wl in report["summary"].values() for c in wl if c in PEER_CONTENDERS}
+    lines = [f"## The peers: {' and '.join(sorted(ran, reverse=True))}", ""]
+    if "rclone" in ran:
+        lines += [
+            f"rclone-* ({p['rclone'] or 'rclone'}): `rclone mount` of the store's directory with its "
+            "sftp backend, logging in to the same sshd through the same delaying relay and link as "
+            "sshfs (so the SFTP requests and network columns count it as they count sshfs), SFTP "
+            "requests only (no commands over SSH), with `" + " ".join(p["rclone_flags"]) + "`: "
+            "what it reads is kept on local disk in its VFS cache (sparse files) across mounts, "
+            "listings and attributes in memory for the mount's life. rclone-cold: an empty VFS "
+            "cache, a fresh mount, page cache dropped; rclone-warm-disk: the VFS cache a cold run "
+            "filled, remounted (so it lists the store again: it keeps no metadata on disk), page "
+            "cache dropped; rclone-warm-hot: the same mount again, at once.", ""]
+    if "bindfs" in ran:
+        lines += [
+            f"bindfs-* ({p['bindfs'] or 'bindfs'}): `" + " ".join(p["bindfs_argv"]) + "` over the "
+            "store directory on local disk: no network and no cache of its own, the kernel caching "
+            "rez-lazyfs asks for its payload (its entry, attribute and negative timeouts, the page "
+            "cache kept across opens). What a C FUSE filesystem costs over native on this kernel: "
+            "the floor of a warm rez-lazyfs. bindfs-warm-disk: remounted, page cache dropped; "
+            "bindfs-hot: the same mount again, at once.", ""]
+    return lines + ["Daemon CPU and peak RSS in their rows are the peer's own process's (not in the "
+                    "memory target, which is rez-lazyfs's).", ""]
 
 
 def trace_markdown(report: dict) -> list[str]:
@@ -482,9 +560,6 @@ def trace_markdown(report: dict) -> list[str]:
         lines.append("")
     if not report.get("http"):
         lines += where_the_time_goes(report)
-        if report.get("load"):
-            lines += [f"Load (uptime: 1, 5, 15 min) at the start: {report['load']['start']}; at the "
-                      f"end: {report['load']['end']} (other jobs share this 2-core machine).", ""]
     return lines
 
 
@@ -567,7 +642,9 @@ def chart(report: dict, path: Path) -> None:
               "lazy-cold-trace": "#17becf", "lazy-cold-trace-kept": "#9edae5",
               "lazy-cold-trace-kept-b": "#bcbd22",
               "lazy-warm-disk": "#2ca02c", "lazy-warm-hot": "#98df8a",
-              "http-cold-squid-cold": "#9467bd", "http-cold-squid-warm": "#c5b0d5", "http-warm": "#8c564b"}
+              "http-cold-squid-cold": "#9467bd", "http-cold-squid-warm": "#c5b0d5", "http-warm": "#8c564b",
+              "rclone-cold": "#e377c2", "rclone-warm-disk": "#f7b6d2", "rclone-warm-hot": "#fcdcec",
+              "bindfs-warm-disk": "#7f7f7f", "bindfs-hot": "#c7c7c7"}
     fig, axes = plt.subplots(len(wls), 1, figsize=(9, 2.3 * len(wls) + 0.8), squeeze=False)
     for ax, wl in zip(axes[:, 0], wls):
         cs = [c for c in CONTENDERS if c in s[wl] and s[wl][c]["median_seconds"]]
@@ -612,6 +689,9 @@ def parse_args(argv=None):
     ap.add_argument("--ab-mount-option", action="append", default=[], metavar="ARG",
                     help="extra argument for the mounts of lazy-cold-trace-kept-b (repeat): an A/B "
                          "against lazy-cold-trace-kept, e.g. --ab-mount-option=--config=wide.toml")
+    ap.add_argument("--rclone-option", action="append", default=[], metavar="ARG",
+                    help="extra argument for `rclone mount` of the rclone-* contenders (repeat; a "
+                         "later flag wins), e.g. --rclone-option=--buffer-size=0")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rez-lazyfs-bench"),
                     help="store (kept and reused), mounts, caches [/var/tmp/rez-lazyfs-bench]")
     ap.add_argument("--output", help="results name in tests/bench/results [latest, quick with --quick]")
@@ -649,11 +729,12 @@ def main(argv=None) -> int:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if not args.no_install:
-        netstore.install()
+        netstore.install({**netstore.APT_PACKAGES, **peers.apt_packages(cons)})
     have_chart = ensure_matplotlib(workdir) if not args.no_install else _importable("matplotlib")
     store, info = ensure_store(workdir, sizes, log=log)
     info = {**info, "sizes": asdict(sizes)}
-    for leftover in (workdir / "sshfs", workdir / "sshfs-kept", workdir / "lazy"):
+    mount_dirs = [workdir / name for name in ("sshfs", "sshfs-kept", "lazy", "rclone", "bindfs")]
+    for leftover in mount_dirs:
         if is_mounted(leftover):
             subprocess.run(["fusermount3", "-u", "-z", str(leftover)], capture_output=True)
 
@@ -679,7 +760,7 @@ def main(argv=None) -> int:
             http["servers"] = _server_versions()
             log(f"image served at {image.url} (nginx in {net.ns_srv}, across the link)")
         bench = Bench(workdir, store, net, info, args.mount_option, log=log, image=image,
-                      ab_extra=args.ab_mount_option)
+                      ab_extra=args.ab_mount_option, rclone_extra=args.rclone_option)
         for wl in wls:
             wl_cons = [c for c in cons if c not in TRACE_CONTENDERS or wl in TRACED_WORKLOADS]
             raw[wl] = {c: {"runs": [], "errors": []} for c in wl_cons}
@@ -742,10 +823,9 @@ def main(argv=None) -> int:
         net.close()
         leftovers = [ns for ns in (net.ns_srv, net.ns_cli)
                      if ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout]
-        if (leftovers or is_mounted(net.mountpoint) or is_mounted(workdir / "lazy")
-                or is_mounted(workdir / "sshfs-kept")):
-            log(f"WARNING: not clean after teardown: namespaces {leftovers}, "
-                f"sshfs mounted {is_mounted(net.mountpoint)}, lazy mounted {is_mounted(workdir / 'lazy')}")
+        still_mounted = [str(d) for d in mount_dirs if is_mounted(d)]
+        if leftovers or still_mounted:
+            log(f"WARNING: not clean after teardown: namespaces {leftovers}, mounted {still_mounted}")
 
     summary = summarize(raw, info)
     report = {"generated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -756,6 +836,7 @@ def main(argv=None) -> int:
               "machine": machine_info(workdir, net_desc), "store_info": info,
               "summary": summary, "raw": raw, "errors": errors, "http": http,
               "trace": trace_info, "load": {**load, "end": _load()},
+              "peers": peers.describe(args.rclone_option) if set(cons) & set(PEER_CONTENDERS) else {},
               "elapsed_seconds": time.time() - started}
     report["targets"] = targets(summary, raw, info, http.get("publish"), trace_info)
     out = HERE / "results"
