@@ -194,7 +194,9 @@ class Fetcher:
             key = (f.key, index)
             if key in outcome:
                 return  # reported from the thread already
-            if not isinstance(got, Exception):
+            if not isinstance(got, Exception) and got[1] is None:
+                got = got[0]  # in the cache already: kept by a reader or another process
+            elif not isinstance(got, Exception):
                 got, seconds = got
                 self.counters.record_latency(seconds)
                 self.counters.store_reads += 1
@@ -230,14 +232,23 @@ class Fetcher:
         return outcome
 
     def _fetch_many_sync(self, blocks: list[tuple[FileVersion, int]], report, progress) -> list:
-        """[(bytes, seconds) or the error] per block, read in order; each kept
-        and given to report(n, ...) as it comes, unless report is None. A file
-        found changed is not read further; a store that fails one read fails
-        the rest of the call (blocking)."""
+        """[(bytes, seconds reading the store, None if it was cached) or the
+        error] per block, in order; each kept and given to report(n, ...) as
+        it comes, unless report is None. A block is looked for in the cache
+        first (a reader may have overtaken the replay: one local read in this
+        thread, no hop). A file found changed is not read further; a store
+        that fails one read fails the rest of the call (blocking)."""
         fetched, failed, down = [], {}, None
         for n, (f, index) in enumerate(blocks):
             if down is not None or f.key in failed:
                 fetched.append(down or failed[f.key])
+                continue
+            cached = self.blocks.read(f.key, index, self._block_length(f, index)) \
+                if not self.cache_may_stall else None
+            if cached is not None:
+                fetched.append((cached, None))
+                if report is not None:
+                    report(n, fetched[-1])
                 continue
             started = time.monotonic()
             try:
@@ -248,7 +259,7 @@ class Fetcher:
                 got = failed[f.key] = e
             fetched.append(got)
             if report is not None:
-                if not isinstance(got, Exception):
+                if not isinstance(got, Exception):  # kept, then reported: no refetch in between
                     self._keep_each([(f, index, got[0])])
                 report(n, got)
             progress()

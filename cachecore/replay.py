@@ -7,9 +7,9 @@ threads): the cache's index (a seeded trace or a baked context's,
 (`TraceDirectory`, config `traces = DIR`), and a published image
 (stores/http.py). A variant traced in several is replayed from their union.
 
-The replay (`replay`) first loads the trace's directory listings, then
-fetches the missing blocks in trace order, a batch of them per store-thread
-call (`batches`), through the fetcher's single flight (a reader asking for
+The replay (`replay`) loads the trace's directory listings and, beside
+them, fetches the missing blocks in trace order, a batch of them per
+store-thread call (`batches`), through the fetcher's single flight (a reader asking for
 a block being replayed waits for that batch, never for a second fetch), at
 most `background_limiter` batches at a time, so readers always find store
 threads free. A traced file whose identity is
@@ -30,13 +30,12 @@ import trio
 
 from .errors import (
     CacheUnavailable,
-    LazyFSError,
     NotADirectory,
     NotFound,
     StoreFileChanged,
     StoreUnavailable,
 )
-from .fetcher import block_length
+from .fetcher import FileVersion, block_length
 from .trace import BadTrace, VariantTrace, decode, merge, rescaled, same_version
 
 log = logging.getLogger(__name__)
@@ -119,20 +118,21 @@ class TraceDirectory:
         return found
 
 
-def batches(blocks: list, block_size: int, workers: int) -> list[list]:
-    """The (file version, index) blocks in order, cut into runs of at most
+def batches(blocks: list[tuple[int, int]], sizes: list[int], block_size: int,
+            workers: int) -> list[list]:
+    """The (file, index) blocks in order (file n is `sizes[n]` bytes), cut into runs of at most
     BATCH_BLOCKS blocks and BATCH_BYTES bytes, one store-thread call each,
     and into enough runs to keep `workers` busy to the end. A launch's blocks
     are mostly whole small files (.pyc): a call per block was mostly thread
     hand-offs and waits for the GIL (daemon CPU halved, replay_alone.py)."""
     most = max(1, min(BATCH_BLOCKS, len(blocks) // (4 * workers)))
     out, batch, size = [], [], 0
-    for version, index in blocks:
-        length = block_length(version, index, block_size)
+    for n, index in blocks:
+        length = min(block_size, sizes[n] - index * block_size)
         if batch and (len(batch) == most or size + length > BATCH_BYTES):
             out.append(batch)
             batch, size = [], 0
-        batch.append((version, index))
+        batch.append((n, index))
         size += length
     if batch:
         out.append(batch)
@@ -176,39 +176,48 @@ async def replay(repo, trace: VariantTrace) -> None:
             for _ in range(workers):
                 nursery.start_soon(worker)
 
+    changed: set[str] = set()
+    stopped: list[str] = []
+    versions: dict[int, FileVersion | None] = {}  # trace file -> its version now, None: skipped
+    fetched_before = counters.replay_blocks
+
     async def list_dir(path: bytes) -> None:
+        if stopped:
+            return
         try:
             await repo.listing(under_root(path))
         except (NotFound, NotADirectory):
             pass  # gone since: nothing of it will be read
+        except (StoreUnavailable, CacheUnavailable) as e:
+            stopped.append(str(e))
 
-    try:
-        await each(trace.dirs, list_dir)
-        versions = {}
-        for i, (path, identity) in enumerate(trace.files):
+    async def version_of(n: int) -> FileVersion | None:
+        """The version of trace file n the store has now, if it is the traced one."""
+        if n not in versions:
+            path, identity = trace.files[n]
             try:
                 attr = await repo.getattr(under_root(path))
             except (NotFound, NotADirectory):
                 attr = None
-            if attr is None or not attr.is_file or not same_version(identity, attr.identity):
-                counters.replay_skipped += 1  # recorded on another version: never applied
-                continue
-            versions[i] = repo.file_version(under_root(path), attr)
-        present = await fetcher.call_local(lambda: {
-            i: set(fetcher.blocks.present(v.key, v.size)) for i, v in versions.items()})
-    except (StoreUnavailable, CacheUnavailable) as e:
-        log.info("trace replay of %s stopped: %s", name, e)
-        return
-    todo = [(versions[f], b) for f, b in trace.reads if f in versions and b not in present[f]]
-    log.info("replaying the trace of %s: %d block(s) to fetch, %d cached, %d file(s) skipped",
-             name, len(todo), len(trace.reads) - len(todo), len(trace.files) - len(versions))
-    changed: set[str] = set()
-    stopped: list[str] = []
-    fetched_before = counters.replay_blocks
+            if n not in versions:  # not settled by another worker meanwhile
+                if attr is None or not attr.is_file or not same_version(identity, attr.identity):
+                    counters.replay_skipped += 1  # recorded on another version: never applied
+                    versions[n] = None
+                else:
+                    versions[n] = repo.file_version(under_root(path), attr)
+        return versions[n]
 
     async def fetch(batch) -> None:
-        batch = [(version, index) for version, index in batch if version.key not in changed]
-        if stopped or not batch:
+        if stopped:
+            return
+        try:
+            batch = [(version, index) for version, index in
+                     [(await version_of(n), index) for n, index in batch]
+                     if version is not None and version.key not in changed]
+        except (StoreUnavailable, CacheUnavailable) as e:
+            stopped.append(str(e))
+            return
+        if not batch:
             return
         room = fetcher.room()
         if room is not None:
@@ -233,7 +242,14 @@ async def replay(repo, trace: VariantTrace) -> None:
             else:
                 log.debug("trace replay of %s: %s", name, e)
 
-    await each(batches(todo, block_size, workers), fetch)
+    log.info("replaying the trace of %s: %d block(s) to fetch (those cached or changed "
+             "since are passed over) from %d file(s)", name, len(trace.reads), len(trace.files))
+    sizes = [identity[0] for _, identity in trace.files]
+    # The listings load beside the fetches: a batch whose directories are not
+    # listed yet lists them itself (one single flight with the listing task).
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(each, trace.dirs, list_dir)
+        await each(batches(trace.reads, sizes, block_size, workers), fetch)
     fetched = counters.replay_blocks - fetched_before
     if stopped:
         log.info("trace replay of %s stopped after %d block(s): %s", name, fetched, stopped[0])

@@ -4,7 +4,9 @@ Every method blocks (it may be an NFS round trip); callers run them in worker
 threads (several at once: the methods are thread-safe). Paths are walked one
 component at a time from a fresh open of the store root with O_NOFOLLOW, so
 nothing in the store (a symlink planted where a directory was) can make us
-read outside the store root.
+read outside the store root; files are opened in directories so walked to
+(kept for the next file there, `_dirs`) and served only while they still
+have their indexed identity.
 
 A store under a transparent mount (`mount --over`, mount/over.py) is reached
 through a descriptor of its root opened before the mount hid it: its path

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import trio
+import trio.testing
 
 from cachecore.blocks import BlockCache
 from cachecore.cache import open_blocks
@@ -240,3 +241,81 @@ def test_a_traced_file_is_the_same_version_by_size_mtime_and_content_id():
 def test_a_traces_payload_counts_short_last_blocks():
     t = trace_of({"a": (BS + 100, 1, 1, 1), "b": (10, 2, 2, 2)}, [(0, 0), (0, 1), (1, 0)])
     assert t.payload_bytes() == BS + 100 + 10
+
+
+def test_a_replay_cuts_its_blocks_into_batches_that_keep_every_worker_busy():
+    from cachecore.fetcher import FileVersion
+    from cachecore.replay import BATCH_BLOCKS, batches, within
+
+    blocks = [(n, 0) for n in range(2000)]  # 2000 small files, a block each
+    sizes = [100] * 2000
+    cut = batches(blocks, sizes, BS, workers=8)
+    assert [b for batch in cut for b in batch] == blocks  # every block, in order
+    assert max(len(batch) for batch in cut) == BATCH_BLOCKS
+    # a short trace: enough batches for the workers, not a few long ones
+    assert len(batches(blocks[:64], sizes, BS, workers=8)) == 32
+    assert len(batches(blocks[:10], sizes, BS, workers=8)) == 10
+    # bytes: a batch of whole blocks stops at BATCH_BYTES
+    cut = batches([(0, i) for i in range(4096)], [2**30], 2**18, workers=8)
+    assert {len(batch) for batch in cut} == {4}  # 4 x 256K = 1 MiB
+    # the cache's room: the blocks that fit, a short last block counted short
+    tail = FileVersion(None, b"t", BS + 10, (BS + 10, 1, 1, 1), "t")
+    assert within([(tail, 0), (tail, 1)], BS + 10, BS) == [(tail, 0), (tail, 1)]
+    assert within([(tail, 0), (tail, 1)], BS + 9, BS) == [(tail, 0)]
+    assert within([(tail, 0)], 10, BS) == []
+
+
+def test_a_batch_leads_only_flights_nobody_leads_and_settles_each_as_it_comes():
+    from cachecore.singleflight import SingleFlight
+
+    flights = SingleFlight()
+    seen = {}
+
+    async def never():
+        raise AssertionError("a joined flight is not fetched again")
+
+    async def main():
+        b_done, batch_done = trio.Event(), trio.Event()
+
+        async def fetch_b():
+            await b_done.wait()
+            return "b"
+
+        async def batch(led, settle):
+            seen["led"] = list(led)  # b has a leader already
+            await trio.testing.wait_all_tasks_blocked()  # a's and c's waiters have joined
+            settle("a", "a")
+            await batch_done.wait()  # set by a's waiter: only an early settle gets it there
+            return {"a": "a", "c": ValueError("c failed")}
+
+        async def join_a():
+            seen["a"] = await flights.run("a", never)
+            batch_done.set()
+
+        async def join_c():
+            try:
+                await flights.run("c", never)
+            except ValueError as e:
+                seen["c"] = str(e)
+
+        async def lead_b():
+            seen["b"] = await flights.run("b", fetch_b)
+
+        async def run_batch():
+            seen["batch"] = await flights.run_many(["a", "b", "c"], batch)
+            b_done.set()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lead_b)
+                await trio.lowlevel.checkpoint()
+                nursery.start_soon(run_batch)
+                await trio.lowlevel.checkpoint()
+                nursery.start_soon(join_a)
+                nursery.start_soon(join_c)
+        assert len(flights) == 0
+
+    trio.run(main)
+    assert seen["led"] == ["a", "c"]
+    assert (seen["a"], seen["b"], seen["c"]) == ("a", "b", "c failed")
+    assert set(seen["batch"]) == {"a", "c"}
