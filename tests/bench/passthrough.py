@@ -239,20 +239,44 @@ def load() -> list[float]:
 
 
 # -- building libfuse and the probe --------------------------------------------------------
+def _apt_get(*args: str) -> int:
+    """apt-get in a session of its own, waited for even through a Ctrl-C: killing it
+    half-way leaves dpkg half-configured for everyone on the machine."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    proc = subprocess.Popen(["apt-get", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    interrupted = None
+    while True:
+        try:
+            err = proc.communicate()[1]
+            break
+        except KeyboardInterrupt as e:
+            interrupted = e
+            log("waiting for apt-get to finish before stopping ...")
+    if interrupted:
+        raise interrupted
+    if proc.returncode:
+        log(f"apt-get {' '.join(args)}: {err.decode(errors='replace')[-1500:]}")
+    return proc.returncode
+
+
 def ensure_tools() -> None:
+    """Debian's build tools and bindfs, installed when missing (checked again before each
+    bindfs mount: on this shared machine another session may remove a package)."""
     missing = sorted({pkg for tool, pkg in APT_PACKAGES.items() if not shutil.which(tool)})
     if not missing:
         return
+    for _ in range(30 if shutil.which("fuser") else 0):
+        # another session's apt-get holds the lock for a while at most
+        if subprocess.run(["fuser", "/var/lib/dpkg/lock-frontend"],
+                          capture_output=True).returncode:
+            break
+        time.sleep(2)
     log(f"installing {' '.join(missing)} with apt ...")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    r = run(["apt-get", "install", "-y", "-q", *missing], env=env, capture_output=True, text=True)
-    if r.returncode:
-        # an old package list: update once, then try again
-        run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        r = run(["apt-get", "install", "-y", "-q", *missing], env=env, capture_output=True,
-                text=True)
-    if r.returncode:
-        raise SystemExit(f"apt-get install {' '.join(missing)} failed:\n{r.stderr[-2000:]}")
+    if _apt_get("install", "-y", "-q", *missing):
+        _apt_get("update", "-q")  # an old package list: update once, then try again
+        if _apt_get("install", "-y", "-q", *missing):
+            raise SystemExit(f"apt-get install {' '.join(missing)} failed")
 
 
 def debian_archive() -> str:
@@ -430,6 +454,8 @@ class Mount:
         if is_mounted(self.mountpoint):
             raise SystemExit(f"{self.mountpoint} is already mounted (a run before this one?)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.name == "bindfs":
+            ensure_tools()
         with open(self.log_path, "ab") as out:
             # a session of its own: a Ctrl-C reaches this harness, which unmounts first
             self.proc = self.td.started(subprocess.Popen(
