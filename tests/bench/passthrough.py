@@ -567,13 +567,26 @@ def _status(path: str) -> dict:
     return {k: int(v) for k, v in (line.split("=") for line in text.split())}
 
 
+# What a probe's reader reports of a file: read(2) whole, then mapped (mmap is passed
+# through too: a DCC maps its shared libraries), or the error.
+PROBE_READER = r"""
+import hashlib, json, mmap, sys
+out = {}
+try:
+    with open(sys.argv[1], "rb") as f:
+        d = f.read()
+    out.update(bytes=len(d), sha256=hashlib.sha256(d).hexdigest(), at_65536=d[65536:65544].hex())
+    with open(sys.argv[1], "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        out.update(mmap_bytes=len(m), mmap_sha256=hashlib.sha256(m).hexdigest())
+except OSError as e:
+    out.update(error=e.strerror, errno=e.errno)
+print(json.dumps(out))
+"""
+
+
 def _read_as(uid: int | None, path: str) -> dict:
     """Read a file whole as another user (or as this process): what comes back, or why not."""
-    code = ("import hashlib,sys,json\n"
-            "try:\n d=open(sys.argv[1],'rb').read()\n"
-            " print(json.dumps({'bytes':len(d),'sha256':hashlib.sha256(d).hexdigest(),"
-            "'at_65536':d[65536:65544].hex()}))\n"
-            "except OSError as e:\n print(json.dumps({'error':e.strerror,'errno':e.errno}))\n")
+    code = PROBE_READER
     kw = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
     # another user may not be able to run this interpreter (one under /root, say): the
     # system's python3 then
@@ -678,6 +691,7 @@ def probes(lib: LibFuse, workdir: Path, td: Teardown) -> dict:
             got = pm.read("data", reader_uid)
             st = pm.status(reader_uid if as_user is None else as_user)
         got["correct"] = got.get("sha256") == files["plain_sha256"]
+        got["mmap_correct"] = got.get("mmap_sha256") == files["plain_sha256"]
         res = {"read": got, "daemon": st}
         if st.get("last_refusal_errno"):
             res["refusal"] = errno.errorcode.get(st["last_refusal_errno"], str(st["last_refusal_errno"]))
@@ -798,8 +812,11 @@ def render(report: dict) -> str:
     def probe_row(name, key, note):
         r = p[key]
         rd = r["read"]
-        result = (f"{rd['bytes']} bytes, {'correct' if rd['correct'] else 'WRONG bytes'}"
+        result = (f"read: {rd['bytes']} bytes, {'correct' if rd['correct'] else 'WRONG bytes'}"
                   if "bytes" in rd else f"error: {rd.get('error')}")
+        if "mmap_bytes" in rd:
+            result += (f"; mmap: {rd['mmap_bytes']} bytes, "
+                       f"{'correct' if rd['mmap_correct'] else 'WRONG bytes'}")
         reg = f"{r['daemon'].get('backing_opens', 0)}"
         if r["daemon"].get("backing_refusals"):
             reg += f" ({r['daemon']['backing_refusals']} refused: {r.get('refusal')})"
