@@ -731,7 +731,8 @@ def machine_info(lib: LibFuse) -> dict:
             "built_libfuse": f"{lib.version} (Debian fuse3 {lib.version}-{LIBFUSE_DEBIAN_REVISION}"
                              " source package, Debian patches applied)",
             "bindfs": cmd("bindfs", "--version"),
-            "tree_fs": cmd("stat", "-f", "-c", "%T", str(lib.build)),
+            # findmnt names ext4 as ext4 (stat -f says ext2/ext3 for all three)
+            "tree_fs": cmd("findmnt", "-n", "-o", "FSTYPE", "-T", str(lib.build)),
             "fuse_passthrough_config": _kernel_config("CONFIG_FUSE_PASSTHROUGH")}
 
 
