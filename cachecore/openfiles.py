@@ -20,16 +20,25 @@ class OpenFiles:
     another file.
     """
 
-    def __init__(self, max_idle: int, idle_seconds: float):
+    def __init__(self, max_idle: int, idle_seconds: float, max_age: float | None = None):
+        """max_age: a descriptor opened longer ago than this is not handed out
+        again (the next acquire opens afresh), however busy it is."""
         self.max_idle = max_idle
         self.idle_seconds = idle_seconds
+        self.max_age = max_age
         self._lock = threading.Lock()
-        self._open: dict = {}                        # key -> [fd, users]
+        self._open: dict = {}                        # key -> [fd, users, opened at]
         self._idle: OrderedDict = OrderedDict()      # key -> idle since
         self._detached: dict[int, int] = {}          # fd forgotten while in use -> users
 
     def acquire(self, key, opener) -> int:
         """An open fd for `key`, from `opener()` if none is open. Pair with release()."""
+        if self.max_age is not None:
+            with self._lock:
+                entry = self._open.get(key)
+                too_old = entry is not None and time.monotonic() - entry[2] > self.max_age
+            if too_old:
+                self.forget(key)
         with self._lock:
             entry = self._open.get(key)
             if entry is not None:
@@ -44,7 +53,7 @@ class OpenFiles:
                 self._idle.pop(key, None)
                 os.close(fd)
                 return entry[0]
-            self._open[key] = [fd, 1]
+            self._open[key] = [fd, 1, time.monotonic()]
             return fd
 
     def release(self, key, fd: int, keep: bool = True) -> None:

@@ -50,6 +50,8 @@ _WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
+DIR_AGE = 2.0  # seconds a directory walked to serves further opens (FilesystemStore._dirs)
+
 ACL_XATTR = "system.posix_acl_access"
 # The xattr's binary form (linux/posix_acl_xattr.h): a version, then
 # (tag, permission, id) entries. Tags:
@@ -103,14 +105,18 @@ class FilesystemStore:
         # block, a round trip each; an open file keeps the store's filesystem
         # busy, so not for long.
         self._files = OpenFiles(max_idle=64, idle_seconds=2.0)
-        # The directories files were opened in, walked to once (O_PATH): a
-        # start-up opens thousands of files in a few hundred directories, and
-        # a walk from the root costs two system calls per component, each a
-        # wait for the GIL among the store threads. A kept descriptor may name
-        # a directory the store has moved or replaced since; what is opened
-        # through it must still have the indexed identity (read()), so it is
-        # the very file the index lists, wherever its directory went.
-        self._dirs = OpenFiles(max_idle=256, idle_seconds=2.0)
+        # The directories files were opened in, walked to at most every
+        # DIR_AGE seconds (O_PATH): a start-up opens thousands of files in a
+        # few hundred directories, and a walk from the root costs two system
+        # calls per component, each a wait for the GIL among the store
+        # threads (a replay's daemon CPU 3.57 -> 2.94 s, replay_alone.py). A
+        # kept descriptor may name a directory the store has moved or
+        # replaced since (a release symlink flipped): what is opened through
+        # it is served only with the indexed identity (read()), so it is the
+        # very file the index lists, wherever its directory went; a file that
+        # is not is looked for again by a fresh walk; and the path is walked
+        # again within DIR_AGE seconds, as a listing would (`metadata_ttl`).
+        self._dirs = OpenFiles(max_idle=256, idle_seconds=DIR_AGE, max_age=DIR_AGE)
 
     def __repr__(self):
         return f"FilesystemStore({self.root!r})"
@@ -274,6 +280,15 @@ class FilesystemStore:
         try:
             now = identity_of_stat(os.fstat(fd))
             if now != identity:
+                # Opened through a kept directory the store has since replaced?
+                # Then the path, walked afresh, may still name the indexed file.
+                self._files.forget(key)  # closed once its other users let go
+                self._files.release(key, fd)
+                fd = None
+                self._dirs.forget(parent_of(relpath))
+                fd = self._files.acquire(key, lambda: self._open_file(relpath))
+                now = identity_of_stat(os.fstat(fd))
+            if now != identity:
                 keep = False
                 raise StoreFileChanged(
                     f"{display_path(self.root, relpath)}: changed in the store "
@@ -290,7 +305,8 @@ class FilesystemStore:
             keep = False
             raise self._error(relpath, e) from None
         finally:
-            self._files.release(key, fd, keep)
+            if fd is not None:
+                self._files.release(key, fd, keep)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(data) != size:
             raise StoreFileChanged(
@@ -299,7 +315,7 @@ class FilesystemStore:
 
     def _open_file(self, relpath: bytes) -> int:
         parts = split_path(relpath)
-        parent = b"/".join(parts[:-1])
+        parent = parent_of(relpath)
         for attempt in range(2):
             dfd = self._dirs.acquire(parent, lambda: self._walk(parent))
             try:
@@ -314,6 +330,10 @@ class FilesystemStore:
                 continue
             self._dirs.release(parent, dfd)
             return fd
+
+
+def parent_of(relpath: bytes) -> bytes:
+    return b"/".join(split_path(relpath)[:-1])
 
 
 def _is_link(st) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cachecore.store import DIR_AGE
 from helpers.mounts import LazyMount
 from helpers.rezrepo import Rez, build_store
 from helpers.trees import KiB
@@ -40,6 +41,7 @@ from helpers.workload import (
     source_named,
     write_payload,
 )
+
 
 BLOCK = 64 * KiB  # the lazyfs_mount fixture mounts with --block-size 64K
 ALIAS = "main"
@@ -550,6 +552,9 @@ def test_logs_name_each_file_whose_fetch_failed(tmp_path, lazyfs_mount):
     # Now the store goes away (for real: renamed); the directory was listed,
     # so the mount still knows the files, not their contents.
     store.rename(store.with_name("store-moved-away"))
+    # A directory walked to in the last DIR_AGE seconds still serves the files
+    # the index lists (by their identity); after that the path is walked again.
+    time.sleep(DIR_AGE)
     for name in ("lost.bin", "later.bin"):
         m.expect_log(f"{store}/{data}/{name}")
 

@@ -630,4 +630,18 @@ def test_store_opens_files_of_a_directory_through_one_walk_and_walks_again_when_
     st = (bin_dir / "new").stat()
     assert store.read(b"fam/1.0/bin/new", identity_of_stat(st), 0, 9) == b"new bytes"
     assert walks == [b"fam/1.0/bin"] * 2
+    # Replaced again, with a file of the same name (a release flipped): the old
+    # directory's file has the old identity, so the path is walked afresh.
+    os.rename(bin_dir, store_root / "fam/1.0/bin.older")
+    bin_dir.mkdir()
+    (bin_dir / "new").write_bytes(b"newer bytes")
+    st = (bin_dir / "new").stat()
+    assert store.read(b"fam/1.0/bin/new", identity_of_stat(st), 0, 11) == b"newer bytes"
+    assert walks == [b"fam/1.0/bin"] * 3
+    # However busy, a directory is walked to again after DIR_AGE seconds.
+    store._dirs.max_age = 0
+    (bin_dir / "more").write_bytes(b"more")
+    st = (bin_dir / "more").stat()
+    assert store.read(b"fam/1.0/bin/more", identity_of_stat(st), 0, 4) == b"more"
+    assert walks == [b"fam/1.0/bin"] * 4
     store.close_idle()
