@@ -50,7 +50,7 @@ _WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
-DIR_AGE = 2.0  # seconds a directory walked to serves further opens (FilesystemStore._dirs)
+DIR_AGE = 1.0  # seconds a directory walked to serves further opens (FilesystemStore._dirs)
 
 ACL_XATTR = "system.posix_acl_access"
 # The xattr's binary form (linux/posix_acl_xattr.h): a version, then

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from cachecore.store import DIR_AGE
 from helpers.faults import (
     LazyfsCli,
     drop_page_cache,
@@ -115,7 +116,9 @@ class Outage:
         self.family_listing = sorted(os.listdir(self.repo / "fam"))
 
     def during(self, case: str, uncached: str = UNCACHED) -> None:
-        time.sleep(TTL)  # volatile listings expire: the next lookups ask the broken store
+        # Volatile listings expire, and so do the store directories files were
+        # opened in: the next lookups and opens ask the broken store.
+        time.sleep(max(TTL, DIR_AGE))
         cached_outcome, cached_t = in_child("read", self.repo / CACHED, timeout=LIMIT + 10)
         uncached_outcome, uncached_t = in_child("read", self.repo / uncached, timeout=LIMIT + 10)
         listing, listing_t = in_child("list", self.repo / "fam", timeout=LIMIT + 10)
