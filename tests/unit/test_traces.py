@@ -140,12 +140,13 @@ def store(tmp_path):
     return root
 
 
-def make_repo(tmp_path, store_root, sources=()):
+def make_repo(tmp_path, store_root, sources=(), cache_may_stall=False):
     cache = tmp_path / "cache"
     index = MetadataIndex(str(cache / "index"))
     blocks = open_blocks(str(cache), BS, kind=BlockCache)
     fetcher = Fetcher(blocks, Counters(), store_limiter=trio.CapacityLimiter(4),
-                      local_limiter=trio.CapacityLimiter(4), store_timeout=5.0)
+                      local_limiter=trio.CapacityLimiter(4), store_timeout=5.0,
+                      cache_may_stall=cache_may_stall)
     store = CountingStore(str(store_root))
     return Repository("main", store, index, fetcher, RepoPolicy(),
                       trace_sources=[IndexTraces(index, store.root), *sources]), store, index
@@ -156,8 +157,10 @@ def identity(path) -> tuple:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-def test_a_replay_fetches_the_trace_once_on_first_access_and_skips_changed_files(tmp_path, store):
-    repo, counting, index = make_repo(tmp_path, store)
+@pytest.mark.parametrize("cache_may_stall", [False, True])  # blocks kept in the store thread, or after
+def test_a_replay_fetches_the_trace_once_on_first_access_and_skips_changed_files(
+        tmp_path, store, cache_may_stall):
+    repo, counting, index = make_repo(tmp_path, store, cache_may_stall=cache_may_stall)
     a = store / "fam/1.0/lib/a.so"
     index.put_trace(repo.store.root, trace_of(
         {"lib/a.so": identity(a), "lib/b.py": (1, 2, 3, 4)},  # b.py: another version
@@ -175,6 +178,7 @@ def test_a_replay_fetches_the_trace_once_on_first_access_and_skips_changed_files
             await trio.sleep(0.3)
             assert sorted(counting.reads) == [(b"fam/1.0/lib/a.so", i) for i in (1, 5, 6)]
             f = await repo.open(b"fam/1.0/lib/a.so")
+            assert repo.fetcher.blocks.present(f.key, f.size) == [1, 5, 6]  # kept in the cache
             assert await repo.read(f, 5 * BS, BS) == a.read_bytes()[5 * BS:6 * BS]
             await repo.getattr(b"fam/1.0/lib/a.so")  # accessed before: never again
             await trio.sleep(0.1)
