@@ -615,33 +615,30 @@ def test_store_opens_files_of_a_directory_through_one_walk_and_walks_again_when_
 
     store = WalkCountingStore(str(store_root))
     bin_dir = store_root / "fam/1.0/bin"
-    (bin_dir / "other").write_bytes(b"other bytes")
-    for name in (b"tool", b"other"):
-        path = bin_dir / os.fsdecode(name)
-        st = path.stat()
-        assert store.read(b"fam/1.0/bin/" + name, identity_of_stat(st), 0, 5) == \
-            path.read_bytes()[:5]
+
+    def read_new(name: str, content: bytes, replace_as: str | None = None) -> bytes:
+        """Write bin/NAME (in a new bin/ if replace_as: the old one renamed so) and read it."""
+        if replace_as:
+            os.rename(bin_dir, store_root / "fam/1.0" / replace_as)
+            bin_dir.mkdir()
+        (bin_dir / name).write_bytes(content)
+        st = (bin_dir / name).stat()
+        return store.read(b"fam/1.0/bin/" + os.fsencode(name), identity_of_stat(st), 0,
+                          len(content))
+
+    assert read_new("one", b"one bytes") == b"one bytes"
+    assert read_new("two", b"two bytes") == b"two bytes"
     assert walks == [b"fam/1.0/bin"]
-    # The directory is replaced by another with a file of that name: the kept
-    # descriptor names the old one, where the file is gone; a fresh walk finds it.
-    os.rename(bin_dir, store_root / "fam/1.0/bin.old")
-    bin_dir.mkdir()
-    (bin_dir / "new").write_bytes(b"new bytes")
-    st = (bin_dir / "new").stat()
-    assert store.read(b"fam/1.0/bin/new", identity_of_stat(st), 0, 9) == b"new bytes"
+    # The directory is replaced by another: the kept descriptor names the old
+    # one, where the file is not; a fresh walk finds it.
+    assert read_new("new", b"new bytes", replace_as="bin.old") == b"new bytes"
     assert walks == [b"fam/1.0/bin"] * 2
     # Replaced again, with a file of the same name (a release flipped): the old
     # directory's file has the old identity, so the path is walked afresh.
-    os.rename(bin_dir, store_root / "fam/1.0/bin.older")
-    bin_dir.mkdir()
-    (bin_dir / "new").write_bytes(b"newer bytes")
-    st = (bin_dir / "new").stat()
-    assert store.read(b"fam/1.0/bin/new", identity_of_stat(st), 0, 11) == b"newer bytes"
+    assert read_new("new", b"newer bytes", replace_as="bin.older") == b"newer bytes"
     assert walks == [b"fam/1.0/bin"] * 3
     # However busy, a directory is walked to again after DIR_AGE seconds.
     store._dirs.max_age = 0
-    (bin_dir / "more").write_bytes(b"more")
-    st = (bin_dir / "more").stat()
-    assert store.read(b"fam/1.0/bin/more", identity_of_stat(st), 0, 4) == b"more"
+    assert read_new("more", b"more") == b"more"
     assert walks == [b"fam/1.0/bin"] * 4
     store.close_idle()
