@@ -222,15 +222,17 @@ class LazyMount:
     command (another environment's, say one with another pyfuse3)."""
 
     def __init__(self, mountpoint: Path, store: Path, cache: Path, extra: list[str],
-                 cli: str = CLI):
+                 cli: str = CLI, env: dict[str, str] | None = None):
+        """env: variables the daemon gets besides ours (profile_warm.py's hook)."""
         self.mountpoint, self.store, self.cache, self.extra = mountpoint, store, cache, extra
         self.cli = cli
+        self.env = env or {}
         self.marker = uuid.uuid4().hex
         self.pid: int | None = None
 
     def mount(self) -> None:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, MARKER_VAR: self.marker}
+        env = {**os.environ, **self.env, MARKER_VAR: self.marker}
         r = subprocess.run([self.cli, "mount", str(self.mountpoint), "--repo", f"main={self.store}",
                             "--cache", str(self.cache), *self.extra],
                            env=env, capture_output=True, text=True)

@@ -5,18 +5,21 @@
 The W1 launch of tests/bench (workloads.py; the store generated in WORKDIR as run.py
 does, --quick: its 1/10 sizes) from a rez-lazyfs mount of the local store (no network:
 the cache is warm, so the store is not read), remounted with the page cache dropped
-before each run (warm-disk). py-spy (installed into WORKDIR/pydeps) samples the daemon
-while the launch runs, only the thread holding the GIL (Python and Cython at work, not
-waiting on a disk or for requests); each sample is put to the handler of
-fusefs/operations.py it is in (the outermost), else to what the event loop thread runs
-between handlers (trio, pyfuse3's request loop: Cython, no Python frames of its own),
-else to the worker threads' work. The daemon's user CPU time (from /proc) is shared out
-in proportion to the samples, over the requests per handler (the stats xattr); system
-time (the kernel's side of requests, replies and cache-disk reads) is given apart.
-With --perf, perf(1) samples the daemon as well (every thread, user and kernel): the
-daemon's CPU by object (the kernel, libpython, pyfuse3, blake3, ...) and its hottest
-symbols, which the Python view cannot split (a syscall made holding the GIL counts as
-the Python frame that made it).
+before each run (warm-disk).
+
+Two views of the daemon per run. Measured: handler_cpu/sitecustomize.py, put on the
+daemon's PYTHONPATH, takes the CPU time (user + system) of every request inside each
+handler of fusefs/operations.py (its own trio task only, so a handler that awaits is
+not charged for requests served meanwhile); the daemon's CPU (from /proc, every
+thread) minus the handlers' is what pyfuse3's request loop, trio, the kernel's side of
+receiving requests and sending replies, and the worker threads cost (floor.py measures
+that floor alone). Per handler: requests, CPU per request (mean and its distribution).
+Sampled: py-spy (installed into WORKDIR/pydeps; --nonblocking: it never pauses the
+daemon) samples the thread holding the GIL; each sample is put to the handler it is in
+(the outermost frame of fusefs/operations.py), which names the hottest frames inside
+each handler. With --perf, perf(1) samples the daemon as well (every thread, user and
+kernel): the daemon's CPU by object (the kernel, libpython, pyfuse3, blake3, ...) and
+its hottest symbols, which the Python view cannot split.
 Writes tests/bench/results/NAME.{json,md} (profile-warm, profile-warm-quick).
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import platform
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +66,12 @@ def cpu_times(pid: int) -> tuple[float, float]:
         fields = f.read().rsplit(b")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def loop_thread_seconds(pid: int) -> float:
+    """CPU time (user + system) of the daemon's main thread, the event loop's."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
 
 
 def where(stack: list[tuple[str, str]], handlers: set[str]) -> tuple[str, str]:
@@ -113,6 +123,17 @@ def perf_split(files: list[Path]) -> tuple[list, list]:
     return (objects.most_common(), [(s, o, v) for (s, o), v in symbols.most_common(40)])
 
 
+def distribution(values: list[int]) -> dict:
+    """Microseconds: mean and percentiles of one handler's requests (nanoseconds)."""
+    values = sorted(values)
+
+    def at(q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))] / 1000, 1)
+
+    return {"mean": round(sum(values) / len(values) / 1000, 1), "p10": at(0.10),
+            "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": at(1.0)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -137,8 +158,8 @@ def main(argv=None) -> int:
     from fusefs.operations import LazyOperations
     handlers = {name for name in vars(LazyOperations) if not name.startswith("_")}
 
-    def mounted() -> LazyMount:
-        m = LazyMount(workdir / "profile-mnt", store, cache, args.mount_option)
+    def mounted(env: dict | None = None) -> LazyMount:
+        m = LazyMount(workdir / "profile-mnt", store, cache, args.mount_option, env=env)
         m.mount()
         return m
 
@@ -150,16 +171,22 @@ def main(argv=None) -> int:
     total: collections.Counter = collections.Counter()
     leaves: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     requests: collections.Counter = collections.Counter()
+    handler_ns: dict[str, list[int]] = collections.defaultdict(list)
     runs = []
     for n in range(args.runs):
         drop_caches()
-        m = mounted()
+        spent_dir = workdir / f"handler-cpu-{n}"
+        subprocess.run(["rm", "-rf", str(spent_dir)], check=True)
+        spent_dir.mkdir()
+        m = mounted({"REZ_LAZYFS_HANDLER_CPU": str(spent_dir),
+                     "PYTHONPATH": str(HERE / "handler_cpu")})
         raw = workdir / f"profile-{n}.txt"
         try:
             before = m.stats()["requests"]
             user0, sys0 = cpu_times(m.pid)
+            loop0 = loop_thread_seconds(m.pid)
             spy = subprocess.Popen([str(py_spy), "record", "--pid", str(m.pid), "--rate",
-                                    str(args.rate), "--format", "raw", "--gil",
+                                    str(args.rate), "--format", "raw", "--gil", "--nonblocking",
                                     "--threads", "--output", str(raw)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             perf = None
@@ -170,6 +197,7 @@ def main(argv=None) -> int:
             time.sleep(1.0)  # attached
             seconds = run_w1(m.mountpoint / "main" / W1_VARIANT, info)["seconds"]
             user1, sys1 = cpu_times(m.pid)
+            loop_seconds = loop_thread_seconds(m.pid) - loop0
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
             if perf is not None:
@@ -181,52 +209,89 @@ def main(argv=None) -> int:
         delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
         delta.pop("getxattr", None)  # the stats xattr itself
         requests.update(delta)
+        # The daemon's own record of every request it served (written as it
+        # exited): the launch's are the last of each kind (before them: the
+        # mount's own; the stats xattr's getxattrs are left out).
+        spent = {}
+        for f in spent_dir.glob("*.json"):
+            spent = json.loads(f.read_text())
+        handler_seconds = 0.0
+        for name, count in delta.items():
+            ns = spent.get(name, [])[-count:]
+            handler_ns[name] += ns
+            handler_seconds += sum(ns) / 1e9
         buckets, run_leaves = parse(raw, handlers)
         total.update(buckets)
         for b, c in run_leaves.items():
             leaves[b].update(c)
         runs.append({"seconds": seconds, "user_seconds": round(user1 - user0, 3),
                      "system_seconds": round(sys1 - sys0, 3), "requests": delta,
+                     "loop_thread_seconds": round(loop_seconds, 3),
+                     "handler_cpu_seconds": round(handler_seconds, 3),
                      "samples": dict(buckets)})
         log(f"run {n + 1}: {seconds:.2f} s, daemon user {user1 - user0:.2f} s system "
-            f"{sys1 - sys0:.2f} s, {sum(delta.values())} requests, {sum(buckets.values())} samples")
+            f"{sys1 - sys0:.2f} s (event loop thread {loop_seconds:.2f} s, in handlers "
+            f"{handler_seconds:.2f} s), "
+            f"{sum(delta.values())} requests, {sum(buckets.values())} samples")
 
     cpu = sum(r["user_seconds"] + r["system_seconds"] for r in runs)
-    user = sum(r["user_seconds"] for r in runs)
-    samples = sum(total.values())
+    in_handlers = sum(r["handler_cpu_seconds"] for r in runs)
+    loop = sum(r["loop_thread_seconds"] for r in runs)
+    n_req = sum(requests.values())
     rows = []
-    for bucket, count in total.most_common():
-        seconds = user * count / samples if samples else 0.0
-        n = requests.get(bucket, 0)
-        rows.append({"where": bucket, "samples": count, "share": round(count / samples, 4),
-                     "cpu_seconds": round(seconds, 3), "requests": n,
-                     "us_per_request": round(seconds / n * 1e6, 1) if n else None,
-                     "top_leaves": [[leaf, c] for leaf, c in leaves[bucket].most_common(8)]})
+    for name, count in requests.most_common():
+        ns = handler_ns.get(name)
+        rows.append({"handler": name, "requests": count,
+                     "cpu_seconds": round(sum(ns) / 1e9, 3) if ns else None,
+                     "us_per_request": distribution(ns) if ns else None,
+                     "samples": total.get(name, 0),
+                     "top_leaves": [[leaf, c] for leaf, c in leaves[name].most_common(8)]})
+    others = [{"where": bucket, "samples": c,
+               "top_leaves": [[leaf, k] for leaf, k in leaves[bucket].most_common(8)]}
+              for bucket, c in total.most_common() if bucket not in requests]
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "quick": args.quick, "runs": runs, "mount_options": args.mount_option,
               "kernel": platform.release(), "load": open("/proc/loadavg").read().split()[:3],
               "requests": dict(requests), "daemon_cpu_seconds": round(cpu, 3),
-              "samples": samples, "rows": rows}
+              "handler_cpu_seconds": round(in_handlers, 3),
+              "us_per_request": round(cpu / n_req * 1e6, 1),
+              "us_per_request_loop_thread": round(loop / n_req * 1e6, 1),
+              "us_per_request_loop_outside_handlers": round((loop - in_handlers) / n_req * 1e6, 1),
+              "rows": rows, "outside_handlers_samples": others}
     name = args.output or ("profile-warm-quick" if args.quick else "profile-warm")
     out = HERE / "results"
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-    n_req = sum(requests.values())
     lines = ["# Daemon CPU of a warm W1 launch, per handler", "",
              f"`tests/bench/profile_warm.py{' --quick' if args.quick else ''} --runs {args.runs}"
              + "".join(f" --mount-option={o}" for o in args.mount_option) + f"`, "
              f"{report['date']}, load {' '.join(report['load'])}: {len(runs)} warm-disk "
-             f"launches, {n_req:,} requests, daemon CPU {cpu:.2f} s (user "
+             f"launches (median {statistics.median(r['seconds'] for r in runs):.2f} s), "
+             f"{n_req:,} requests, daemon CPU {cpu:.2f} s (user "
              f"{sum(r['user_seconds'] for r in runs):.2f}, system "
-             f"{sum(r['system_seconds'] for r in runs):.2f}): {cpu / n_req * 1e6:.0f} us a "
-             f"request; {samples:,} py-spy samples of the thread holding the GIL, the user "
-             "time shared out in proportion.", "",
-             "| where | share | user CPU | requests | user us/request | hottest frames (samples) |",
-             "|---|---|---|---|---|---|"]
+             f"{sum(r['system_seconds'] for r in runs):.2f}): {report['us_per_request']:.0f} us "
+             "a request, of which the event loop's thread "
+             f"{report['us_per_request_loop_thread']:.0f} us ({in_handlers / n_req * 1e6:.0f} us inside the handlers, "
+             f"{report['us_per_request_loop_outside_handlers']:.0f} us outside them: pyfuse3's "
+             "request loop, trio, the kernel's side of receiving requests and sending replies, "
+             "the hook's own clock reads) and the worker threads "
+             f"{(cpu - loop) / n_req * 1e6:.0f} us (cache disk, index, store).", "",
+             "CPU per request inside each handler (user + system of its own task, measured "
+             "around every request), and the hottest frames py-spy saw inside it:", "",
+             "| handler | requests | CPU | mean us | p10 | p50 | p90 | p99 | hottest frames "
+             "(py-spy samples) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        us = f"{r['us_per_request']:.0f}" if r["us_per_request"] else "-"
+        d = r["us_per_request"] or {}
         top = "; ".join(f"{leaf} {c}" for leaf, c in r["top_leaves"][:4])
-        lines.append(f"| {r['where']} | {r['share']:.1%} | {r['cpu_seconds']:.2f} s | "
-                     f"{r['requests']:,} | {us} | {top} |")
+        cpu_s = f"{r['cpu_seconds']:.2f} s" if r["cpu_seconds"] is not None else "-"
+        lines.append(f"| {r['handler']} | {r['requests']:,} | {cpu_s} | "
+                     + " | ".join(f"{d[k]:.0f}" if k in d else "-"
+                                  for k in ("mean", "p10", "p50", "p90", "p99"))
+                     + f" | {top} |")
+    lines += ["", "py-spy samples outside the handlers:", "",
+              "| where | samples | hottest frames |", "|---|---|---|"]
+    lines += [f"| {o['where']} | {o['samples']:,} | "
+              + "; ".join(f"{leaf} {c}" for leaf, c in o["top_leaves"][:4]) + " |"
+              for o in others]
     if args.perf:
         objects, symbols = perf_split([workdir / f"perf-{n}.data" for n in range(args.runs)])
         report["perf"] = {"objects": objects, "symbols": symbols}
