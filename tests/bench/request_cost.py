@@ -9,18 +9,18 @@ no kernel, no pyfuse3 request loop, so what is timed is our own code alone, and 
 change to it shows through far less noise than a launch through a mount. Recorded
 once per WORKDIR: a cold launch through a mount fills its cache (WORKDIR/rc-cache),
 a warm one (remounted, page cache dropped) is logged by handler_cpu/ (lookups, reads,
-readdirs, getattrs by path), WORKDIR/requests.json. Each round then opens the cache
-afresh as a mount does (index, block cache, repositories, LazyOperations without open
-requests) and replays the log; every handler call is timed (handler_timing.py: CPU of
-its own trio task, user + system). The cache files stay in the page cache between
-rounds (--drop-caches: dropped before each round, as after a remount: then a read's
-CPU holds the kernel's reading of the disk). readdir_reply, pyfuse3's, is replaced by
+readdirs, getattrs by path), WORKDIR/requests.json. Each round is a process of its
+own that replays the log 1 + REPLAYS times, counting all but the first (which warms
+the process up), each time opening the cache afresh as a mount does (index, block
+cache, repositories, LazyOperations without open requests); every handler call is
+timed (handler_timing.py: CPU of its own trio task, user + system). The cache files
+stay in the page cache between replays (--drop-caches: dropped before each, as after
+a remount: then a read's CPU holds the kernel's reading of the disk). readdir_reply, pyfuse3's, is replaced by
 a function that takes every entry: building the kernel's dirents is pyfuse3's cost.
 
 --ab NAME=DIR (twice or more): the same replay, round by round in turn (an order that
 turns each round), with the code of each DIR (a checkout of this repository: its
-cachecore and fusefs are imported, each round in a process of its own). Ratios of each
-to the first, round by round.
+cachecore and fusefs are imported). Ratios of each to the first, round by round.
 Writes tests/bench/results/NAME.{json,md} (--output; default request-cost).
 """
 from __future__ import annotations
@@ -164,7 +164,7 @@ def replay(cache_dir: str, store: str, requests: list, drop: bool) -> dict:
 
     spent.clear()
     trio.run(run)
-    return {"spent": dict(spent), "misses": misses[0]}
+    return {"spent": {name: list(ns) for name, ns in spent.items()}, "misses": misses[0]}
 
 
 def distribution(values: list[int]) -> dict:
@@ -182,7 +182,8 @@ def round_in(code: Path, args, requests: Path) -> dict[str, list[int]]:
     """One round in a process of its own, importing the code of `code`: {handler: [ns, ...]}."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), str(HERE / "handler_cpu")])}
     r = subprocess.run([sys.executable, __file__, "--one-round", str(requests),
-                        "--workdir", str(args.workdir)] + (["--full"] if args.full else [])
+                        "--workdir", str(args.workdir), "--replays", str(args.replays)]
+                       + (["--full"] if args.full else [])
                        + (["--drop-caches"] if args.drop_caches else []),
                        env=env, capture_output=True, text=True, cwd="/")
     if r.returncode:
@@ -199,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="run.py's full sizes (default: 1/10)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--drop-caches", action="store_true")
+    ap.add_argument("--replays", type=int, default=2,
+                    help="replays a round counts, after one that warms the process up [2]")
     ap.add_argument("--ab", action="append", default=[], metavar="NAME=DIR")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--output", default="request-cost")
@@ -208,8 +211,14 @@ def main(argv=None) -> int:
                     / ("full" if args.full else "quick")).resolve()
     store = args.workdir / "store"
     if args.one_round:
-        print(json.dumps(replay(str(args.workdir / "rc-cache"), str(store),
-                                json.loads(args.one_round.read_text()), args.drop_caches)))
+        # The first replay of a process warms it up (imports, the allocator, the
+        # cache files' pages unless dropped); the next ones count.
+        replays = [replay(str(args.workdir / "rc-cache"), str(store),
+                          json.loads(args.one_round.read_text()), args.drop_caches)
+                   for _ in range(1 + args.replays)][1:]
+        print(json.dumps({"spent": {name: [ns for r in replays for ns in r["spent"][name]]
+                                    for name in replays[0]["spent"]},
+                          "misses": sum(r["misses"] for r in replays)}))
         return 0
     if os.geteuid() != 0:
         print("request_cost.py needs root (FUSE, drop_caches)", file=sys.stderr)
@@ -282,13 +291,13 @@ def main(argv=None) -> int:
              + ("dropped before each round." if args.drop_caches else "kept (hot)."), "",
              "CPU per request inside each handler, us (user + system of its own task; mean, "
              "the median over rounds of each round's mean, and percentiles of every request):",
-             "", "| code | handler | requests/round | mean | median of round means | p10 | p50 | "
+             "", "| code | handler | requests/replay | mean | median of round means | p10 | p50 | "
              "p90 | p99 |", "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         for h, d in summary[name].items():
             if h == "all":
                 continue
-            lines.append(f"| {name} | {h} | {d['requests'] // args.rounds:,} | {d['mean']:.1f} | "
+            lines.append(f"| {name} | {h} | {d['requests'] // (args.rounds * args.replays):,} | {d['mean']:.1f} | "
                          f"{d['mean_median_of_rounds']:.1f} | {d['p10']:.1f} | {d['p50']:.1f} | "
                          f"{d['p90']:.1f} | {d['p99']:.1f} |")
         lines.append(f"| {name} | all | {sum(kinds.values()):,} | - | "
