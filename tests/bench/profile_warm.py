@@ -41,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from contenders import W1_VARIANT, LazyMount, drop_caches, run_w1  # noqa: E402
+from contenders import CLI, W1_VARIANT, LazyMount, drop_caches, run_w1  # noqa: E402
 from workloads import Sizes, ensure_store  # noqa: E402
 
 PY_SPY_VERSION = "0.4.3"
@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--perf", action="store_true", help="also sample with perf(1)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rez-lazyfs-warmfuse/full"))
     ap.add_argument("--output", help="results name [profile-warm, profile-warm-quick]")
+    ap.add_argument("--cli", default=CLI,
+                    help="the rez-lazyfs command to mount with (another checkout's) [this one's]")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("profile_warm.py needs root (drop_caches, FUSE, ptrace)", file=sys.stderr)
@@ -159,7 +161,8 @@ def main(argv=None) -> int:
     handlers = {name for name in vars(LazyOperations) if not name.startswith("_")}
 
     def mounted(env: dict | None = None) -> LazyMount:
-        m = LazyMount(workdir / "profile-mnt", store, cache, args.mount_option, env=env)
+        m = LazyMount(workdir / "profile-mnt", store, cache, args.mount_option, cli=args.cli,
+                      env=env)
         m.mount()
         return m
 
@@ -195,7 +198,9 @@ def main(argv=None) -> int:
                                          "-o", str(workdir / f"perf-{n}.data")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # attached
+            window = [time.monotonic()]
             seconds = run_w1(m.mountpoint / "main" / W1_VARIANT, info)["seconds"]
+            window.append(time.monotonic())
             user1, sys1 = cpu_times(m.pid)
             loop_seconds = loop_thread_seconds(m.pid) - loop0
             spy.send_signal(signal.SIGINT)
@@ -212,9 +217,13 @@ def main(argv=None) -> int:
         # The daemon's own record of every request it served (written as it
         # exited): the launch's are the last of each kind (before them: the
         # mount's own; the stats xattr's getxattrs are left out).
-        spent = {}
-        for f in spent_dir.glob("*.json"):
+        spent, collected = {}, []
+        for f in spent_dir.glob("*[0-9].json"):
             spent = json.loads(f.read_text())
+        for f in spent_dir.glob("*-gc.json"):  # the collections during the launch
+            collected = [c for c in json.loads(f.read_text()) if window[0] <= c[0] <= window[1]]
+        gc_loop = sum(c[2] for c in collected if c[3]) / 1e9
+        gc_other = sum(c[2] for c in collected if not c[3]) / 1e9
         handler_seconds = 0.0
         for name, count in delta.items():
             ns = spent.get(name, [])[-count:]
@@ -228,15 +237,21 @@ def main(argv=None) -> int:
                      "system_seconds": round(sys1 - sys0, 3), "requests": delta,
                      "loop_thread_seconds": round(loop_seconds, 3),
                      "handler_cpu_seconds": round(handler_seconds, 3),
+                     "gc": {"collections": len(collected),
+                            "by_generation": [sum(c[1] == g for c in collected) for g in range(3)],
+                            "loop_thread_seconds": round(gc_loop, 3),
+                            "worker_threads_seconds": round(gc_other, 3)},
                      "samples": dict(buckets)})
         log(f"run {n + 1}: {seconds:.2f} s, daemon user {user1 - user0:.2f} s system "
             f"{sys1 - sys0:.2f} s (event loop thread {loop_seconds:.2f} s, in handlers "
-            f"{handler_seconds:.2f} s), "
+            f"{handler_seconds:.2f} s, garbage collection {gc_loop:.2f} s), "
             f"{sum(delta.values())} requests, {sum(buckets.values())} samples")
 
     cpu = sum(r["user_seconds"] + r["system_seconds"] for r in runs)
     in_handlers = sum(r["handler_cpu_seconds"] for r in runs)
     loop = sum(r["loop_thread_seconds"] for r in runs)
+    gc_loop = sum(r["gc"]["loop_thread_seconds"] for r in runs)
+    gc_count = sum(r["gc"]["collections"] for r in runs)
     n_req = sum(requests.values())
     rows = []
     for name, count in requests.most_common():
@@ -251,6 +266,7 @@ def main(argv=None) -> int:
               for bucket, c in total.most_common() if bucket not in requests]
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "quick": args.quick, "runs": runs, "mount_options": args.mount_option,
+              "cli": args.cli,
               "kernel": platform.release(), "load": open("/proc/loadavg").read().split()[:3],
               "requests": dict(requests), "daemon_cpu_seconds": round(cpu, 3),
               "handler_cpu_seconds": round(in_handlers, 3),
@@ -263,7 +279,8 @@ def main(argv=None) -> int:
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
     lines = ["# Daemon CPU of a warm W1 launch, per handler", "",
              f"`tests/bench/profile_warm.py{' --quick' if args.quick else ''} --runs {args.runs}"
-             + "".join(f" --mount-option={o}" for o in args.mount_option) + f"`, "
+             + "".join(f" --mount-option={o}" for o in args.mount_option)
+             + (f" --cli {args.cli}" if args.cli != CLI else "") + f"`, "
              f"{report['date']}, load {' '.join(report['load'])}: {len(runs)} warm-disk "
              f"launches (median {statistics.median(r['seconds'] for r in runs):.2f} s), "
              f"{n_req:,} requests, daemon CPU {cpu:.2f} s (user "
@@ -274,7 +291,10 @@ def main(argv=None) -> int:
              f"{report['us_per_request_loop_outside_handlers']:.0f} us outside them: pyfuse3's "
              "request loop, trio, the kernel's side of receiving requests and sending replies, "
              "the hook's own clock reads) and the worker threads "
-             f"{(cpu - loop) / n_req * 1e6:.0f} us (cache disk, index, store).", "",
+             f"{(cpu - loop) / n_req * 1e6:.0f} us (cache disk, index, store). Python's "
+             f"garbage collector ran {gc_count / len(runs):.0f} times a launch, "
+             f"{gc_loop / n_req * 1e6:.1f} us a request on the event loop's thread (inside "
+             "handlers or not, wherever an allocation set it off).", "",
              "CPU per request inside each handler (user + system of its own task, measured "
              "around every request), and the hottest frames py-spy saw inside it:", "",
              "| handler | requests | CPU | mean us | p10 | p50 | p90 | p99 | hottest frames "

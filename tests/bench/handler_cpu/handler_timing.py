@@ -47,6 +47,29 @@ class TaskCpu(trio.abc.Instrument):
         return self.total[task] + clock() - self.step_started
 
 
+def time_gc() -> list[list]:
+    """Times every collection of Python's cyclic garbage collector from now on:
+    [[when (time.monotonic), generation, CPU ns of the collecting thread, whether
+    that was the main thread (the event loop's)], ...]."""
+    import gc
+    import threading
+
+    collections_: list[list] = []
+    started: dict[int, tuple[float, int]] = {}
+
+    def callback(phase: str, info: dict) -> None:
+        ident = threading.get_ident()
+        if phase == "start":
+            started[ident] = (time.monotonic(), clock())
+        elif ident in started:
+            when, cpu = started.pop(ident)
+            collections_.append([when, info["generation"], clock() - cpu,
+                                 ident == threading.main_thread().ident])
+
+    gc.callbacks.append(callback)
+    return collections_
+
+
 def _named(ops, name: str, args: tuple):
     """The request by path ([alias, relpath], str), not inode: replayable in another run."""
     try:
