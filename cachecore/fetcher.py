@@ -223,11 +223,9 @@ class Fetcher:
             self._uses = {**batch, **self._uses}  # kept for the next flush
             raise
 
-    async def read(self, f: FileVersion, offset: int, size: int,
-                   on_miss=None) -> bytes | memoryview:
+    async def read(self, f: FileVersion, offset: int, size: int) -> bytes | memoryview:
         """The bytes at [offset, offset + size) of `f`, clipped to its end (a view:
-        bytes(...) it to keep it). `on_miss(f)` is called when the cache does not
-        hold them all, before the store is asked."""
+        bytes(...) it to keep it)."""
         self.note_use(f)
         end = min(offset + size, f.size)
         if offset >= end:
@@ -250,8 +248,6 @@ class Fetcher:
             self._note_replay_use(f, indices)
         self._follow(f, indices, bool(missing))
         if missing:
-            if on_miss is not None:
-                on_miss(f)
             errors: list[Exception] = []
 
             async def fetch_into(i):

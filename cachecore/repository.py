@@ -60,14 +60,11 @@ VOLATILE_DEPTH = 2
 class RepoPolicy:
     metadata_ttl: float = 60.0
     mutable: bool = False
-    # When a read of a file of a payload directory first has to go to the
-    # store, fetch its siblings with the same suffix of at most this size in
-    # the background: a start-up that imports one module of a package imports
-    # most of them (one round trip each if not overlapped), while a walk or an
-    # `ls` reads nothing and fetches nothing, and a warm start-up, whose reads
-    # the cache answers, looks at no sibling (that look, a worker thread
-    # opening every sibling's cache file, was a fifth of a warm launch's
-    # daemon CPU). 0 turns it off.
+    # When a file of a payload directory is first opened (first read, without
+    # open requests), fetch its siblings with the same suffix of at most this
+    # size in the background: a start-up that imports one module of a package
+    # imports most of them (one round trip each if not overlapped), while a
+    # walk or an `ls` opens nothing and fetches nothing. 0 turns it off.
     prefetch_max_size: int = 0
     prefetch_max_files: int = 2000
     # Payload listings are kept forever unless this is set (seconds): then
@@ -323,11 +320,10 @@ class Repository:
         log.info("forgot %d listing(s) at and below %s", len(dropped), self._display(relpath))
         return len(dropped)
 
-    def _prefetch_siblings(self, f: FileVersion) -> None:
-        """`f` missed in the cache: fetch its directory's like files too (RepoPolicy)."""
-        parent, name = parent_and_name(f.relpath)
-        if (not self.policy.prefetch_max_size or parent in self._prefetched
-                or self.is_volatile_dir(parent) or parent not in self._memory):
+    def _prefetch_siblings(self, relpath: bytes) -> None:
+        parent, name = parent_and_name(relpath)
+        if (parent in self._prefetched or self.is_volatile_dir(parent)
+                or parent not in self._memory):
             return
         if len(self._prefetched) > 100_000:
             self._prefetched.clear()
@@ -427,8 +423,14 @@ class Repository:
 
     # -- contents -----------------------------------------------------------
     async def open(self, relpath: bytes) -> FileVersion:
-        """The file version to read (or to look at what is cached of it): that
-        alone fetches nothing; a read that misses starts the sibling prefetch."""
+        """The file version a reader opens (which starts the sibling prefetch)."""
+        version = await self.version(relpath)
+        if self.policy.prefetch_max_size:
+            self._prefetch_siblings(relpath)
+        return version
+
+    async def version(self, relpath: bytes) -> FileVersion:
+        """The file version, for looking at it only: nothing is fetched."""
         return self._version(relpath, await self.getattr(relpath))
 
     def file_version(self, relpath: bytes, attr: Attr) -> FileVersion:
@@ -444,7 +446,7 @@ class Repository:
 
     async def read(self, f: FileVersion, offset: int, size: int) -> bytes:
         try:
-            return await self.fetcher.read(f, offset, size, self._prefetch_siblings)
+            return await self.fetcher.read(f, offset, size)
         except StoreFileChanged:
             await self._relist_changed(f)
             raise  # this version is gone; a reopen gets the one just listed

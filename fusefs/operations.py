@@ -488,8 +488,8 @@ class LazyOperations(pyfuse3.Operations):
         return await repo.read(version, off, size)
 
     async def _first_read(self, inode: int) -> tuple[Repository, FileVersion]:
-        """no_open: the version a file reads, taken where an open would take it.
-        Only regular files are read."""
+        """no_open: the version a file reads, taken where an open would take it
+        (which starts the sibling prefetch). Only regular files are read."""
         alias, relpath = self._known(inode)
         repo = self.repos[alias]
         found = repo, await repo.open(relpath)
@@ -539,7 +539,7 @@ class LazyOperations(pyfuse3.Operations):
             return (f"revalidated after {repo.policy.metadata_ttl:g}s" if repo.is_volatile(relpath)
                     else "immutable").encode()
         if name == CACHED_XATTR and (await repo.getattr(relpath)).is_file:
-            cached = await repo.cached_bytes(await repo.open(relpath))  # looking never fetches
+            cached = await repo.cached_bytes(await repo.version(relpath))  # looking never fetches
             return f"{cached}/{(await repo.getattr(relpath)).size}".encode()
         raise FUSEError(pyfuse3.ENOATTR)
 

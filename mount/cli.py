@@ -86,7 +86,7 @@ def repo_options(f):
 @click.option("--block-size", help="Cache block size, e.g. 128K (fixed when a cache is created).")
 @click.option("--read-ahead", help="Kernel read-ahead on the mount, e.g. 1M (root only) [kernel default, 128K].")
 @click.option("--prefetch", metavar="SIZE",
-              help="When a read misses the cache, fetch its file's same-suffix siblings up to SIZE (0: off) [128K].")
+              help="On a file's first read, fetch its same-suffix siblings up to SIZE (0: off) [128K].")
 @click.option("--metadata-ttl", type=float, help="Seconds before repository listings are revalidated.")
 @click.option("--permission-ttl", type=float,
               help="With --allow-other: seconds before payload permissions are revalidated "

@@ -87,7 +87,7 @@ class Settings:
     # (tests/bench: W1 cold bytes 1.17x read at 128K, 1.84x at 1M) while
     # sequential reads still run at ~1 GB/s from a warm cache.
     read_ahead: int = 0
-    prefetch: int = 128 * 1024  # when a read misses the cache, fetch same-suffix siblings up to this size; 0 = off
+    prefetch: int = 128 * 1024  # on a file's first read (open), fetch same-suffix siblings up to this size; 0 = off
     offline: bool = False
     allow_other: bool = False
     log_file: str = ""

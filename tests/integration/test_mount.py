@@ -433,8 +433,8 @@ def test_rez_env_resolves_and_runs_a_package_from_the_mount(tmp_path, lazyfs_mou
 @pytest.mark.parametrize("mode", MODES)
 def test_first_read_prefetches_same_suffix_siblings_so_imports_wait_for_no_fetch(
         tmp_path, lazyfs_mount, mode):
-    """The prefetch starts at the first read the cache cannot answer, with
-    open requests or without."""
+    """The prefetch starts at a file's first open, or without open requests
+    at its first read."""
     store = tmp_path / "store"
     modules = {f"python/pkg/mod{n:02d}.py": f"VALUE = {n}\n" for n in range(40)}
     write_rez_package(store, "fam", "1.0.0", files={
@@ -448,7 +448,7 @@ def test_first_read_prefetches_same_suffix_siblings_so_imports_wait_for_no_fetch
     assert os.getxattr(pkg / "mod01.py", "user.rezlazyfs.cached") == b"0/10"
     time.sleep(1.0)  # what an open starts in the background would be done by now
     assert m.stats()["prefetch_blocks"] == 0 and m.stats()["store_reads"] == 0
-    assert read_fully(pkg / "mod00.py") == b"VALUE = 0\n"  # the first miss starts it
+    assert read_fully(pkg / "mod00.py") == b"VALUE = 0\n"  # the first open starts it
     deadline = time.monotonic() + 30
     while m.stats()["prefetch_blocks"] < len(modules) - 1 and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -297,49 +297,6 @@ def test_read_fetches_each_block_once_even_when_concurrent(tmp_path, store_root)
     assert counters.store_bytes == len(data)
 
 
-def test_siblings_are_prefetched_when_a_read_misses_and_never_looked_at_when_it_hits(tmp_path):
-    """A warm start-up's reads hit: no look at the siblings' cache files (a
-    thread opening every one of them); the first read that misses starts it."""
-    pkg = tmp_path / "store" / "fam" / "1.0" / "python" / "pkg"
-    pkg.mkdir(parents=True)
-    for n in range(5):
-        (pkg / f"mod{n}.py").write_text(f"VALUE = {n}\n")
-    (pkg / "big.py").write_text("#" * 2 * BS)  # too big to be prefetched
-
-    class LookingBlocks(BlockCache):
-        looked = 0
-
-        def present(self, key, size):
-            LookingBlocks.looked += 1
-            return super().present(key, size)
-
-    store = CountingStore(str(tmp_path / "store"))
-
-    async def mount_and_read(*names: str) -> Counters:
-        """A fresh repository on the same cache (a remount): reads these, in
-        order, and waits for what they started in the background."""
-        repo, counters, _ = make_repo(tmp_path, store, blocks_class=LookingBlocks)
-        repo.policy = RepoPolicy(prefetch_max_size=BS)
-        async with trio.open_nursery() as nursery:
-            repo.fetcher.run_prefetches_in(nursery)
-            for name in names:
-                f = await repo.open(b"fam/1.0/python/pkg/" + name.encode())
-                assert bytes(await repo.read(f, 0, f.size)) == (pkg / name).read_bytes()
-                with trio.fail_after(5):
-                    while nursery.child_tasks:
-                        await trio.sleep(0.01)
-        return counters
-
-    cold = trio.run(mount_and_read, "mod0.py")
-    assert (cold.cache_misses, cold.prefetch_blocks, LookingBlocks.looked) == (1, 4, 4)
-    LookingBlocks.looked = 0
-    warm = trio.run(mount_and_read, "mod0.py", "mod1.py", "mod4.py")
-    assert (warm.cache_misses, warm.prefetch_blocks, LookingBlocks.looked) == (0, 0, 0)
-    partly = trio.run(mount_and_read, "mod2.py", "big.py", "mod3.py")
-    # big.py missed (2 blocks): its siblings were looked at (all cached by now)
-    assert (partly.cache_misses, partly.prefetch_blocks, LookingBlocks.looked) == (2, 0, 5)
-
-
 def test_metadata_policy_ttl_and_immutability(tmp_path, store_root):
     clock = Clock()
     store = CountingStore(str(store_root))
