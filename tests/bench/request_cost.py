@@ -81,35 +81,23 @@ def record(workdir: Path, store: Path, info: dict) -> Path:
     return requests
 
 
-def replay(cache_dir: str, store: str, requests: list, drop: bool) -> dict:
-    """One round (in this process, with the code on sys.path): {"spent": {handler:
-    [ns, ...]}, "misses": blocks the cache did not have (0, or it is not a warm run)}."""
-    import errno
+class Token:
+    """What a readdir is given instead of pyfuse3's token: takes as many entries as
+    the kernel took in the recorded run (`limit`), noting their inodes."""
 
-    import pyfuse3
-    import trio
+    def __init__(self, limit: float):
+        self.limit, self.inodes = limit, []
 
-    from cachecore.cache import LocalCache, RepoSpec
-    from fusefs.operations import LazyOperations
-    from handler_timing import time_handlers
 
-    spent = time_handlers(LazyOperations)
+def _readdir_reply(token: Token, name, attr, next_id) -> bool:
+    if len(token.inodes) >= token.limit:
+        return False
+    token.inodes.append(attr.st_ino)
+    return True
 
-    class Token:
-        """What a readdir is given instead of pyfuse3's: takes as many entries as the
-        kernel took in the recorded run (`limit`), noting their inodes."""
 
-        def __init__(self, limit: float):
-            self.limit, self.inodes = limit, []
-
-    def readdir_reply(token, name, attr, next_id) -> bool:
-        if len(token.inodes) >= token.limit:
-            return False
-        token.inodes.append(attr.st_ino)
-        return True
-
-    pyfuse3.readdir_reply = readdir_reply
-    # Each readdir takes the entries up to where the next one of its directory starts.
+def _readdir_limits(requests: list) -> list[float]:
+    """Each readdir takes the entries up to where the next one of its directory starts."""
     limits, last = [math.inf] * len(requests), {}
     for i, r in enumerate(requests):
         if r[0] == "readdir":
@@ -117,46 +105,81 @@ def replay(cache_dir: str, store: str, requests: list, drop: bool) -> dict:
             if where in last and r[2] > requests[last[where]][2]:
                 limits[last[where]] = r[2] - requests[last[where]][2]
             last[where] = i
+    return limits
+
+
+async def serve(ops, requests: list, kinds=("lookup", "read", "readdir", "getattr")) -> list:
+    """Hand the logged requests to `ops` (LazyOperations, no open requests), as the
+    kernel did, the paths mapped to this run's inodes; those of `kinds` only, besides
+    the lookups and readdirs that name inodes. Returns the reads as (inode, offset, size)."""
+    import errno
+
+    import pyfuse3
+
+    pyfuse3.readdir_reply = _readdir_reply  # replaced in this process for good
+    inodes = {(None, ""): pyfuse3.ROOT_INODE}
+    reads = []
+    for r, limit in zip(requests, _readdir_limits(requests)):
+        kind, where = r[0], tuple(r[1])
+        inode = inodes.get(where)
+        if inode is None:
+            continue  # under a name this replay could not look up
+        try:
+            if kind == "lookup":
+                e = await ops.lookup(inode, os.fsencode(r[2]), None)
+                if e.st_ino:
+                    alias, relpath = ops.inodes.key(e.st_ino)
+                    inodes[(alias, os.fsdecode(relpath))] = e.st_ino
+            elif kind == "read":
+                reads.append((inode, r[2], r[3]))
+                if kind in kinds:
+                    await ops.read(inode, r[2], r[3], None)
+            elif kind == "readdir":
+                token = Token(limit)
+                await ops.readdir(inode, r[2], token, None)
+                for child in token.inodes:
+                    alias, relpath = ops.inodes.key(child)
+                    inodes[(alias, os.fsdecode(relpath))] = child
+            elif kind == "getattr" and kind in kinds:
+                await ops.getattr(inode, None)
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.ENOENT:
+                raise
+    return reads
+
+
+def opened(cache_dir: str, store: str, prefetch: int = 128 * 1024):
+    """The cache opened as a mount opens it: (LocalCache, LazyOperations). Call in trio.run."""
+    from cachecore.cache import LocalCache, RepoSpec
+    from fusefs.operations import LazyOperations
+
+    cache = LocalCache(cache_dir)
+    repos = cache.repositories([RepoSpec("main", store)], metadata_ttl=60.0, store_timeout=15.0,
+                               prefetch_max_size=prefetch)
+    return cache, LazyOperations(repos, cache.counters, cache.blocks.block_size, no_open=True)
+
+
+def replay(cache_dir: str, store: str, requests: list, drop: bool) -> dict:
+    """One round (in this process, with the code on sys.path): {"spent": {handler:
+    [ns, ...]}, "misses": blocks the cache did not have (0, or it is not a warm run)}."""
+    import trio
+
+    from fusefs.operations import LazyOperations
+    from handler_timing import time_handlers
+
+    spent = time_handlers(LazyOperations)
     if drop:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-
     misses = []
 
     async def run() -> None:
-        cache = LocalCache(cache_dir)
+        cache, ops = opened(cache_dir, store)
         try:
-            repos = cache.repositories([RepoSpec("main", store)], metadata_ttl=60.0,
-                                       store_timeout=15.0, prefetch_max_size=128 * 1024)
-            ops = LazyOperations(repos, cache.counters, cache.blocks.block_size, no_open=True)
-            inodes = {(None, ""): pyfuse3.ROOT_INODE}
             async with trio.open_nursery() as nursery:
                 cache.fetcher.run_prefetches_in(nursery)
-                for r, limit in zip(requests, limits):
-                    kind, where = r[0], tuple(r[1])
-                    inode = inodes.get(where)
-                    if inode is None:
-                        continue  # under a name this replay could not look up
-                    try:
-                        if kind == "lookup":
-                            e = await ops.lookup(inode, os.fsencode(r[2]), None)
-                            if e.st_ino:
-                                alias, relpath = ops.inodes.key(e.st_ino)
-                                inodes[(alias, os.fsdecode(relpath))] = e.st_ino
-                        elif kind == "read":
-                            await ops.read(inode, r[2], r[3], None)
-                        elif kind == "readdir":
-                            token = Token(limit)
-                            await ops.readdir(inode, r[2], token, None)
-                            for child in token.inodes:
-                                alias, relpath = ops.inodes.key(child)
-                                inodes[(alias, os.fsdecode(relpath))] = child
-                        elif kind == "getattr":
-                            await ops.getattr(inode, None)
-                    except pyfuse3.FUSEError as e:
-                        if e.errno != errno.ENOENT:
-                            raise
+                await serve(ops, requests)
                 nursery.cancel_scope.cancel()
             misses.append(cache.counters.cache_misses)
         finally:
