@@ -15,8 +15,9 @@ the process up), each time opening the cache afresh as a mount does (index, bloc
 cache, repositories, LazyOperations without open requests); every handler call is
 timed (handler_timing.py: CPU of its own trio task, user + system). The cache files
 stay in the page cache between replays (--drop-caches: dropped before each, as after
-a remount: then a read's CPU holds the kernel's reading of the disk). readdir_reply, pyfuse3's, is replaced by
-a function that takes every entry: building the kernel's dirents is pyfuse3's cost.
+a remount: then a read's CPU holds the kernel's reading of the disk). readdir_reply,
+pyfuse3's, is replaced by a function that takes as many entries as the kernel took:
+building the kernel's dirents is pyfuse3's cost.
 
 --ab NAME=DIR (twice or more): the same replay, round by round in turn (an order that
 turns each round), with the code of each DIR (a checkout of this repository: its
@@ -320,7 +321,8 @@ def main(argv=None) -> int:
         for h, d in summary[name].items():
             if h == "all":
                 continue
-            lines.append(f"| {name} | {h} | {d['requests'] // (args.rounds * args.replays):,} | {d['mean']:.1f} | "
+            per_replay = d["requests"] // (args.rounds * args.replays)
+            lines.append(f"| {name} | {h} | {per_replay:,} | {d['mean']:.1f} | "
                          f"{d['mean_median_of_rounds']:.1f} | {d['p10']:.1f} | {d['p50']:.1f} | "
                          f"{d['p90']:.1f} | {d['p99']:.1f} |")
         lines.append(f"| {name} | all | {sum(kinds.values()):,} | - | "
