@@ -13,7 +13,9 @@ request on this machine now: the kernel's round trip, pyfuse3's request loop and
 trio, no handler work; a READ's floor also holds the kernel copying the reply into
 the page cache. Run next to profile_warm.py to tell rez-lazyfs's own share of a
 request from the floor's (both move with the machine's load).
-Writes tests/bench/results/floor.{json,md}.
+--gap-us: the client works that long between two files, as a launch does between its
+requests (the daemon's caches cool down, it sleeps and is woken for each). Writes
+tests/bench/results/NAME.{json,md} (--output; default floor).
 """
 from __future__ import annotations
 
@@ -101,6 +103,10 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--read-kib", type=int, default=128, help="KiB per file read [128; 0: none]")
+    ap.add_argument("--gap-us", type=int, default=0,
+                    help="the client's own work between two files, us (a launch unmarshals "
+                         "what it read: the daemon's caches cool down meanwhile) [0]")
+    ap.add_argument("--output", default="floor", help="results name [floor]")
     ap.add_argument("--serve", nargs=4, metavar=("MOUNTPOINT", "FILES", "ROUNDS", "BYTES"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -108,6 +114,7 @@ def main(argv=None) -> int:
         serve(args.serve[0], *map(int, args.serve[1:]))
         return 0
     read_size = args.read_kib * 1024
+    gap = args.gap_us / 1e6
     mountpoint = tempfile.mkdtemp(prefix="floor-")
     child = subprocess.Popen([sys.executable, __file__, "--serve", mountpoint, str(args.files),
                               str(args.rounds), str(read_size)])
@@ -120,6 +127,9 @@ def main(argv=None) -> int:
         (u0, s0), t0 = cpu(child.pid), time.perf_counter()
         for p in paths:
             client(p)
+            busy_until = time.perf_counter() + gap
+            while time.perf_counter() < busy_until:
+                pass
         (u1, s1), seconds = cpu(child.pid), time.perf_counter() - t0
         after = served()
         kinds = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
@@ -171,17 +181,20 @@ def main(argv=None) -> int:
         med["read_us"] = median("read", "read_us")
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "load": open("/proc/loadavg").read().split()[:3], "files": args.files,
-              "read_kib": args.read_kib, "runs": runs, "median": med}
+              "read_kib": args.read_kib, "gap_us": args.gap_us, "runs": runs, "median": med}
     out = HERE / "results"
-    (out / "floor.json").write_text(json.dumps(report, indent=2))
+    (out / f"{args.output}.json").write_text(json.dumps(report, indent=2))
     reads = (f" A READ of {args.read_kib} KiB (a file opened and read whole, new names each "
              f"round: a LOOKUP and a READ each, the LOOKUP counted at the floor above): "
              f"{med['read_us']:.0f} us of daemon CPU.") if read_size else ""
-    (out / "floor.md").write_text(
+    (out / f"{args.output}.md").write_text(
         "# pyfuse3's floor per request\n\n"
         f"`tests/bench/floor.py --files {args.files} --rounds {args.rounds} --read-kib "
-        f"{args.read_kib}`, {report['date']}, load {' '.join(report['load'])}: a file system "
-        f"that does nothing, one LOOKUP (and GETATTR) per stat(2). Medians of {len(runs)} "
+        f"{args.read_kib} --gap-us {args.gap_us}`, {report['date']}, load "
+        f"{' '.join(report['load'])}: a file system that does nothing, one LOOKUP (and GETATTR) "
+        f"per stat(2)"
+        + (f", the client busy for {args.gap_us} us between two files" if args.gap_us else "")
+        + f". Medians of {len(runs)} "
         f"rounds of {args.files} files: daemon CPU {med['user_us']:.0f} us user + "
         f"{med['system_us']:.0f} us system a request, round trip "
         f"{med['round_trip_us']:.0f} us.{reads}\n")

@@ -32,8 +32,10 @@ class TaskCpu(trio.abc.Instrument):
         self.run = trio.lowlevel.current_trio_token()
         self.total: dict = collections.defaultdict(int)
         self.step_started = 0
+        self.steps: collections.Counter = collections.Counter()  # task name -> steps run
 
     def before_task_step(self, task):
+        self.steps[task.name] += 1
         self.step_started = clock()
 
     def after_task_step(self, task):
@@ -89,14 +91,16 @@ def _named(ops, name: str, args: tuple):
     return None
 
 
-def time_handlers(cls, log: list | None = None) -> dict[str, list[int]]:
+def time_handlers(cls, log: list | None = None,
+                  instrument: list | None = None) -> dict[str, list[int]]:
     """Wrap the handlers of `cls` (once; later calls return the same record):
-    returns {handler: [ns of each request, in order]}."""
+    returns {handler: [ns of each request, in order]}. `instrument` (a list) gets
+    the TaskCpu of the trio run in progress, which counts the steps of each task."""
     if "_handler_cpu" in vars(cls):
         return cls._handler_cpu
     spent: dict[str, list[int]] = collections.defaultdict(list)
     cls._handler_cpu = spent
-    instrument: list[TaskCpu] = []
+    instrument = [] if instrument is None else instrument
 
     def timed(name, handler):
         @functools.wraps(handler)
