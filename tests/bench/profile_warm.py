@@ -41,7 +41,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+sys.path.insert(0, str(HERE / "handler_cpu"))
+
 from contenders import CLI, W1_VARIANT, LazyMount, drop_caches, run_w1  # noqa: E402
+from handler_timing import distribution  # noqa: E402
 from workloads import Sizes, ensure_store  # noqa: E402
 
 PY_SPY_VERSION = "0.4.3"
@@ -123,17 +126,6 @@ def perf_split(files: list[Path]) -> tuple[list, list]:
     return (objects.most_common(), [(s, o, v) for (s, o), v in symbols.most_common(40)])
 
 
-def distribution(values: list[int]) -> dict:
-    """Microseconds: mean and percentiles of one handler's requests (nanoseconds)."""
-    values = sorted(values)
-
-    def at(q: float) -> float:
-        return round(values[min(len(values) - 1, int(q * len(values)))] / 1000, 1)
-
-    return {"mean": round(sum(values) / len(values) / 1000, 1), "p10": at(0.10),
-            "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": at(1.0)}
-
-
 def profiled_run(m: LazyMount, n: int, args, workdir: Path, py_spy: Path, spent_dir: Path,
                  info: dict, handlers: set[str], perf_data: Path) -> dict:
     """One warm launch through the mounted `m`, measured and sampled."""
@@ -176,6 +168,9 @@ def profiled_run(m: LazyMount, n: int, args, workdir: Path, py_spy: Path, spent_
     for f in spent_dir.glob("*-gc.json"):  # the collections during the launch
         collected = [c for c in json.loads(f.read_text()) if window[0] <= c[0] <= window[1]]
     gc_loop = sum(c[2] for c in collected if c[3]) / 1e9
+    steps = {}  # trio task steps in the daemon's life, by task name
+    for f in spent_dir.glob("*-steps.json"):
+        steps = json.loads(f.read_text())
     handler_ns = {name: spent.get(name, [])[-count:] for name, count in delta.items()}
     handler_seconds = sum(sum(ns) for ns in handler_ns.values()) / 1e9
     buckets, leaves = parse(raw, handlers)
@@ -188,6 +183,8 @@ def profiled_run(m: LazyMount, n: int, args, workdir: Path, py_spy: Path, spent_
                    "loop_thread_seconds": round(gc_loop, 3),
                    "worker_threads_seconds": round(sum(c[2] for c in collected if not c[3])
                                                    / 1e9, 3)},
+            "task_steps": sum(steps.values()),
+            "request_loop_steps": sum(n for task, n in steps.items() if task.startswith("pyfuse-")),
             "samples": dict(buckets), "handler_ns": handler_ns,
             "leaves": {b: dict(c) for b, c in leaves.items()}}
 
@@ -229,6 +226,9 @@ def summarize(runs: list[dict]) -> dict:
             "us_per_request_loop_outside_handlers": round((loop - in_handlers) / n_req * 1e6, 1),
             "us_per_request_worker_threads": round((cpu - loop) / n_req * 1e6, 1),
             "gc_per_launch": round(sum(r["gc"]["collections"] for r in runs) / len(runs), 1),
+            "task_steps_per_request": round(sum(r["task_steps"] for r in runs) / n_req, 2),
+            "request_loop_steps_per_request": round(
+                sum(r["request_loop_steps"] for r in runs) / n_req, 2),
             "gc_us_per_request_loop_thread": round(
                 sum(r["gc"]["loop_thread_seconds"] for r in runs) / n_req * 1e6, 1),
             "rows": rows,
@@ -252,7 +252,10 @@ def markdown(name: str, s: dict, runs: int) -> list[str]:
              f"{s['us_per_request_worker_threads']:.0f} us (cache disk, index, store). Python's "
              f"garbage collector ran {s['gc_per_launch']:.0f} times a launch, "
              f"{s['gc_us_per_request_loop_thread']:.1f} us a request on the event loop's thread "
-             "(inside handlers or not, wherever an allocation set it off).", "",
+             "(inside handlers or not, wherever an allocation set it off). trio ran "
+             f"{s['task_steps_per_request']:.2f} task steps a request, "
+             f"{s['request_loop_steps_per_request']:.2f} of them pyfuse3's request loop's (in "
+             "the daemon's whole life: its start and end included).", "",
              "CPU per request inside each handler (user + system of its own task, measured "
              "around every request), and the hottest frames py-spy saw inside it:", "",
              "| handler | requests | CPU | mean us | p10 | p50 | p90 | p99 | hottest frames "

@@ -41,6 +41,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE / "handler_cpu"))
+
+from handler_timing import distribution  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -189,17 +192,6 @@ def replay(cache_dir: str, store: str, requests: list, drop: bool) -> dict:
     spent.clear()
     trio.run(run)
     return {"spent": {name: list(ns) for name, ns in spent.items()}, "misses": misses[0]}
-
-
-def distribution(values: list[int]) -> dict:
-    """Microseconds: mean and percentiles of one handler's requests (nanoseconds)."""
-    values = sorted(values)
-
-    def at(q: float) -> float:
-        return round(values[min(len(values) - 1, int(q * len(values)))] / 1000, 1)
-
-    return {"requests": len(values), "mean": round(sum(values) / len(values) / 1000, 1),
-            "p10": at(0.10), "p50": at(0.50), "p90": at(0.90), "p99": at(0.99)}
 
 
 def round_in(code: Path, args, requests: Path) -> dict[str, list[int]]:

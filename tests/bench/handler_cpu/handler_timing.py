@@ -49,6 +49,17 @@ class TaskCpu(trio.abc.Instrument):
         return self.total[task] + clock() - self.step_started
 
 
+def distribution(values: list[int]) -> dict:
+    """Microseconds: how many, the mean and percentiles of some requests' nanoseconds."""
+    values = sorted(values)
+
+    def at(q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))] / 1000, 1)
+
+    return {"requests": len(values), "mean": round(sum(values) / len(values) / 1000, 1),
+            "p10": at(0.10), "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": at(1.0)}
+
+
 def time_gc() -> list[list]:
     """Times every collection of Python's cyclic garbage collector from now on:
     [[when (time.monotonic), generation, CPU ns of the collecting thread, whether
