@@ -39,10 +39,8 @@ def file_key(store_id: str, relpath: bytes, identity: tuple[int, ...], block_siz
 
     The block size is part of it: block i of a 64K cache and of a 128K cache
     cover different bytes, so they must never be taken for each other."""
-    h = hashlib.sha256()
-    h.update(os.fsencode(store_id) + b"\0" + relpath + b"\0")
-    h.update(b"\0".join(b"%d" % n for n in (*identity, block_size)))
-    return h.hexdigest()
+    numbers = "\0".join(map(str, (*identity, block_size))).encode()
+    return hashlib.sha256(b"%b\0%b\0%b" % (os.fsencode(store_id), relpath, numbers)).hexdigest()
 
 
 def content_key(content: bytes, size: int, block_size: int) -> str:
@@ -160,15 +158,19 @@ class BlockCache:
 
     def _current_reader(self, key: str) -> int:
         """A kept descriptor of the key's cache file; pair with _readers.release."""
+        opened = []
+
         def opener():
+            opened.append(True)
             return self._open(key, os.O_RDONLY)
 
         fd = self._readers.acquire(key, opener)
-        if os.fstat(fd).st_nlink:
+        # One just opened by its name is the current file. One kept from an
+        # earlier read may be of a file a clean (here or in another process)
+        # evicted since: let it go, so the eviction frees its space, and read
+        # the current file, which may have been fetched again.
+        if opened or os.fstat(fd).st_nlink:
             return fd
-        # A clean (here or in another process) evicted the file since it was
-        # opened: let it go, so the eviction frees its space, and read the
-        # current file, which may have been fetched again.
         self._readers.release(key, fd, keep=False)
         self._readers.forget(key)
         return self._readers.acquire(key, opener)

@@ -57,26 +57,28 @@ class OpenFiles:
             return fd
 
     def release(self, key, fd: int, keep: bool = True) -> None:
-        """Done with `fd` (from acquire); `keep=False` closes it once unused."""
-        to_close = None
+        """Done with `fd` (from acquire); `keep=False` closes it once unused.
+        Closes the files idle for too long too (close_idle)."""
+        to_close = []
         with self._lock:
+            now = time.monotonic()
             entry = self._open.get(key)
             if entry is None or entry[0] != fd:  # forgotten while we used it
                 self._detached[fd] -= 1
                 if not self._detached[fd]:
                     del self._detached[fd]
-                    to_close = fd
+                    to_close.append(fd)
             else:
                 entry[1] -= 1
                 if entry[1] == 0:
                     if keep:
-                        self._idle[key] = time.monotonic()
+                        self._idle[key] = now
                     else:
                         del self._open[key]
-                        to_close = fd
-        if to_close is not None:
-            os.close(to_close)
-        self.close_idle()
+                        to_close.append(fd)
+            to_close += self._take_idle(now, self.idle_seconds)
+        for fd in to_close:
+            os.close(fd)
 
     def forget(self, key) -> None:
         """The next acquire(key) opens afresh (the file was replaced); an fd
@@ -96,15 +98,19 @@ class OpenFiles:
     def close_idle(self, max_age: float | None = None) -> None:
         """Close files idle for longer than max_age (default idle_seconds),
         and the oldest beyond max_idle."""
-        max_age = self.idle_seconds if max_age is None else max_age
-        to_close = []
         with self._lock:
-            now = time.monotonic()
-            while self._idle:
-                oldest, since = next(iter(self._idle.items()))
-                if len(self._idle) <= self.max_idle and now - since < max_age:
-                    break
-                del self._idle[oldest]
-                to_close.append(self._open.pop(oldest)[0])
+            to_close = self._take_idle(time.monotonic(),
+                                       self.idle_seconds if max_age is None else max_age)
         for fd in to_close:
             os.close(fd)
+
+    def _take_idle(self, now: float, max_age: float) -> list[int]:
+        """(Under the lock) the descriptors close_idle closes, no longer kept."""
+        taken = []
+        while self._idle:
+            oldest, since = next(iter(self._idle.items()))
+            if len(self._idle) <= self.max_idle and now - since < max_age:
+                break
+            del self._idle[oldest]
+            taken.append(self._open.pop(oldest)[0])
+        return taken

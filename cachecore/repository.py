@@ -44,7 +44,6 @@ from .errors import (
 from .fetcher import Fetcher, FileVersion
 from .index import MetadataIndex
 from .model import Attr, display_path
-from .paths import split_path
 from .replay import replay
 from .singleflight import SingleFlight
 from .stores import Store
@@ -161,7 +160,10 @@ class Repository:
 
     # -- policy -------------------------------------------------------------
     def is_volatile_dir(self, relpath: bytes) -> bool:
-        return self.policy.mutable or len(split_path(relpath)) <= VOLATILE_DEPTH
+        # Its depth alone (asked on every lookup): the paths asked about are
+        # the kernel's names and listings' names, checked where they came in
+        # (paths.py); a policy answer walks nothing.
+        return self.policy.mutable or (relpath.count(b"/") + 1 if relpath else 0) <= VOLATILE_DEPTH
 
     def is_volatile(self, relpath: bytes) -> bool:
         """Whether the entry's attributes (and, for a file, its contents) may change."""
@@ -394,15 +396,21 @@ class Repository:
             await replay(self, found)
 
     async def getattr(self, relpath: bytes) -> Attr:
+        attr = await self.find(relpath)
+        if attr is None:
+            raise NotFound(self._display(relpath))
+        return attr
+
+    async def find(self, relpath: bytes) -> Attr | None:
+        """The entry's attributes; None if its directory lists no such name
+        (NotFound if the directory itself is not there). A lookup's miss is
+        common (imports probe names): no exception, no message for it."""
         if self._untriggered:
             self._touch(relpath)
         if relpath == b"":
             return await self.root_attr()
         parent, name = parent_and_name(relpath)
-        attr = (await self.listing(parent)).get(name)
-        if attr is None:
-            raise NotFound(self._display(relpath))
-        return attr
+        return (await self.listing(parent)).get(name)
 
     async def lookup(self, parent: bytes, name: bytes) -> Attr:
         return await self.getattr(parent + b"/" + name if parent else name)

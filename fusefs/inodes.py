@@ -72,6 +72,14 @@ class InodeTable:
             return None, b""
         return os.fsdecode(node.name), b"/".join(reversed(names))
 
+    def child_key(self, parent: NodeKey, name: bytes) -> NodeKey:
+        """The key of `name` in the directory whose key is `parent`: what key()
+        gives for the child's inode, without walking the table up to the root."""
+        alias, relpath = parent
+        if alias is None:  # the root of a mount of several repositories: an alias
+            return os.fsdecode(name), b""
+        return alias, relpath + b"/" + name if relpath else name
+
     def parent(self, inode: int) -> int:
         """The inode of the directory holding `inode` (the root's is the root)."""
         node = self._nodes[inode]

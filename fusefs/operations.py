@@ -229,12 +229,16 @@ class LazyOperations(pyfuse3.Operations):
         attr = Attr(stat.S_IFDIR | 0o555, 0, 0, 0, 0, 2 + len(self.repos), self._uid, self._gid)
         return self._entry(pyfuse3.ROOT_INODE, attr, 1.0)
 
-    async def _attr_of(self, inode: int) -> pyfuse3.EntryAttributes:
-        alias, relpath = self.inodes.key(inode)
+    async def _attr_of(self, inode: int, key) -> pyfuse3.EntryAttributes | None:
+        """The attributes of `inode`, whose (alias, relpath) is `key`; None if its
+        directory lists no such name (a miss is common: no exception for it)."""
+        alias, relpath = key
         if alias is None:
             return self._mount_root_entry()
         repo = self.repos[alias]
-        attr = await repo.getattr(relpath)
+        attr = await repo.find(relpath)
+        if attr is None:
+            return None
         return self._entry(inode, attr, self._ttl(repo, repo.is_volatile(relpath)))
 
     def _known(self, inode: int):
@@ -328,26 +332,33 @@ class LazyOperations(pyfuse3.Operations):
     # -- metadata -----------------------------------------------------------
     @error_boundary
     async def lookup(self, parent_inode, name, ctx=None):
-        alias, parent = self._known(parent_inode)
+        parent_key = self._known(parent_inode)
+        alias, parent = parent_key
         if self._recordings and alias is not None:
             for recording in self._recording(ctx):
                 recording.note_dir(alias, parent)
         inode = self._acquire(parent_inode, alias, name)
+        # The child's path from its parent's: the table is walked once per lookup.
+        key = (self.inodes.key(inode) if name in (b".", b"..")
+               else self.inodes.child_key(parent_key, name))
         try:
-            return await self._attr_of(inode)
-        except NotFound:
-            self.inodes.forget(inode, 1)
-            if alias is not None and not self.repos[alias].is_volatile_dir(parent):
-                # Immutable directory: let the kernel cache the miss too
-                # (Python imports probe many names that do not exist).
-                negative = pyfuse3.EntryAttributes()
-                negative.st_ino = 0
-                negative.entry_timeout = self._ttl(self.repos[alias], False)
-                return negative
-            raise
+            entry = await self._attr_of(inode, key)
+        except NotFound:  # the directory itself is gone
+            entry = None
         except BaseException:
             self.inodes.forget(inode, 1)
             raise
+        if entry is not None:
+            return entry
+        self.inodes.forget(inode, 1)
+        if alias is not None and not self.repos[alias].is_volatile_dir(parent):
+            # Immutable directory: let the kernel cache the miss too
+            # (Python imports probe many names that do not exist).
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = self._ttl(self.repos[alias], False)
+            return negative
+        raise FUSEError(errno.ENOENT)
 
     @error_boundary
     async def forget(self, inode_list):
@@ -358,8 +369,10 @@ class LazyOperations(pyfuse3.Operations):
 
     @error_boundary
     async def getattr(self, inode, ctx=None):
-        self._known(inode)
-        return await self._attr_of(inode)
+        entry = await self._attr_of(inode, self._known(inode))
+        if entry is None:
+            raise FUSEError(errno.ENOENT)
+        return entry
 
     @error_boundary
     async def readlink(self, inode, ctx=None):

@@ -254,8 +254,9 @@ class LazyMount(Daemon):
     command (another environment's, say one with another pyfuse3)."""
 
     def __init__(self, mountpoint: Path, store: Path, cache: Path, extra: list[str],
-                 cli: str = CLI, env: dict | None = None):
-        """env: added to the daemon's environment (PYTHONPATH: another checkout's code)."""
+                 cli: str = CLI, env: dict[str, str] | None = None):
+        """env: variables the daemon gets besides ours (PYTHONPATH: another
+        checkout's code; profile_warm.py's hook)."""
         self.mountpoint, self.store, self.cache, self.extra = mountpoint, store, cache, extra
         self.repo_root = mountpoint / "main"  # the store's root, mirrored
         self.cli = cli

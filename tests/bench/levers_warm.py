@@ -10,7 +10,8 @@ Contenders, all rez-lazyfs at this commit:
                    opendir and releasedir reaches the daemon, as with stock pyfuse3
     NAME           (--venv NAME=DIR, repeatable) another environment holding this
                    checkout (`pip install -e`) and another pyfuse3: the stock release
-                   (the fallback), or a build with fewer of the patches
+                   (the fallback), or a build with fewer of the patches; or another
+                   commit's code in this environment (code_contender.sh)
 
 The store is run.py's (workloads.py; --quick: its 1/10 sizes), served through sshfs
 across a 1 ms RTT, 1 Gbit/s link (netstore.py), in WORKDIR (kept for the next run).

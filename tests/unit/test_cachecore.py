@@ -251,6 +251,10 @@ def test_file_key_changes_with_identity():
     assert key != file_key("/s", b"f", (11, 1), BS)
     assert key != file_key("/t", b"f", (10, 1), BS)
     assert key != file_key("/s", b"f", (10, 1), 2 * BS)
+    # The name of a cache file is a format: computed otherwise, every cache already
+    # on disk would miss.
+    assert file_key("/s", b"fam/1.0/bin/tool", (10, 1, 2, 3), 131072) == \
+        "7dae0a9bba0c5d8a9a03daf834786ad945ed7997993281ed7ad9b2c5ca0815ef"
 
 
 def test_store_never_follows_symlinks(tmp_path, store_root):
