@@ -56,7 +56,8 @@ def log(msg: str) -> None:
 
 
 def ensure_py_spy(workdir: Path) -> Path:
-    deps = workdir / "pydeps"
+    # its own target: pip puts nothing into a --target whose bin/ exists already
+    deps = workdir / f"py-spy-{PY_SPY_VERSION}"
     binary = deps / "bin" / "py-spy"
     if not binary.exists():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(deps),

@@ -10,13 +10,16 @@ each --config, interleaved): a fresh cache seeded with the trace, sshfs's
 caches expired, page cache dropped, mount, one stat of the variant root
 (the first access: the replay starts), then the stats once the store
 counters stop moving. The replay's own time comes from the daemon's log
-lines; daemon CPU from /proc. Everything is torn down.
+lines; daemon CPU, and every other process's (the stack the replay drives:
+sshfs, ssh, sshd, sftp-server, the relay), from /proc. Everything is torn
+down.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import collections
+import contextlib
+import json
 import os
 import signal
 import statistics
@@ -55,6 +58,54 @@ def print_hottest(raw: Path, top: int = 25) -> None:
             print(f"  {100 * n / total:5.1f}%  {frame}")
 
 
+def cpu_by_command() -> dict[int, tuple[str, int]]:
+    """{pid: (command name, user + system clock ticks)} of every process."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    head, _, rest = f.read().rpartition(b")")
+            except OSError:
+                continue  # gone
+            fields = rest.split()
+            out[int(entry.name)] = (head.split(b"(", 1)[1].decode(errors="replace"),
+                                    int(fields[11]) + int(fields[12]))
+    return out
+
+
+def cpu_spent(before: dict, after: dict, daemon: int) -> dict[str, float]:
+    """CPU seconds each command (the daemon by itself) spent between two
+    cpu_by_command() snapshots, largest first: the rest of the stack a
+    replay drives (sshfs, ssh, sshd, sftp-server, the relay)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    spent = collections.Counter()
+    for pid, (name, ticks) in after.items():
+        # by pid: a kernel worker renames itself after the work it runs
+        used = ticks - before.get(pid, (name, 0))[1]
+        if used > 0:
+            spent["rez-lazyfs daemon" if pid == daemon else name] += used / tick
+    return {name: round(s, 2) for name, s in spent.most_common(8)}
+
+
+@contextlib.contextmanager
+def bench_on(workdir: Path):
+    """(Bench, store info) on the store run.py built in `workdir` (default
+    sizes) behind the bench's link; everything torn down after."""
+    store, info = ensure_store(workdir, Sizes(), log=print)
+    info = {**info, "sizes": Sizes().__dict__}
+    net = netstore.NetStore(store, workdir / "sshfs")
+    bench = None
+    try:
+        net.start()
+        bench = Bench(workdir, store, net, info, [], log=print)
+        yield bench, info
+    finally:
+        if bench is not None:
+            bench.close()
+        net.close()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rez-lazyfs-tbench"))
@@ -70,14 +121,8 @@ def main(argv=None) -> int:
     variants = ([("default", [], {})]
                 + [(Path(c).name, [f"--config={c}"], {}) for c in args.config]
                 + [(f"code:{c}", [], {"PYTHONPATH": str(c)}) for c in args.code])
-    store, info = ensure_store(args.workdir, Sizes(), log=print)
-    info = {**info, "sizes": Sizes().__dict__}
-    net = netstore.NetStore(store, args.workdir / "sshfs")
-    bench = None
     rows = []
-    try:
-        net.start()
-        bench = Bench(args.workdir, store, net, info, [], log=print)
+    with bench_on(args.workdir) as (bench, _):
         trace = bench._ensure_trace(KEPT)
         for run in range(args.runs):
             for name, extra, env in variants:
@@ -97,9 +142,11 @@ def main(argv=None) -> int:
                          str(mount.pid), "--rate", "500", "--format", "raw", "--gil",
                          "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1.0)  # attached
+                procs0 = cpu_by_command()
                 t0 = time.time()
                 os.stat(mount.mountpoint / "main" / W1_VARIANT)
                 after, _ = bench._settle(mount)
+                stack_cpu = cpu_spent(procs0, cpu_by_command(), mount.pid)
                 user, system = (b - a for a, b in zip(cpu0, profile_warm.cpu_times(mount.pid)))
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
@@ -111,14 +158,11 @@ def main(argv=None) -> int:
                 row = {"run": run + 1, "config": name, "daemon_cpu_seconds": round(user + system, 2),
                        "daemon_user_seconds": round(user, 2),
                        "replay_width": launchtrace.replay_width(extra), **timing,
+                       "cpu_seconds_by_command": stack_cpu,
                        **{k: after[k] - before[k] for k in ("replay_blocks", "replay_bytes",
                                                             "store_reads", "store_listings")}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    finally:
-        if bench is not None:
-            bench.close()
-        net.close()
     summary = {}
     for name, _, _ in variants:
         mine = [r for r in rows if r["config"] == name and r.get("replay_end_s") is not None]
