@@ -7,7 +7,10 @@ One command (as root: it makes network namespaces and drops the page cache):
 
 Medians of --runs runs; the package-cache copy, by far the slowest contender
 and network-bound, runs --copy-runs times (1). Cold runs start from a remounted
-sshfs, a fresh rez-lazyfs cache and a dropped page cache, every time.
+sshfs, a fresh rez-lazyfs cache and a dropped page cache, every time; warm
+runs read through the sshfs mount their cache was filled through (sshfs
+numbers inodes in lookup order: after a remount every file would look
+replaced, which a farm's NFS store never makes it).
 
 It installs what it needs (Debian's sshfs and openssh-server with apt, and
 rclone and bindfs for their contenders; matplotlib with pip into
