@@ -35,6 +35,12 @@ USE_RESOLUTION = 60.0  # seconds: last-used times are kept to about this precisi
 STREAM_AFTER = 8 * 2**20
 STREAM_WINDOW = 2 * 2**20
 STREAMS = 256  # files followed at once
+STREAM_RUN = 4  # blocks a stream fetches ahead in one store-thread call
+# Fetches ahead of readers (a trace replay, a directory's siblings) take at
+# most this much per store-thread call (`runs_of`); a reader that wants a
+# block of one waits for the reads before it there.
+BATCH_BLOCKS = 16
+BATCH_BYTES = 2**20
 
 
 @dataclass
@@ -82,6 +88,23 @@ class FileVersion:
     @property
     def display(self) -> str:
         return display_path(self.store.root, self.relpath)
+
+
+def runs_of(blocks: list, lengths: list[int], workers: int) -> list[list]:
+    """The blocks in order (block n is `lengths[n]` bytes), cut into runs of at
+    most BATCH_BLOCKS blocks and BATCH_BYTES bytes, one store-thread call
+    each, and into enough runs to keep `workers` busy to the end."""
+    most = max(1, min(BATCH_BLOCKS, len(blocks) // (4 * workers)))
+    out, run, size = [], [], 0
+    for block, length in zip(blocks, lengths):
+        if run and (len(run) == most or size + length > BATCH_BYTES):
+            out.append(run)
+            run, size = [], 0
+        run.append(block)
+        size += length
+    if run:
+        out.append(run)
+    return out
 
 
 def block_length(f: FileVersion, index: int, block_size: int) -> int:
@@ -146,19 +169,24 @@ class Fetcher:
                 lambda: {f.key: set(self.blocks.present(f.key, f.size)) for f in files})
         except CacheUnavailable:
             return  # nowhere to keep what would be fetched
-
+        wanted = [(f, index) for f in files for index in range(-(-f.size // self.blocks.block_size))
+                  if index not in present[f.key]]
+        runs = runs_of(wanted, [self._block_length(f, index) for f, index in wanted],
+                       self.background_limiter.total_tokens)
         async with trio.open_nursery() as nursery:
-            for f in files:
-                for index in range(-(-f.size // self.blocks.block_size)):
-                    if index not in present[f.key]:
-                        nursery.start_soon(self._prefetch_block, f, index)
+            for run in runs:
+                nursery.start_soon(self._prefetch_run, run)
 
-    async def _prefetch_block(self, f: FileVersion, index: int) -> None:
+    async def _prefetch_run(self, blocks: list[tuple[FileVersion, int]]) -> None:
+        """Fetch blocks ahead of their readers in one store-thread call (which
+        looks in the cache first: no hop of its own for that)."""
         async with self.background_limiter:
             try:
-                await self._flights.run((f.key, index), lambda: self._fetch(f, index, prefetch=True))
+                failed = await self.fetch_ahead(blocks, replay=False)
             except LazyFSError as e:
-                log.debug("prefetch of %s failed: %s", f.display, e)
+                failed = {None: e}
+        for e in failed.values():
+            log.debug("prefetch of %s failed: %s", blocks[0][0].display, e)
 
     def start_background(self, fn, *args) -> bool:
         """Run `fn(*args)` as a background task of the daemon (False if there is
@@ -168,18 +196,21 @@ class Fetcher:
         self._background.start_soon(fn, *args)
         return True
 
-    async def fetch_ahead(self, blocks: list[tuple[FileVersion, int]]) -> dict:
-        """Fetch (file version, index) blocks of one store for a trace replay, in
-        one store-thread call (the caller holds a background_limiter slot):
-        those nobody is fetching already, in order. {(file key, index): the
-        error} for the blocks that failed; raises what failed them all."""
+    async def fetch_ahead(self, blocks: list[tuple[FileVersion, int]], replay: bool = True) -> dict:
+        """Fetch (file version, index) blocks of one store ahead of their readers,
+        for a trace replay (counted as replayed) or a stream (counted as
+        prefetched), in one store-thread call (the caller holds a
+        background_limiter slot): those nobody is fetching already, in order.
+        {(file key, index): the error} for the blocks that failed; raises what
+        failed them all."""
         wanted = {(f.key, index): (f, index) for f, index in blocks}
         outcome = await self._flights.run_many(
             list(wanted),
-            lambda led, settle: self._fetch_replayed([wanted[key] for key in led], settle))
+            lambda led, settle: self._fetch_ahead_call([wanted[key] for key in led], settle, replay))
         return {key: e for key, e in outcome.items() if isinstance(e, Exception)}
 
-    async def _fetch_replayed(self, blocks: list[tuple[FileVersion, int]], settle) -> dict:
+    async def _fetch_ahead_call(self, blocks: list[tuple[FileVersion, int]], settle,
+                                replay: bool) -> dict:
         """fetch_ahead's call: {(file key, index): bytes or the error}. Each block
         is settled (counted, its waiting readers woken) as soon as the worker
         thread has kept it, not at the end of the call; if the cache may
@@ -201,10 +232,13 @@ class Fetcher:
                 self.counters.record_latency(seconds)
                 self.counters.store_reads += 1
                 self.counters.store_bytes += len(got)
-                self.counters.replay_blocks += 1
-                self.counters.replay_bytes += len(got)
-                if len(self._replayed) < 200_000:  # ~25 MiB; past it, useful reads go uncounted
-                    self._replayed.add(key)
+                if not replay:
+                    self.counters.prefetch_blocks += 1
+                else:
+                    self.counters.replay_blocks += 1
+                    self.counters.replay_bytes += len(got)
+                    if len(self._replayed) < 200_000:  # ~25 MiB; past it, useful reads go uncounted
+                        self._replayed.add(key)
             outcome[key] = got
             settle(key, got)
 
@@ -236,32 +270,60 @@ class Fetcher:
         error] per block, in order; each kept and given to report(n, ...) as
         it comes, unless report is None. A block is looked for in the cache
         first (a reader may have overtaken the replay: one local read in this
-        thread, no hop). A file found changed is not read further; a store
-        that fails one read fails the rest of the call (blocking)."""
-        fetched, failed, down = [], {}, None
-        for n, (f, index) in enumerate(blocks):
+        thread, no hop). Blocks of a file that follow each other are read from
+        the store in one call (the store's client can have them all in flight
+        at once). A file found changed is not read further; a store that fails
+        one read fails the rest of the call (blocking)."""
+        fetched: list = []
+        failed, down = {}, None
+
+        def cached(n: int):
+            f, index = blocks[n]
+            return None if self.cache_may_stall else \
+                self.blocks.read(f.key, index, self._block_length(f, index))
+
+        n = 0
+        while n < len(blocks):
+            f, index = blocks[n]
             if down is not None or f.key in failed:
                 fetched.append(down or failed[f.key])
+                n += 1
                 continue
-            cached = self.blocks.read(f.key, index, self._block_length(f, index)) \
-                if not self.cache_may_stall else None
-            if cached is not None:
-                fetched.append((cached, None))
+            here = cached(n)
+            if here is not None:
+                fetched.append((here, None))
                 if report is not None:
                     report(n, fetched[-1])
+                n += 1
                 continue
+            run = 1  # blocks n.. of f, in order, none of them cached
+            while (n + run < len(blocks) and blocks[n + run][0].key == f.key
+                   and blocks[n + run][1] == index + run and cached(n + run) is None):
+                run += 1
+            lengths = [self._block_length(f, i) for i in range(index, index + run)]
             started = time.monotonic()
             try:
-                got = self._read_store(f, index), time.monotonic() - started
+                data = self._read_store(f, index, sum(lengths))
+                seconds = (time.monotonic() - started) / run
+                got = []
+                offset = 0
+                for length in lengths:
+                    got.append((data[offset:offset + length], seconds))
+                    offset += length
             except StoreUnavailable as e:
-                got = down = e
+                got = [e] * run
+                down = e
             except LazyFSError as e:  # changed, short: this file only
-                got = failed[f.key] = e
-            fetched.append(got)
-            if report is not None:
-                if not isinstance(got, Exception):  # kept, then reported: no refetch in between
-                    self._keep_each([(f, index, got[0])])
-                report(n, got)
+                got = [e] * run
+                failed[f.key] = e
+            if report is not None and down is None and f.key not in failed:
+                # kept, then reported: no refetch in between
+                self._keep(f, [(index + k, block[0]) for k, block in enumerate(got)])
+            for k, block in enumerate(got):
+                fetched.append(block)
+                if report is not None:
+                    report(n + k, block)
+            n += run
             progress()
         return fetched
 
@@ -288,8 +350,17 @@ class Fetcher:
                 or not (missed or stream.ahead > indices[0])):
             return
         end = min(stream.next_index + self.stream_window // bs, -(-f.size // bs))
-        for index in range(max(stream.ahead, stream.next_index), end):
-            self._background.start_soon(self._prefetch_block, f, index)
+        start = max(stream.ahead, stream.next_index)
+        # In runs of STREAM_RUN blocks, one store-thread call each: a call per
+        # block was mostly thread wake-ups and waits for the GIL (a cold
+        # sequential read, from a local store: ~1 ms of daemon CPU a block,
+        # two thirds of it scheduling). The window is topped up once a run's
+        # worth of it has been read, and a file's last blocks go at once.
+        if end - start < STREAM_RUN and end < -(-f.size // bs):
+            return
+        for first in range(start, end, STREAM_RUN):
+            self._background.start_soon(
+                self._prefetch_run, [(f, index) for index in range(first, min(first + STREAM_RUN, end))])
         stream.ahead = max(stream.ahead, end)
 
     def _block_length(self, f: FileVersion, index: int) -> int:
@@ -389,8 +460,7 @@ class Fetcher:
         self.note_use(f)
         return await self._flights.run((f.key, index), lambda: self._fetch(f, index))
 
-    async def _fetch(self, f: FileVersion, index: int, prefetch: bool = False) -> bytes:
-        """prefetch: for a prefetch, not a reader."""
+    async def _fetch(self, f: FileVersion, index: int) -> bytes:
         data = None
         # Another process sharing the cache may have fetched it meanwhile.
         try:
@@ -399,13 +469,9 @@ class Fetcher:
         except CacheUnavailable:
             pass
         if data is not None:
-            if not prefetch:
-                self.counters.cache_hits += 1
+            self.counters.cache_hits += 1
             return data
-        if prefetch:
-            self.counters.prefetch_blocks += 1
-        else:
-            self.counters.cache_misses += 1
+        self.counters.cache_misses += 1
         # Recorded on every fetch, not just once a minute: a clean may have
         # just forgotten this file, and status must attribute it again.
         self._uses[f.key] = (f, time.time())
@@ -504,10 +570,11 @@ class Fetcher:
             self._keep_each([(f, index, data)])  # in the same hop: a local disk answers
         return data
 
-    def _read_store(self, f: FileVersion, index: int) -> bytes:
+    def _read_store(self, f: FileVersion, index: int, size: int | None = None) -> bytes:
+        """Block `index` of the file, or `size` bytes from its start on."""
         try:
             return f.store.read(f.relpath, f.identity, index * self.blocks.block_size,
-                                self._block_length(f, index))
+                                self._block_length(f, index) if size is None else size)
         except NotFound as e:
             # The index lists this file, so the store lost it or is not mounted:
             # a read error (EIO), not "no such file" for a file just listed.

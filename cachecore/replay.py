@@ -35,17 +35,13 @@ from .errors import (
     StoreFileChanged,
     StoreUnavailable,
 )
-from .fetcher import FileVersion, block_length
+from .fetcher import BATCH_BLOCKS, FileVersion, block_length, runs_of  # noqa: F401 (BATCH_BLOCKS: the tests)
 from .trace import BadTrace, VariantTrace, decode, merge, rescaled, same_version
 
 log = logging.getLogger(__name__)
 TRACE_SUFFIX = ".trace"
 MAX_TRACE_FILES = 10_000       # in a trace directory
 MAX_TRACE_FILE_SIZE = 64 * 2**20
-# A replay fetches at most this much per store-thread call (`batches`); a
-# reader that wants a block of a batch waits for the reads before it there.
-BATCH_BLOCKS = 16
-BATCH_BYTES = 2**20
 
 
 class TraceSource(Protocol):
@@ -120,23 +116,12 @@ class TraceDirectory:
 
 def batches(blocks: list[tuple[int, int]], sizes: list[int], block_size: int,
             workers: int) -> list[list]:
-    """The (file, index) blocks in order (file n is `sizes[n]` bytes), cut into runs of at most
-    BATCH_BLOCKS blocks and BATCH_BYTES bytes, one store-thread call each,
-    and into enough runs to keep `workers` busy to the end. A launch's blocks
-    are mostly whole small files (.pyc): a call per block was mostly thread
-    hand-offs and waits for the GIL (daemon CPU halved, replay_alone.py)."""
-    most = max(1, min(BATCH_BLOCKS, len(blocks) // (4 * workers)))
-    out, batch, size = [], [], 0
-    for n, index in blocks:
-        length = min(block_size, sizes[n] - index * block_size)
-        if batch and (len(batch) == most or size + length > BATCH_BYTES):
-            out.append(batch)
-            batch, size = [], 0
-        batch.append((n, index))
-        size += length
-    if batch:
-        out.append(batch)
-    return out
+    """The (file, index) blocks in order (file n is `sizes[n]` bytes), cut into
+    store-thread calls (`fetcher.runs_of`). A launch's blocks are mostly whole
+    small files (.pyc): a call per block was mostly thread hand-offs and waits
+    for the GIL (daemon CPU halved, replay_alone.py)."""
+    return runs_of(blocks, [min(block_size, sizes[n] - index * block_size) for n, index in blocks],
+                   workers)
 
 
 def within(batch: list, room: int, block_size: int) -> list:

@@ -1,0 +1,82 @@
+"""A cold run of one workload through this checkout's daemon and through other
+checkouts' (their cachecore, fusefs and mount: code_contender.sh), interleaved
+round by round, each exactly as run.py's lazy-cold runs it (a fresh cache,
+the store's sshfs mounted afresh, page cache dropped).
+
+    .venv/bin/python tests/bench/cold_ab.py --workload W2 --code /var/tmp/rez-lazyfs-reqcost/code-base [--runs 3]
+
+As root, on the store run.py built in WORKDIR (default sizes), through the
+bench's link. Prints a JSON row per run (time, the daemon's CPU and every
+process's, store counters) and the per-round ratios against this checkout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import profile_warm  # noqa: E402
+from contenders import WORKLOADS, LazyMount, drop_caches  # noqa: E402
+from replay_alone import bench_on, cpu_by_command, cpu_spent  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rez-lazyfs-tbench"))
+    ap.add_argument("--workload", default="W2", choices=sorted(WORKLOADS))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--code", action="append", default=[], type=Path,
+                    help="a checkout whose cachecore/fusefs/mount the daemon runs instead (repeat)")
+    ap.add_argument("--output", type=Path, help="also write the rows and summary here (JSON)")
+    args = ap.parse_args(argv)
+    variants = [("this", {})] + [(f"code:{c}", {"PYTHONPATH": str(c)}) for c in args.code]
+    rows = []
+    with bench_on(args.workdir) as (bench, _):
+        for run in range(args.runs):
+            for name, env in variants:
+                bench._unmount()
+                bench._fresh(bench.cache)
+                bench.net.umount_at(bench.lazy_sshfs)
+                bench.net.mount_at(bench.lazy_sshfs)
+                drop_caches()
+                mount = bench._add_mount(LazyMount(bench.lazy_mp, bench.lazy_sshfs, bench.cache,
+                                                   [], env=env))
+                try:
+                    cpu0, procs0 = profile_warm.cpu_times(mount.pid), cpu_by_command()
+                    out = bench._run_on(args.workload, WORKLOADS[args.workload], mount)
+                    user, system = (b - a for a, b in zip(cpu0, profile_warm.cpu_times(mount.pid)))
+                    stack = cpu_spent(procs0, cpu_by_command(), mount.pid)
+                finally:
+                    bench._unmount()
+                row = {"run": run + 1, "code": name, "seconds": round(out["seconds"], 3),
+                       "daemon_user_seconds": round(user, 2),
+                       "daemon_system_seconds": round(system, 2),
+                       "cpu_seconds_by_command": stack,
+                       "store": {k: out["store"].get(k) for k in
+                                 ("store_reads", "store_bytes", "prefetch_blocks", "cache_misses")}}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    this = {r["run"]: r for r in rows if r["code"] == "this"}
+    summary = {}
+    for name, _ in variants:
+        mine = [r for r in rows if r["code"] == name]
+        summary[name] = {
+            "seconds": statistics.median(r["seconds"] for r in mine),
+            "daemon_cpu_seconds": statistics.median(
+                r["daemon_user_seconds"] + r["daemon_system_seconds"] for r in mine),
+            "seconds_over_this": [round(r["seconds"] / this[r["run"]]["seconds"], 3) for r in mine]}
+    result = {"workload": args.workload, "load": open("/proc/loadavg").read().split()[:3],
+              "summary": summary, "rows": rows}
+    print(json.dumps(result["summary"], indent=1))
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
