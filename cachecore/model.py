@@ -5,9 +5,9 @@ import math
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from .paths import BadPath, check_name
+from .paths import NAME_MAX, BadPath, check_name
 
 
 def display_path(root: str, relpath: bytes = b"") -> str:
@@ -25,9 +25,10 @@ def _escaped(c: str) -> str:
     return c.encode("unicode_escape").decode("ascii")
 
 
-@dataclass(frozen=True, slots=True)
-class Attr:
-    """The attributes of one store entry, as lstat() saw them."""
+class Attr(NamedTuple):
+    """The attributes of one store entry, as lstat() saw them. A named tuple,
+    not a frozen dataclass: a warm walk decodes every listing it meets from
+    the index, and one is made per entry (0.3 against 1.2 us)."""
 
     mode: int
     size: int
@@ -117,26 +118,40 @@ def decode_listing(blob: bytes) -> tuple[dict[bytes, Attr], float]:
         if not math.isfinite(fetched_at):
             raise ValueError("listing record with a non-finite time")
         pos = _HEADER.size
+        end_of_blob = len(blob)
+        unpack, entry_size, make = _ENTRY.unpack_from, _ENTRY.size, Attr._make
+        a_root_record = count == 1
         entries = {}
         for _ in range(count):
-            *fields, ino, name_len, target_len, content_len = _ENTRY.unpack_from(blob, pos)
-            pos += _ENTRY.size
-            name = blob[pos:pos + name_len]
-            target = blob[pos + name_len:pos + name_len + target_len]
-            content = blob[pos + name_len + target_len:pos + name_len + target_len + content_len]
-            pos += name_len + target_len + content_len
-            if len(name) != name_len or len(target) != target_len or len(content) != content_len:
+            (mode, size, mtime_ns, ctime_ns, atime_ns, nlink, uid, gid, ino,
+             name_len, target_len, content_len) = unpack(blob, pos)
+            pos += entry_size
+            end = pos + name_len + target_len + content_len
+            if end > end_of_blob:
                 raise ValueError("truncated listing record")
-            if content_len not in (0, CONTENT_ID_SIZE):
-                raise ValueError(f"listing record with a content id of {content_len} bytes")
-            try:
-                if not (name == ROOT_NAME and count == 1):  # a root record (index.put_root)
+            name = blob[pos:pos + name_len]
+            pos += name_len
+            target = blob[pos:pos + target_len] if target_len else b""
+            pos += target_len
+            if content_len:
+                if content_len != CONTENT_ID_SIZE:
+                    raise ValueError(f"listing record with a content id of {content_len} bytes")
+                content = blob[pos:end]
+            else:
+                content = b""
+            pos = end
+            # check_name's rules, inline: this loop runs once per entry of every
+            # listing a walk meets (a root record, index.put_root, is ".")
+            if (name_len > NAME_MAX or b"/" in name or b"\0" in name
+                    or name in (b"", b".", b"..")) and not (name == ROOT_NAME and a_root_record):
+                try:
                     check_name(name)
-            except BadPath as e:
-                raise ValueError(f"listing record with an impossible name: {e}") from None
+                except BadPath as e:
+                    raise ValueError(f"listing record with an impossible name: {e}") from None
             if name in entries:
                 raise ValueError("listing record names an entry twice")
-            entries[name] = Attr(*fields, target=target, ino=ino, content=content)
+            entries[name] = make((mode, size, mtime_ns, ctime_ns, atime_ns, nlink, uid, gid,
+                                  target, ino, content))
     except struct.error as e:
         raise ValueError(f"truncated listing record: {e}") from None
     if pos != len(blob):

@@ -33,7 +33,6 @@ import os
 import stat
 import struct
 from contextlib import contextmanager
-from dataclasses import replace
 
 from .blocks import file_key
 from .errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
@@ -233,7 +232,7 @@ class FilesystemStore:
                 acl = b""  # unreadable: grant group and others nothing
             mode = acl_bounded_mode(attr.mode, acl)
             if mode != attr.mode:
-                entries[name] = replace(attr, mode=mode)
+                entries[name] = attr._replace(mode=mode)
                 self._note_acl(relpath + b"/" + name if relpath else name, attr.mode, mode)
         return entries
 

@@ -781,7 +781,7 @@ async def _from_store(fetcher, store, root: Attr, embedded: _Seeding, workers: i
 def _without_atimes(entries: dict[bytes, Attr]) -> dict[bytes, Attr]:
     # Reading a file or listing a directory may move its atime (bake itself
     # reads the definitions): not a difference in what the store holds.
-    return {name: replace(attr, atime_ns=0) for name, attr in entries.items()}
+    return {name: attr._replace(atime_ns=0) for name, attr in entries.items()}
 
 
 async def _each(items, work, workers: int) -> None:

@@ -45,7 +45,7 @@ import stat
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import zstandard
 
@@ -420,7 +420,7 @@ class Publisher:
                 path = _join(directory, name)
                 chunks = self._reused_chunks(path, attr, previous) or self._read_chunks(path, attr)
                 catalog.files[path] = FileChunks(self.chunk_size, chunks)
-                attr = replace(attr, content=content_id(self.chunk_size, chunks))
+                attr = attr._replace(content=content_id(self.chunk_size, chunks))
                 self.report.files += 1
                 self.report.bytes += attr.size
                 if self.progress:
@@ -441,7 +441,7 @@ class Publisher:
         chunks = previous.files[path]
         # The previous entry carries its content id, which a published
         # file's identity includes; the store's listing has none yet.
-        if (replace(before, content=b"").identity != attr.identity
+        if (before._replace(content=b"").identity != attr.identity
                 or chunks.chunk_size != self.chunk_size
                 or not all(c in self.objects.present for c in chunks.chunks)):
             return None
@@ -571,7 +571,7 @@ def _published_attr(attr: Attr) -> Attr:
     listing every directory, which moves their access times (relatime): kept
     as they are, every publish would make new catalogs for unchanged versions,
     and every mount would fetch them again."""
-    return replace(attr, atime_ns=attr.mtime_ns)
+    return attr._replace(atime_ns=attr.mtime_ns)
 
 
 def _check_directories(repo: str, dest: str) -> None:
