@@ -35,7 +35,7 @@ USE_RESOLUTION = 60.0  # seconds: last-used times are kept to about this precisi
 STREAM_AFTER = 8 * 2**20
 STREAM_WINDOW = 2 * 2**20
 STREAMS = 256  # files followed at once
-STREAM_RUN = 4  # blocks a stream fetches ahead in one store-thread call
+STREAM_RUN = 4  # blocks a stream fetches ahead in one store-thread call (at most its window)
 # Fetches ahead of readers (a trace replay, a directory's siblings) take at
 # most this much per store-thread call (`runs_of`); a reader that wants a
 # block of one waits for the reads before it there.
@@ -198,8 +198,8 @@ class Fetcher:
 
     async def fetch_ahead(self, blocks: list[tuple[FileVersion, int]], replay: bool = True) -> dict:
         """Fetch (file version, index) blocks of one store ahead of their readers,
-        for a trace replay (counted as replayed) or a stream (counted as
-        prefetched), in one store-thread call (the caller holds a
+        for a trace replay (counted as replayed) or a prefetch (a stream, a
+        directory's siblings: counted as prefetched), in one store-thread call (the caller holds a
         background_limiter slot): those nobody is fetching already, in order.
         {(file key, index): the error} for the blocks that failed; raises what
         failed them all."""
@@ -356,11 +356,12 @@ class Fetcher:
         # sequential read, from a local store: ~1 ms of daemon CPU a block,
         # two thirds of it scheduling). The window is topped up once a run's
         # worth of it has been read, and a file's last blocks go at once.
-        if end - start < STREAM_RUN and end < -(-f.size // bs):
+        run = max(1, min(STREAM_RUN, self.stream_window // bs))
+        if end - start < run and end < -(-f.size // bs):
             return
-        for first in range(start, end, STREAM_RUN):
+        for first in range(start, end, run):
             self._background.start_soon(
-                self._prefetch_run, [(f, index) for index in range(first, min(first + STREAM_RUN, end))])
+                self._prefetch_run, [(f, index) for index in range(first, min(first + run, end))])
         stream.ahead = max(stream.ahead, end)
 
     def _block_length(self, f: FileVersion, index: int) -> int:

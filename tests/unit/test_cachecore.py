@@ -86,6 +86,21 @@ def test_listing_codec_round_trips_odd_names():
         decode_listing(encode_listing(entries, 1.0)[:-3])
 
 
+@pytest.mark.parametrize("name", [b"", b".", b"..", b"a/b", b"a\0b", b"x" * 256])
+def test_a_listing_record_naming_an_impossible_entry_is_refused(name):
+    # encode_listing writes whatever it is given: a record forged like this
+    # (in a shared cache, a baked context) must not decode.
+    good = {b"ok": Attr(0o100644, 5, 1, 2, 3, 1, 0, 0)}
+    blob = encode_listing({**good, name: Attr(0o100644, 1, 1, 2, 3, 1, 0, 0)}, 1.0)
+    with pytest.raises(ValueError, match="impossible name"):
+        decode_listing(blob)
+    # a repository root's record holds one entry, "."
+    root = encode_listing({b".": Attr(0o40755, 0, 1, 2, 3, 2, 0, 0)}, 1.0)
+    assert list(decode_listing(root)[0]) == [b"."]
+    with pytest.raises(ValueError):
+        decode_listing(encode_listing({b".": good[b"ok"], b"x": good[b"ok"]}, 1.0))
+
+
 def test_index_refuses_pickles_and_never_runs_them(tmp_path):
     index = MetadataIndex(str(tmp_path / "index"))
     with pytest.raises(TypeError):
@@ -243,6 +258,35 @@ def test_a_stream_from_the_store_is_fetched_ahead_once_and_scattered_reads_are_n
             # Fetched ahead in runs of blocks, one store call each (a call a
             # block before): the 16 blocks past the first 8 in at most 8.
             assert store.reads - 10 - 8 <= 8
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_stream_is_fetched_ahead_when_its_window_is_shorter_than_a_run(tmp_path):
+    # A window of one block (a 1M block size under the 2 MiB default): runs
+    # shrink to the window, so the stream is still fetched ahead.
+    store_dir = tmp_path / "store"
+    (store_dir / "fam" / "1.0").mkdir(parents=True)
+    data = os.urandom(BS * 16)
+    (store_dir / "fam" / "1.0" / "stream.bin").write_bytes(data)
+    counters = Counters()
+    fetcher = Fetcher(blocks_in(str(tmp_path / "cache")), counters,
+                      store_limiter=trio.CapacityLimiter(4), local_limiter=trio.CapacityLimiter(4),
+                      store_timeout=5.0, stream_after=4 * BS, stream_window=BS)
+    repo = Repository("main", CountingStore(str(store_dir)),
+                      MetadataIndex(str(tmp_path / "cache" / "index")), fetcher, RepoPolicy(),
+                      clock=Clock())
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fetcher.run_prefetches_in(nursery)
+            stream = await repo.open(b"fam/1.0/stream.bin")
+            for index in range(12):
+                assert await repo.read(stream, index * BS, BS) == data[index * BS:(index + 1) * BS]
+            await trio.sleep(0.2)
+            assert counters.prefetch_blocks > 0
+            assert counters.store_reads == 13  # the 12 read and the one ahead of them, once each
             nursery.cancel_scope.cancel()
 
     trio.run(main)
