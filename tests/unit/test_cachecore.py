@@ -220,19 +220,26 @@ def test_open_files_close_only_unused_descriptors(tmp_path):
         os.fstat(other)
 
 
-def test_a_stream_from_the_store_is_fetched_ahead_once_and_scattered_reads_are_not(tmp_path):
+def streaming_repo(tmp_path, blocks: int, stream_after: int, stream_window: int):
+    """(data, store, counters, fetcher, repo): fam/1.0/stream.bin and scatter.bin,
+    both `data`, `blocks` blocks long, in a counting store."""
     store_dir = tmp_path / "store"
     (store_dir / "fam" / "1.0").mkdir(parents=True)
-    data = os.urandom(BS * 64)
+    data = os.urandom(BS * blocks)
     (store_dir / "fam" / "1.0" / "stream.bin").write_bytes(data)
     (store_dir / "fam" / "1.0" / "scatter.bin").write_bytes(data)
     store = CountingStore(str(store_dir))
     counters = Counters()
     fetcher = Fetcher(blocks_in(str(tmp_path / "cache")), counters,
                       store_limiter=trio.CapacityLimiter(4), local_limiter=trio.CapacityLimiter(4),
-                      store_timeout=5.0, stream_after=8 * BS, stream_window=4 * BS)
+                      store_timeout=5.0, stream_after=stream_after, stream_window=stream_window)
     repo = Repository("main", store, MetadataIndex(str(tmp_path / "cache" / "index")), fetcher,
                       RepoPolicy(), clock=Clock())
+    return data, store, counters, fetcher, repo
+
+
+def test_a_stream_from_the_store_is_fetched_ahead_once_and_scattered_reads_are_not(tmp_path):
+    data, store, counters, fetcher, repo = streaming_repo(tmp_path, 64, 8 * BS, 4 * BS)
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -266,17 +273,7 @@ def test_a_stream_from_the_store_is_fetched_ahead_once_and_scattered_reads_are_n
 def test_a_stream_is_fetched_ahead_when_its_window_is_shorter_than_a_run(tmp_path):
     # A window of one block (a 1M block size under the 2 MiB default): runs
     # shrink to the window, so the stream is still fetched ahead.
-    store_dir = tmp_path / "store"
-    (store_dir / "fam" / "1.0").mkdir(parents=True)
-    data = os.urandom(BS * 16)
-    (store_dir / "fam" / "1.0" / "stream.bin").write_bytes(data)
-    counters = Counters()
-    fetcher = Fetcher(blocks_in(str(tmp_path / "cache")), counters,
-                      store_limiter=trio.CapacityLimiter(4), local_limiter=trio.CapacityLimiter(4),
-                      store_timeout=5.0, stream_after=4 * BS, stream_window=BS)
-    repo = Repository("main", CountingStore(str(store_dir)),
-                      MetadataIndex(str(tmp_path / "cache" / "index")), fetcher, RepoPolicy(),
-                      clock=Clock())
+    data, _, counters, fetcher, repo = streaming_repo(tmp_path, 16, 4 * BS, BS)
 
     async def main():
         async with trio.open_nursery() as nursery:
