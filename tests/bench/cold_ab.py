@@ -1,5 +1,6 @@
 """A cold run of one workload through this checkout's daemon and through other
-checkouts' (their cachecore, fusefs and mount: code_contender.sh), interleaved
+checkouts' (their cachecore, fusefs and mount: code_contender.sh) or with other
+mount configs (--config), interleaved
 round by round, each exactly as run.py's lazy-cold runs it (a fresh cache,
 the store's sshfs mounted afresh, page cache dropped); with --trace, each as
 lazy-cold-trace-kept runs it (the W1 launch's trace seeded into the fresh cache).
@@ -35,16 +36,19 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--code", action="append", default=[], type=Path,
                     help="a checkout whose cachecore/fusefs/mount the daemon runs instead (repeat)")
+    ap.add_argument("--config", action="append", default=[], type=Path,
+                    help="a mount config file this checkout's daemon runs with (repeat)")
     ap.add_argument("--trace", action="store_true",
                     help="seed the W1 launch's trace into each fresh cache (W1, W4)")
     ap.add_argument("--output", type=Path, help="also write the rows and summary here (JSON)")
     args = ap.parse_args(argv)
-    variants = [("this", {})] + [(f"code:{c}", {"PYTHONPATH": str(c)}) for c in args.code]
+    variants = ([("this", {}, [])] + [(f"code:{c}", {"PYTHONPATH": str(c)}, []) for c in args.code]
+                + [(f"config:{c.name}", {}, [f"--config={c}"]) for c in args.config])
     rows = []
     with bench_on(args.workdir) as (bench, _):
         trace = bench._ensure_trace(KEPT) if args.trace else None
         for run in range(args.runs):
-            for name, env in variants:
+            for name, env, extra in variants:
                 bench._unmount()
                 bench._fresh(bench.cache)
                 if trace is None:
@@ -53,9 +57,9 @@ def main(argv=None) -> int:
                     bench.net.mount_at(store)
                 else:
                     store = bench._trace_store(KEPT)  # its caches expired, as for lazy-cold-trace-kept
-                    launchtrace.seed(trace, store, bench.cache, [])
+                    launchtrace.seed(trace, store, bench.cache, extra)
                 drop_caches()
-                mount = bench._add_mount(LazyMount(bench.lazy_mp, store, bench.cache, [], env=env))
+                mount = bench._add_mount(LazyMount(bench.lazy_mp, store, bench.cache, extra, env=env))
                 try:
                     cpu0, procs0 = profile_warm.cpu_times(mount.pid), cpu_by_command()
                     out = bench._run_on(args.workload, WORKLOADS[args.workload], mount)
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
     this = {r["run"]: r for r in rows if r["code"] == "this"}
     summary = {}
-    for name, _ in variants:
+    for name, _, _ in variants:
         mine = [r for r in rows if r["code"] == name]
         summary[name] = {
             "seconds": statistics.median(r["seconds"] for r in mine),
