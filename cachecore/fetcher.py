@@ -182,10 +182,10 @@ class Fetcher:
         looks in the cache first: no hop of its own for that)."""
         async with self.background_limiter:
             try:
-                failed = await self.fetch_ahead(blocks, replay=False)
+                failed = list((await self.fetch_ahead(blocks, replay=False)).values())
             except LazyFSError as e:
-                failed = {None: e}
-        for e in failed.values():
+                failed = [e]
+        for e in failed:
             log.debug("prefetch of %s failed: %s", blocks[0][0].display, e)
 
     def start_background(self, fn, *args) -> bool:
@@ -349,7 +349,8 @@ class Fetcher:
         if ((stream.next_index - stream.start) * bs < self.stream_after
                 or not (missed or stream.ahead > indices[0])):
             return
-        end = min(stream.next_index + self.stream_window // bs, -(-f.size // bs))
+        blocks = -(-f.size // bs)
+        end = min(stream.next_index + self.stream_window // bs, blocks)
         start = max(stream.ahead, stream.next_index)
         # In runs of STREAM_RUN blocks, one store-thread call each: a call per
         # block was mostly thread wake-ups and waits for the GIL (a cold
@@ -357,7 +358,7 @@ class Fetcher:
         # two thirds of it scheduling). The window is topped up once a run's
         # worth of it has been read, and a file's last blocks go at once.
         run = max(1, min(STREAM_RUN, self.stream_window // bs))
-        if end - start < run and end < -(-f.size // bs):
+        if end - start < run and end < blocks:
             return
         for first in range(start, end, run):
             self._background.start_soon(

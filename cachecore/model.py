@@ -7,7 +7,7 @@ import stat
 import struct
 from typing import NamedTuple
 
-from .paths import NAME_MAX, BadPath, check_name
+from .paths import BadPath, check_name, is_bad_name
 
 
 def display_path(root: str, relpath: bytes = b"") -> str:
@@ -140,10 +140,8 @@ def decode_listing(blob: bytes) -> tuple[dict[bytes, Attr], float]:
             else:
                 content = b""
             pos = end
-            # check_name's rules, inline: this loop runs once per entry of every
-            # listing a walk meets (a root record, index.put_root, is ".")
-            if (name_len > NAME_MAX or b"/" in name or b"\0" in name
-                    or name in (b"", b".", b"..")) and not (name == ROOT_NAME and a_root_record):
+            # a root record (index.put_root) holds one entry, "."
+            if is_bad_name(name) and not (name == ROOT_NAME and a_root_record):
                 try:
                     check_name(name)
                 except BadPath as e:

@@ -35,7 +35,7 @@ from .errors import (
     StoreFileChanged,
     StoreUnavailable,
 )
-from .fetcher import BATCH_BLOCKS, FileVersion, block_length, runs_of  # noqa: F401 (BATCH_BLOCKS: the tests)
+from .fetcher import FileVersion, block_length, runs_of
 from .trace import BadTrace, VariantTrace, decode, merge, rescaled, same_version
 
 log = logging.getLogger(__name__)

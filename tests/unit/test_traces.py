@@ -249,7 +249,8 @@ def test_a_traces_payload_counts_short_last_blocks():
 
 def test_a_replay_cuts_its_blocks_into_batches_that_keep_every_worker_busy():
     from cachecore.fetcher import FileVersion
-    from cachecore.replay import BATCH_BLOCKS, batches, within
+    from cachecore.fetcher import BATCH_BLOCKS
+    from cachecore.replay import batches, within
 
     blocks = [(n, 0) for n in range(2000)]  # 2000 small files, a block each
     sizes = [100] * 2000
