@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 import zstandard
 
 from cachecore.errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
+from cachecore.image import packs
 from cachecore.image.catalog import (
     DEFAULT_CHUNK_SIZE,
     Catalog,
@@ -144,6 +145,7 @@ class PublishReport:
     bytes_new: int = 0         # bytes of the objects written (compressed, on disk)
     catalogs: int = 0
     traces: int = 0            # variants with a launch trace in the revision
+    packs: int = 0             # trace packs (image/packs.py) the revision names
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -154,7 +156,7 @@ class PublishReport:
                 f"{self.files} file(s), "
                 f"{_mib(self.bytes)}; {self.objects_new} new object(s) ({_mib(self.bytes_new)}), "
                 f"{self.objects_existing} already there; {self.catalogs} catalog(s); "
-                + (f"{self.traces} trace(s); " if self.traces else "")
+                + (f"{self.traces} trace(s) in {self.packs} pack(s); " if self.traces else "")
                 + f"{self.seconds:.1f} s")
 
 
@@ -234,9 +236,20 @@ class ObjectDir:
 
     def read(self, name: str) -> bytes | None:
         """An object of the image, verified; None if absent or damaged."""
+        found = self._verified(name)
+        return found[1] if found else None
+
+    def stored(self, name: str) -> bytes | None:
+        """An object's file as stored (kind byte and payload), verified; None
+        if absent or damaged."""
+        found = self._verified(name)
+        return found[0] if found else None
+
+    def _verified(self, name: str) -> tuple[bytes, bytes] | None:
         try:
             with open(os.path.join(os.path.dirname(self.root), object_path(name)), "rb") as f:
-                return decode_object(name, f.read())
+                blob = f.read()
+            return blob, decode_object(name, blob)
         except (OSError, DamagedObject):
             return None
 
@@ -380,6 +393,7 @@ class Publisher:
         self._traced_paths = {_under(root, p) for root, (t, _) in self.traces.items()
                               for p in [b"", *t.dirs, *(path for path, _ in t.files)]}
         self._traced_attrs: dict[bytes, Attr] = {}
+        self._traced_chunks: dict[bytes, FileChunks] = {}
 
     def run(self) -> tuple[str, str]:
         """Write every object of the new revision; the names of the root
@@ -428,6 +442,8 @@ class Publisher:
             published[name] = _published_attr(attr)
             if self._traced_paths and _join(directory, name) in self._traced_paths:
                 self._traced_attrs[_join(directory, name)] = published[name]
+                if attr.is_file:
+                    self._traced_chunks[_join(directory, name)] = catalog.files[path]
         catalog.listings[directory] = published
         return entries
 
@@ -488,7 +504,7 @@ class Publisher:
     def _write_traces(self) -> str:
         """The trace objects of what is left of each trace once checked against
         the tree published, and the traces index naming them."""
-        names = {}
+        names, packs = {}, {}
         for root, (trace, what) in sorted(self.traces.items()):
             published = self._published_trace(trace, what)
             if published is None:
@@ -498,14 +514,42 @@ class Publisher:
                 self.warn(f"{what} is left out: {len(data) >> 20} MiB, over the "
                           f"{MAX_OBJECT_SIZE >> 20} MiB a mount accepts")
                 continue
-            names[root] = object_name(data)
-            self._reference(names[root], new=self.objects.put(names[root], data))
+            names[root] = self._write_object(data)
+            if pack_list := self._write_packs(published):
+                packs[root] = pack_list
         self.report.traces = len(names)
         if not names:
             return ""
-        index = encode_trace_index(names)
-        name = object_name(index)
-        self._reference(name, new=self.objects.put(name, index))
+        return self._write_object(encode_trace_index(names, packs))
+
+    def _write_packs(self, trace: VariantTrace) -> str | None:
+        """The packs of the chunks a (published) trace reads, in first-touch
+        order, and the name of their pack list (image/packs.py); None if it
+        reads nothing. A chunk whose object does not check out is left out
+        (a mount fetches it alone, and fails on it as it would without packs).
+        The objects are read twice (for their lengths, then into their pack)
+        rather than held: a trace may read gigabytes."""
+        members: dict[str, int] = {}  # in first-touch order
+        for f, b in trace.reads:
+            path, identity = trace.files[f]
+            chunks = self._traced_chunks[_under(trace.root, path)]
+            start = b * trace.block_size
+            for i in chunks.covering(start, min(trace.block_size, identity[0] - start)):
+                name = chunks.chunks[i]
+                if name not in members and (blob := self.objects.stored(name)) is not None:
+                    members[name] = len(blob)
+        written = []
+        for planned in packs.plan(list(members.items())):
+            blobs = [self.objects.stored(name) for name, _ in planned]
+            if all(blob is not None and len(blob) == length
+                   for blob, (_, length) in zip(blobs, planned)):
+                written.append(packs.Pack(self._write_object(b"".join(blobs)), tuple(planned)))
+        self.report.packs += len(written)
+        return self._write_object(packs.encode_pack_list(written)) if written else None
+
+    def _write_object(self, data: bytes) -> str:
+        name = object_name(data)
+        self._reference(name, new=self.objects.put(name, data))
         return name
 
     def _published_trace(self, trace: VariantTrace, what: str) -> VariantTrace | None:

@@ -23,5 +23,8 @@ every unchanged catalog and object with the one before.
 
 Launch traces (traces.py) are objects too: one per traced variant, its
 files' identities those of the image, listed by a traces index the manifest
-names; a mount replays a variant's trace on its first access to it.
+names; a mount replays a variant's trace on its first access to it. The
+chunks a trace reads are also published in packs of about a MiB, in the
+order the launch first read them (packs.py), so a replay is a few dozen
+requests through the proxies instead of one per chunk.
 """

@@ -8,6 +8,7 @@ its name checked against its bytes before anything uses it.
 """
 from __future__ import annotations
 
+import json
 import re
 
 import blake3
@@ -65,3 +66,15 @@ def decode_object(name: str, blob: bytes) -> bytes:
     if object_name(data) != name:
         raise DamagedObject(f"object {name} does not match its name")
     return data
+
+
+def json_document(data: bytes, fmt: str, version: int, error: type[Exception], what: str) -> dict:
+    """An object's bytes as the JSON document of format `fmt` and `version`
+    (traces index, pack list), or `error` saying why not."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"damaged {what}: not JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt or doc.get("version") != version:
+        raise error(f"not a {what} (or of an unknown version)")
+    return doc

@@ -9,7 +9,9 @@ Two kinds of object, content-addressed like every other (objects.py):
   attributes report them), so a replay applies it to exactly those versions
   and skips a file once a later revision changes it;
 * the traces index, named by the manifest's `traces` field (and so signed
-  with it): {variant root: trace object name}, JSON.
+  with it): {variant root: trace object name}, JSON; and, in `packs`,
+  {variant root: pack list object name} for the traces whose chunks are
+  also published as packs (image/packs.py).
 
 The publisher writes a variant's trace only after checking every traced
 file's identity against the tree it publishes (mount/publish.py). A mount
@@ -25,7 +27,7 @@ import os
 from ..errors import LazyFSError
 from ..paths import BadPath, relpath_from_text
 from ..trace import BadTrace, VariantTrace, decode
-from .objects import DamagedObject, check_name
+from .objects import DamagedObject, check_name, json_document
 
 FORMAT = "rez-lazyfs-image-traces"
 VERSION = 1
@@ -36,23 +38,35 @@ class DamagedTraceIndex(LazyFSError):
     """A traces index that matches its name but is not well formed."""
 
 
-def encode_trace_index(traces: dict[bytes, str]) -> bytes:
-    return json.dumps({"format": FORMAT, "version": VERSION,
-                       "traces": {os.fsdecode(root): name for root, name in sorted(traces.items())}},
-                      separators=(",", ":")).encode()
+def encode_trace_index(traces: dict[bytes, str], packs: dict[bytes, str] | None = None) -> bytes:
+    doc = {"format": FORMAT, "version": VERSION,
+           "traces": {os.fsdecode(root): name for root, name in sorted(traces.items())}}
+    if packs:
+        doc["packs"] = {os.fsdecode(root): name for root, name in sorted(packs.items())}
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def decode_trace_index(blob: bytes) -> dict[bytes, str]:
     """{variant root: trace object name}; DamagedTraceIndex says what is wrong."""
-    try:
-        doc = json.loads(blob)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DamagedTraceIndex(f"damaged traces index: not JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise DamagedTraceIndex("not a traces index (or of an unknown version)")
-    traces = doc.get("traces")
+    return _roots_to_names(_index_document(blob), "traces")
+
+
+def decode_pack_index(blob: bytes) -> dict[bytes, str]:
+    """{variant root: pack list object name} (none in an index written
+    before packs); DamagedTraceIndex says what is wrong."""
+    doc = _index_document(blob)
+    return _roots_to_names(doc, "packs") if "packs" in doc else {}
+
+
+def _index_document(blob: bytes) -> dict:
+    return json_document(blob, FORMAT, VERSION, DamagedTraceIndex, "traces index")
+
+
+def _roots_to_names(doc: dict, field: str) -> dict[bytes, str]:
+    traces = doc.get(field)
     if not isinstance(traces, dict) or len(traces) > MAX_TRACES:
-        raise DamagedTraceIndex(f"damaged traces index: not a map of at most {MAX_TRACES} traces")
+        raise DamagedTraceIndex(f"damaged traces index: {field} is not a map of at most "
+                                f"{MAX_TRACES} variants")
     out = {}
     for text, name in traces.items():
         try:

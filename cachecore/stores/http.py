@@ -18,7 +18,11 @@ which is how new revisions appear without a remount.
 
 Launch traces the image carries (image/traces.py) come down the same chain:
 the manifest names the traces index, the index names each variant's trace
-object (`ImageTraces`).
+object (`ImageTraces`) and its pack list (image/packs.py). Once a trace is
+read, a chunk it names is fetched with the rest of its pack: the replay of a
+launch is a few dozen requests, not one a chunk. Every member out of a pack
+is checked against its own name; a pack that fails is given up on, and its
+members are fetched alone.
 """
 from __future__ import annotations
 
@@ -32,14 +36,21 @@ from ..errors import NotADirectory, NotFound, StoreFileChanged, StoreUnavailable
 from ..image.catalog import Catalog, DamagedCatalog
 from ..image.manifest import MANIFEST_PATH, BadManifest, Manifest, load_public_key
 from ..image.objects import DamagedObject, decode_object, object_path
-from ..image.traces import decode_trace_index, decode_trace_object
+from ..image.packs import DamagedPackList, Pack, decode_pack_list
+from ..image.traces import decode_pack_index, decode_trace_index, decode_trace_object
 from ..model import CONTENT_ID_SIZE, Attr, display_path
 from ..paths import split_path
+from ..singleflight import ThreadSingleFlight
 from ..trace import VariantTrace
 
 log = logging.getLogger(__name__)
 _CATALOGS_IN_MEMORY = 256
 _CHUNKS_IN_MEMORY = 16  # decoded chunks kept for the neighbouring blocks of one chunk
+# Members of fetched packs not asked for yet (a replay asks for each soon
+# after its pack came, in trace order): at most this many bytes, the oldest
+# let go (fetched alone if they are wanted after all).
+_PACKED_BYTES = 64 * 2**20
+_PACKED_MEMBERS = 500_000  # chunks known to be in a pack not fetched yet
 
 
 class HttpStore:
@@ -58,7 +69,13 @@ class HttpStore:
         self._manifest_until = 0.0
         self._catalogs: OrderedDict[str, Catalog] = OrderedDict()
         self._chunks: OrderedDict[str, bytes] = OrderedDict()
-        self._trace_index: tuple[str, dict[bytes, str]] = ("", {})  # the last one read, by name
+        # the last traces index read: (its name, {root: trace}, {root: pack list})
+        self._trace_index: tuple[str, dict[bytes, str], dict[bytes, str]] = ("", {}, {})
+        self._pack_of: dict[str, Pack] = {}  # chunk -> the pack to fetch it with
+        self._packed: OrderedDict[str, bytes] = OrderedDict()  # fetched with a pack, not asked for
+        self._packed_bytes = 0
+        self._pack_flights = ThreadSingleFlight()
+        self._packs_fetched = self._pack_failures = 0
 
     @classmethod
     def from_spec(cls, spec, *, offline: bool, index, timeout: float) -> HttpStore:
@@ -77,7 +94,9 @@ class HttpStore:
         pass
 
     def counters(self) -> dict:
-        return self._download.counters()
+        with self._lock:
+            packs = {"trace_packs": self._packs_fetched, "trace_pack_failures": self._pack_failures}
+        return {**self._download.counters(), **packs}
 
     # -- the chain of trust ------------------------------------------------------
     def _get(self, path: str, what: str, check):
@@ -193,28 +212,51 @@ class HttpStore:
     def variant_trace(self, root: bytes) -> VariantTrace | None:
         """The variant's trace, or None; BadTrace if its object, though it
         matches its name, is not that trace (the replay logs it and goes without)."""
-        name = self._traces_index().get(root)
+        traces, pack_lists = self._trace_indexes()
+        name = traces.get(root)
         if name is None:
             return None
-        data = self._get(object_path(name), f"{display_path(self.root, root)} (trace)",
+        where = display_path(self.root, root)
+        data = self._get(object_path(name), f"{where} (trace)",
                          lambda blob: decode_object(name, blob))
-        return decode_trace_object(root, data)
+        trace = decode_trace_object(root, data)
+        if (packs := pack_lists.get(root)) is not None:
+            try:
+                self._know_packs(self._get(object_path(packs), f"{where} (trace packs)",
+                                           lambda blob: decode_pack_list(decode_object(packs, blob))))
+            except (StoreUnavailable, DamagedPackList) as e:
+                log.warning("%s: the trace's packs cannot be read (%s); its chunks are fetched "
+                            "one by one", where, e)
+        return trace
 
     def _traces_index(self) -> dict[bytes, str]:
         """The current revision's {variant root: trace object name}."""
+        return self._trace_indexes()[0]
+
+    def _trace_indexes(self) -> tuple[dict[bytes, str], dict[bytes, str]]:
+        """The current revision's {variant root: trace object name} and
+        {variant root: pack list object name}."""
         name = self._current_manifest().traces
         if not name:
-            return {}
+            return {}, {}
         with self._lock:
-            known_name, known = self._trace_index
+            known_name, *known = self._trace_index
         if known_name == name:
-            return known
+            return known[0], known[1]
         data = self._get(object_path(name), f"{self.root} (traces index)",
                          lambda blob: decode_object(name, blob))
-        index = decode_trace_index(data)
+        traces, packs = decode_trace_index(data), decode_pack_index(data)
+        with self._lock:  # immutable: good until the manifest names another
+            self._trace_index = (name, traces, packs)
+        return traces, packs
+
+    def _know_packs(self, packs: list[Pack]) -> None:
         with self._lock:
-            self._trace_index = (name, index)  # immutable: good until the manifest names another
-        return index
+            for pack in packs:
+                for member, _ in pack.members:
+                    if len(self._pack_of) >= _PACKED_MEMBERS:
+                        return
+                    self._pack_of.setdefault(member, pack)
 
     # -- the store interface -------------------------------------------------------
     def stat_root(self) -> Attr:
@@ -272,12 +314,62 @@ class HttpStore:
             if data is not None:
                 self._chunks.move_to_end(name)
                 return data
-        data = self._get(object_path(name), where, lambda blob: decode_object(name, blob))
+            data = self._take_packed(name)
+            pack = self._pack_of.get(name) if data is None else None
+        if pack is not None:
+            data = self._from_pack(pack, name, where)
+        if data is None:
+            data = self._get(object_path(name), where, lambda blob: decode_object(name, blob))
         with self._lock:
             self._chunks[name] = data
             while len(self._chunks) > _CHUNKS_IN_MEMORY:
                 self._chunks.popitem(last=False)
         return data
+
+
+    def _from_pack(self, pack: Pack, name: str, where: str) -> bytes | None:
+        """The chunk, fetched with its pack (once, whoever asks first), or None
+        if the pack failed: then nothing is fetched in packs of it again."""
+        try:
+            members = self._pack_flights.run(pack.name, lambda: self._fetch_pack(pack, where))
+        except StoreUnavailable as e:
+            with self._lock:
+                mine = [member for member, _ in pack.members if self._pack_of.get(member) is pack]
+                for member in mine:
+                    del self._pack_of[member]
+                first = bool(mine)  # the first of the pack's askers to hear of it
+                if first:
+                    self._pack_failures += 1
+            if first:
+                log.warning("%s: trace pack %s failed (%s); its chunks are fetched one by one",
+                            where, pack.name, e)
+            return None
+        with self._lock:
+            data = self._take_packed(name)
+        return data if data is not None else members.get(name)
+
+    def _take_packed(self, name: str) -> bytes | None:
+        """A member of a fetched pack, no longer kept as one (hold the lock)."""
+        data = self._packed.pop(name, None)
+        if data is not None:
+            self._packed_bytes -= len(data)
+        return data
+
+    def _fetch_pack(self, pack: Pack, where: str) -> dict[str, bytes]:
+        members = self._get(object_path(pack.name), f"{where} (trace pack {pack.name})",
+                            lambda blob: pack.split(decode_object(pack.name, blob)))
+        with self._lock:
+            self._packs_fetched += 1
+            for member, data in members.items():
+                if self._pack_of.get(member) is pack:
+                    del self._pack_of[member]  # from now on alone, if wanted again
+                if member not in self._packed:
+                    self._packed[member] = data
+                    self._packed_bytes += len(data)
+            while self._packed_bytes > _PACKED_BYTES:
+                _, dropped = self._packed.popitem(last=False)
+                self._packed_bytes -= len(dropped)
+        return members
 
 
 class ImageTraces:

@@ -38,18 +38,25 @@ def main(argv=None) -> int:
                     help="a checkout whose cachecore/fusefs/mount the daemon runs instead (repeat)")
     ap.add_argument("--config", action="append", default=[], type=Path,
                     help="a mount config file this checkout's daemon runs with (repeat)")
+    ap.add_argument("--cache-in", action="append", default=[], type=Path,
+                    help="a directory this checkout's daemon keeps its cache in instead of the "
+                         "workdir (another filesystem: repeat)")
     ap.add_argument("--trace", action="store_true",
                     help="seed the W1 launch's trace into each fresh cache (W1, W4)")
     ap.add_argument("--output", type=Path, help="also write the rows and summary here (JSON)")
     args = ap.parse_args(argv)
-    variants = ([("this", {}, [])] + [(f"code:{c}", {"PYTHONPATH": str(c)}, []) for c in args.code]
-                + [(f"config:{c.name}", {}, [f"--config={c}"]) for c in args.config])
+    variants = ([("this", {}, [], None)]
+                + [(f"code:{c}", {"PYTHONPATH": str(c)}, [], None) for c in args.code]
+                + [(f"config:{c.name}", {}, [f"--config={c}"], None) for c in args.config]
+                + [(f"cache-in:{d}", {}, [], d / "cache") for d in args.cache_in])
     rows = []
     with bench_on(args.workdir) as (bench, _):
         trace = bench._ensure_trace(KEPT) if args.trace else None
+        workdir_cache = bench.cache
         for run in range(args.runs):
-            for name, env, extra in variants:
+            for name, env, extra, cache in variants:
                 bench._unmount()
+                bench.cache = cache or workdir_cache
                 bench._fresh(bench.cache)
                 if trace is None:
                     store = bench.lazy_sshfs
@@ -80,7 +87,7 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
     this = {r["run"]: r for r in rows if r["code"] == "this"}
     summary = {}
-    for name, _, _ in variants:
+    for name, *_ in variants:
         mine = [r for r in rows if r["code"] == name]
         summary[name] = {
             "seconds": statistics.median(r["seconds"] for r in mine),

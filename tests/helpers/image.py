@@ -17,7 +17,8 @@ from pathlib import Path
 from cachecore.image.catalog import Catalog, FileChunks
 from cachecore.image.manifest import MANIFEST_PATH, Manifest, load_public_key
 from cachecore.image.objects import decode_object, object_path
-from cachecore.image.traces import decode_trace_index, decode_trace_object
+from cachecore.image.packs import Pack, decode_pack_list
+from cachecore.image.traces import decode_pack_index, decode_trace_index, decode_trace_object
 from cachecore.model import Attr
 from cachecore.trace import VariantTrace
 
@@ -122,14 +123,32 @@ class ImageReader:
         return {root: decode_trace_object(root, self.object(name))
                 for root, name in self.trace_index().items()}
 
+    def pack_index(self) -> dict[bytes, str]:
+        """{variant root: pack list object name}; {} for a revision without."""
+        name = self.manifest.traces
+        return decode_pack_index(self.object(name)) if name else {}
+
+    def packs(self) -> dict[bytes, list[Pack]]:
+        """Each traced variant's packs, each checked: its members, in order,
+        are the objects it is made of."""
+        out = {}
+        for root, name in self.pack_index().items():
+            out[root] = decode_pack_list(self.object(name))
+            for pack in out[root]:
+                members = pack.split(self.object(pack.name))
+                assert {m: self.object(m) for m, _ in pack.members} == members
+        return out
+
     def referenced_objects(self) -> set[str]:
         """Every object the revision names: its catalogs, all file chunks and
-        its launch traces."""
+        its launch traces with their packs."""
         names = {c.name for c in self.catalogs}
         for chunks in self.files.values():
             names.update(chunks.chunks)
         if self.manifest.traces:
-            names |= {self.manifest.traces, *self.trace_index().values()}
+            names |= {self.manifest.traces, *self.trace_index().values(),
+                      *self.pack_index().values()}
+            names |= {pack.name for packs in self.packs().values() for pack in packs}
         return names
 
 

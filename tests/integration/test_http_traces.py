@@ -189,30 +189,43 @@ def test_a_published_trace_is_replayed_through_squid_and_the_launch_reads_the_sa
     assert published.dirs == recorded.dirs
     trace_objects = {reader.manifest.traces, *reader.trace_index().values()}
     assert trace_objects <= image_objects(traced.image)
-    assert trace_objects <= reader.referenced_objects()
+    assert image_objects(traced.image) >= reader.referenced_objects() >= trace_objects
 
     # A fresh cache, through a fresh squid: the first access replays the
     # trace from the image, the launch prints what it printed from the
-    # repository, and the replayed blocks are the ones it reads.
+    # repository, and the replayed blocks are the ones it reads. (The launch
+    # starts once the replay is done: reads that come before the trace's
+    # pack list is in would fetch their chunks alone, which is allowed but
+    # not what this counts.)
     proxy = squid_proxy()
     traced.mount_image("traced", proxy)
     mark = traced.mount.log_mark()
-    assert traced.launch() == expected
+    os.listdir(traced.variant())
     line = wait_for_log(traced.mount, f"replayed the trace of {ALIAS}/{VARIANT}", mark)
+    assert traced.launch() == expected
     stats = traced.settle()
     traced_blocks = sum(len(b) for b in blocks_of(published).values())
     assert stats["replay_blocks"] >= traced_blocks - 2, (stats, line)
     assert stats["replay_useful"] >= stats["replay_blocks"] - 2, stats
     assert stats["replay_skipped"] == 0 and stats["errors"] == 0, stats
-    # Every traced chunk came through squid, and the trace; nothing of the
-    # file the launch does not read.
+    # Every traced chunk came through squid in the trace's packs, none of them
+    # alone; the trace and its pack list too; nothing of the file the launch
+    # does not read.
     chunks = {name for path, blocks in blocks_of(published).items()
               for name in (reader.files[root + b"/" + path].chunks[b] for b in blocks)}
-    through_squid = {r.url.rsplit("/", 1)[1] for r in proxy.requests("/objects/")}
-    assert chunks <= through_squid
-    assert trace_objects <= through_squid
+    [packs] = reader.packs().values()
+    packed = {member for pack in packs for member, _ in pack.members}
+    assert packed == chunks and len(packs) < len(chunks)
+    asked = [r.url.rsplit("/", 1)[1] for r in proxy.requests("/objects/")]
+    assert sorted(set(asked)) == sorted(asked), "an object was asked for twice"
+    assert {pack.name for pack in packs} <= set(asked)
+    assert not chunks & set(asked), "a traced chunk was fetched alone, not in its pack"
+    assert trace_objects | {reader.pack_index()[root]} <= set(asked)
     unused = reader.files[root + b"/share/unused.bin"].chunks
-    assert not set(unused) & through_squid
+    assert not set(unused) & set(asked)
+    traffic = stats["stores"][ALIAS]
+    assert (traffic["trace_packs"], traffic["trace_pack_failures"]) == (len(packs), 0), traffic
+    assert traffic["requests"] == len(asked) + 1, (traffic, asked)  # and the manifest
 
 
 # -- 2. a file changed before publishing; publishing again --------------------------------
@@ -326,10 +339,10 @@ def test_a_bad_trace_file_fails_with_one_line_and_publishes_nothing(tmp_path, la
 
 
 # -- 4. a damaged trace in the image: said and skipped -----------------------------------------
-def test_a_damaged_trace_in_the_image_is_logged_and_skipped(tmp_path, origin, lazyfs_mount):
-    repo, image = tmp_path / "repo", Path(origin.root)
-    files = {f"lib/m{i}.bin": random.Random(i).randbytes(2 * BLOCK + 1 + i) for i in range(4)}
-    version = write_rez_package(repo, "pkg", "1.0", files=files)
+def publish_traced_package(tmp_path: Path, image: Path, files: dict[str, bytes]):
+    """pkg/1.0 holding `files` (3 blocks of each traced), published with its
+    trace into `image`: (the trace, publish's report, a reader, the public key)."""
+    version = write_rez_package(tmp_path / "repo", "pkg", "1.0", files=files)
     key = tmp_path / "signing.key"
     rez = Rez(tmp_path)
     assert rez.lazyfs("keygen", key).returncode == 0
@@ -337,11 +350,20 @@ def test_a_damaged_trace_in_the_image_is_logged_and_skipped(tmp_path, origin, la
                          [(os.fsencode(rel), lstat_identity(version / rel)) for rel in files],
                          [(i, b) for i in range(len(files)) for b in range(3)])
     (tmp_path / "pkg.trace").write_bytes(encode([trace]))
-    published = rez.lazyfs("publish", repo, image, "--key", key, "--trace", tmp_path / "pkg.trace")
+    published = rez.lazyfs("publish", tmp_path / "repo", image, "--key", key,
+                           "--trace", tmp_path / "pkg.trace", "--json")
     assert published.returncode == 0, published.stderr
-    reader = ImageReader(image, Path(f"{key}.pub"))
+    public = Path(f"{key}.pub")
+    return trace, json.loads(published.stdout), ImageReader(image, public), public
+
+
+def test_a_damaged_trace_in_the_image_is_logged_and_skipped(tmp_path, origin, lazyfs_mount):
+    image = Path(origin.root)
+    files = {f"lib/m{i}.bin": random.Random(i).randbytes(2 * BLOCK + 1 + i) for i in range(4)}
+    _, _, reader, public = publish_traced_package(tmp_path, image, files)
+    key = tmp_path / "signing.key"
     trace_name = reader.trace_index()[b"pkg/1.0"]
-    options = dict(block_size=None, extra_args=("--public-key", f"{key}.pub"))
+    options = dict(block_size=None, extra_args=("--public-key", str(public)))
 
     def first_access_then_read(m) -> dict:
         mark = m.log_mark()
@@ -382,3 +404,54 @@ def test_a_damaged_trace_in_the_image_is_logged_and_skipped(tmp_path, origin, la
     m.remount(cache=tmp_path / "cache-not-a-trace")
     line = first_access_then_read(m)
     assert b"variants must be a list" in line, line
+
+
+# -- 5. a damaged trace pack: said, its chunks fetched alone ------------------------------------
+def test_a_damaged_trace_pack_is_given_up_on_and_its_chunks_are_fetched_alone(
+        tmp_path, origin, lazyfs_mount):
+    image = Path(origin.root)
+    files = {f"lib/m{i}.bin": random.Random(i).randbytes(3 * BLOCK - 7) for i in range(6)}
+    trace, report, reader, public = publish_traced_package(tmp_path, image, files)
+    [packs] = reader.packs().values()
+    assert report["packs"] == len(packs) == 3, packs  # 2.25 MiB, random
+    options = dict(block_size=None, extra_args=("--public-key", str(public)))
+
+    def replay_then_read(m, cache: str) -> dict:
+        m.remount(cache=tmp_path / cache)
+        mark = m.log_mark()
+        os.listdir(m.repo_path(ALIAS) / "pkg/1.0")
+        wait_for_log(m, "replayed the trace of main/pkg/1.0", mark)
+        for rel, data in files.items():
+            assert (m.repo_path(ALIAS) / "pkg/1.0" / rel).read_bytes() == data
+        stats = m.stats()
+        assert stats["replay_blocks"] == len(trace.reads) and stats["errors"] == 0, stats
+        return stats["stores"][ALIAS]
+
+    m = lazyfs_mount({ALIAS: origin.url}, **options)
+    traffic = replay_then_read(m, "cache-sound")
+    assert (traffic["trace_packs"], traffic["trace_pack_failures"]) == (3, 0), traffic
+    assert not {member for member, _ in packs[1].members} & {
+        path.rsplit("/", 1)[1] for path in origin.requests()}
+
+    # The second pack's bytes do not match its name: asked for again past the
+    # caches, then given up on; its members come one by one, each checked.
+    damaged = packs[1]
+    blob = (image / object_path(damaged.name)).read_bytes()
+    origin.put(object_path(damaged.name), blob[:-1] + bytes([blob[-1] ^ 0xFF]))
+    m.expect_log("does not match its name")
+    m.expect_log(f"trace pack {damaged.name} failed")
+    before = len(origin.requests())
+    traffic = replay_then_read(m, "cache-damaged-pack")
+    assert (traffic["trace_packs"], traffic["trace_pack_failures"]) == (2, 1), traffic
+    asked = [path.rsplit("/", 1)[1] for path in origin.requests()[before:]]
+    assert asked.count(damaged.name) == 2, asked  # and once more past the caches
+    assert sorted(m for m, _ in damaged.members) == sorted(
+        name for name in asked if name in dict(damaged.members))
+    origin.put(object_path(damaged.name), blob)
+
+    # A pack list that is not one: said, and every chunk fetched alone.
+    pack_list = reader.pack_index()[b"pkg/1.0"]
+    origin.put(object_path(pack_list), encode_object(b'{"format": "rez-lazyfs-trace-packs"}'))
+    m.expect_log("the trace's packs cannot be read")
+    traffic = replay_then_read(m, "cache-damaged-list")
+    assert (traffic["trace_packs"], traffic["trace_pack_failures"]) == (0, 0), traffic
