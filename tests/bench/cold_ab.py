@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 import launchtrace  # noqa: E402
 import profile_warm  # noqa: E402
 from contenders import WORKLOADS, LazyMount, drop_caches  # noqa: E402
-from replay_alone import KEPT, bench_on, cpu_by_command, cpu_spent  # noqa: E402
+from replay_alone import KEPT, bench_on, cpu_by_command, cpu_spent, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -94,11 +94,7 @@ def main(argv=None) -> int:
             "daemon_cpu_seconds": statistics.median(
                 r["daemon_user_seconds"] + r["daemon_system_seconds"] for r in mine),
             "seconds_over_this": [round(r["seconds"] / this[r["run"]]["seconds"], 3) for r in mine]}
-    result = {"workload": args.workload, "load": open("/proc/loadavg").read().split()[:3],
-              "summary": summary, "rows": rows}
-    print(json.dumps(result["summary"], indent=1))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(summary, rows, args.output, workload=args.workload)
     return 0
 
 

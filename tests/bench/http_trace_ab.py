@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 import profile_warm  # noqa: E402
 from contenders import CLI, WORKLOADS, LazyMount, drop_caches  # noqa: E402
 from helpers.http import SquidProxy  # noqa: E402
-from replay_alone import KEPT, bench_on  # noqa: E402
+from replay_alone import KEPT, bench_on, write_result  # noqa: E402
 from workloads import W1_VARIANT  # noqa: E402
 
 from cachecore.model import identity_of_stat  # noqa: E402
@@ -114,11 +114,7 @@ def main(argv=None) -> int:
         k: statistics.median(r[k] for r in rows if r["image"] == name and r["squid"] == squid)
         for k in ("seconds", "daemon_cpu_seconds", "squid_requests", "origin_requests")}
         for name in ("packs", "no-packs") for squid in ("cold", "warm")}
-    result = {"load": open("/proc/loadavg").read().split()[:3], "published": published,
-              "summary": summary, "rows": rows}
-    print(json.dumps(summary, indent=1))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(summary, rows, args.output, published=published)
     return 0
 
 

@@ -88,6 +88,16 @@ def cpu_spent(before: dict, after: dict, daemon: int) -> dict[str, float]:
     return {name: round(s, 2) for name, s in spent.most_common(8)}
 
 
+def write_result(summary: dict, rows: list, output: Path | None, **fields) -> None:
+    """Print an A/B script's summary; with `output`, write it there with its
+    rows, the load and `fields` (JSON)."""
+    print(json.dumps(summary, indent=1))
+    if output:
+        result = {**fields, "load": open("/proc/loadavg").read().split()[:3],
+                  "summary": summary, "rows": rows}
+        output.write_text(json.dumps(result, indent=1) + "\n")
+
+
 @contextlib.contextmanager
 def bench_on(workdir: Path):
     """(Bench, store info) on the store run.py built in `workdir` (default

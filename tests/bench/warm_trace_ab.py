@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import launchtrace  # noqa: E402
 import profile_warm  # noqa: E402
 from contenders import WORKLOADS, LazyMount, drop_caches  # noqa: E402
-from replay_alone import KEPT, bench_on  # noqa: E402
+from replay_alone import KEPT, bench_on, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -80,11 +80,7 @@ def main(argv=None) -> int:
     summary["traced_over_untraced_warm_disk"] = [
         round(t["warm_disk"]["seconds"] / u["warm_disk"]["seconds"], 3)
         for u, t in zip(rows[::2], rows[1::2])]
-    result = {"workload": args.workload, "load": open("/proc/loadavg").read().split()[:3],
-              "summary": summary, "rows": rows}
-    print(json.dumps(summary, indent=1))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(summary, rows, args.output, workload=args.workload)
     return 0
 
 
