@@ -50,7 +50,7 @@ _CHUNKS_IN_MEMORY = 16  # decoded chunks kept for the neighbouring blocks of one
 # after its pack came, in trace order): at most this many bytes, the oldest
 # let go (fetched alone if they are wanted after all).
 _PACKED_BYTES = 64 * 2**20
-_PACKED_MEMBERS = 500_000  # chunks known to be in a pack not fetched yet
+_KNOWN_PACK_MEMBERS = 500_000  # chunks known to be in a pack not fetched yet
 
 
 class HttpStore:
@@ -207,7 +207,7 @@ class HttpStore:
     def trace_roots(self) -> set[bytes]:
         if self.offline:
             return set()  # nothing could be replayed: every fetch would be refused
-        return set(self._traces_index())
+        return set(self._trace_indexes()[0])
 
     def variant_trace(self, root: bytes) -> VariantTrace | None:
         """The variant's trace, or None; BadTrace if its object, though it
@@ -229,10 +229,6 @@ class HttpStore:
                             "one by one", where, e)
         return trace
 
-    def _traces_index(self) -> dict[bytes, str]:
-        """The current revision's {variant root: trace object name}."""
-        return self._trace_indexes()[0]
-
     def _trace_indexes(self) -> tuple[dict[bytes, str], dict[bytes, str]]:
         """The current revision's {variant root: trace object name} and
         {variant root: pack list object name}."""
@@ -240,9 +236,9 @@ class HttpStore:
         if not name:
             return {}, {}
         with self._lock:
-            known_name, *known = self._trace_index
+            known_name, traces, packs = self._trace_index
         if known_name == name:
-            return known[0], known[1]
+            return traces, packs
         data = self._get(object_path(name), f"{self.root} (traces index)",
                          lambda blob: decode_object(name, blob))
         traces, packs = decode_trace_index(data), decode_pack_index(data)
@@ -254,7 +250,7 @@ class HttpStore:
         with self._lock:
             for pack in packs:
                 for member, _ in pack.members:
-                    if len(self._pack_of) >= _PACKED_MEMBERS:
+                    if len(self._pack_of) >= _KNOWN_PACK_MEMBERS:
                         return
                     self._pack_of.setdefault(member, pack)
 
@@ -325,7 +321,6 @@ class HttpStore:
             while len(self._chunks) > _CHUNKS_IN_MEMORY:
                 self._chunks.popitem(last=False)
         return data
-
 
     def _from_pack(self, pack: Pack, name: str, where: str) -> bytes | None:
         """The chunk, fetched with its pack (once, whoever asks first), or None
