@@ -386,7 +386,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
 
     from fusefs.operations import LazyOperations
 
-    from . import over
+    from . import over, sdnotify
     from .running import served_config
 
     if settings.over:
@@ -487,6 +487,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("%s: unmounting", signal.Signals(signum).name)
+                sdnotify.stopping(settings.mountpoint)
                 pyfuse3.terminate()
                 return
 
@@ -555,14 +556,16 @@ def mount_fs(settings: Settings, foreground: bool = False) -> None:
     # As the mount table will show it: totals, `ps` and the read-ahead setting
     # find the mount by this name.
     settings.mountpoint = canonical(settings.mountpoint)
-    if foreground:
+    if foreground:  # the main process of a systemd unit (Type=notify), or a terminal's
+        from . import sdnotify
+
         setup_logging(settings, to_stderr=True)
         if settings.over:
             from .supervisor import Supervisor
 
-            Supervisor(settings).serve()
+            Supervisor(settings).serve(lambda: sdnotify.ready(settings.mountpoint))
         else:
-            serve(settings)
+            serve(settings, lambda: sdnotify.ready(settings.mountpoint))
         return
     if settings.over:  # fail fast, in the caller's terminal
         check_over(settings)
@@ -595,6 +598,8 @@ def spawn(module: str, settings: Settings) -> tuple[subprocess.Popen, str]:
     of a transparent mount's daemons) with the settings on stdin, in a session
     of its own; the child and what it reported: "ok" once the mount answers,
     else why not."""
+    from . import sdnotify
+
     read_end, write_end = os.pipe()
     with _open_log(settings.log_file) as stderr:
         child = subprocess.Popen(
@@ -605,8 +610,11 @@ def spawn(module: str, settings: Settings) -> tuple[subprocess.Popen, str]:
              daemon_title(settings.mountpoint, settings.repos)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
             pass_fds=(write_end,), start_new_session=True, cwd="/",
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))})
+            # A systemd unit's main process is the one that reports to it
+            # (mount/sdnotify.py), never the daemons it starts.
+            env={**{k: v for k, v in os.environ.items() if k != sdnotify.SOCKET_VAR},
+                 "PYTHONPATH": os.pathsep.join(
+                     filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))})
     os.close(write_end)
     child.stdin.write(settings.to_json().encode())
     child.stdin.close()

@@ -3,7 +3,8 @@
 shared workstations and render nodes).
 
 The unit runs `rez-lazyfs mount MOUNTPOINT --foreground --config FILE`, which
-logs to stderr (the journal) and unmounts on SIGTERM, systemd's way of
+logs to stderr (the journal), tells systemd once the mount answers
+(Type=notify, mount/sdnotify.py) and unmounts on SIGTERM, systemd's way of
 stopping a service. `--over STORE` writes the unit of a transparent mount
 (`rez-lazyfs mount --over STORE ...`: one unit per store path), whose
 process supervises its daemon (mount/supervisor.py). Everything in a unit
@@ -94,7 +95,9 @@ def render_unit(executable: str, mountpoint: str, config: str, system: bool,
         f"{mountpoint.replace('%', '%%')} (rez-lazyfs)\n"
         f"{network}"
         f"\n[Service]\n"
-        f"Type=simple\n"
+        # Started once the mount answers (mount/sdnotify.py): units ordered
+        # after this one never see an empty mount point.
+        f"Type=notify\n"
         f"ExecStart={exec_line(start)}\n"
         # SIGTERM alone unmounts too; this just does it first, and `-` lets a
         # mount that is already gone count as stopped.

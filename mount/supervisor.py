@@ -50,6 +50,7 @@ import time
 from .config import Settings
 from .errors import UserError
 from .mounts import PROBE_TIMEOUT, NoAnswer, ask, mount_at, mount_table
+from . import sdnotify
 from .over import FSTYPE
 
 log = logging.getLogger("rez_lazyfs")
@@ -101,6 +102,7 @@ class Supervisor:
             while not started:
                 log.info("starting a new daemon for %s in %gs", self.path, delay)
                 if self._stop.wait(delay):
+                    sdnotify.stopping(self.path)
                     return 0
                 started = self._restart()
                 delay = min(2 * delay, MAX_RESTART_DELAY)
@@ -139,6 +141,7 @@ class Supervisor:
         try:
             while True:
                 if self._stop.is_set():
+                    sdnotify.stopping(self.path)
                     self._stop_daemon()
                     return False
                 if poll.poll(1000) and self.daemon.poll() is not None:

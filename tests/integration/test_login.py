@@ -14,8 +14,12 @@ import errno
 import os
 import shlex
 import signal
+import socket
+import struct
 import subprocess
 import time
+import uuid
+import weakref
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,7 @@ MOUNT_TIMEOUT = 30  # seconds for a foreground mount to answer
 # What systemd gives a service: no virtualenv on PATH, so the unit must name
 # the command by absolute path.
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
+CREDENTIALS = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
 
 def build_store(root: Path) -> Path:
@@ -85,32 +90,82 @@ def command_line(value: str) -> list[str]:
     return shlex.split(value.removeprefix("-"))
 
 
+class ServiceManager:
+    """systemd's end of a Type=notify unit's socket (sd_notify(3)): an abstract
+    datagram socket that takes each sender's credentials, as systemd's does, so
+    that only the unit's main process counts (its default NotifyAccess=main)."""
+
+    def __init__(self):
+        self.address = f"@rez-lazyfs-test-{uuid.uuid4().hex}"
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._socket.bind("\0" + self.address[1:])
+        weakref.finalize(self, self._socket.close)  # once no mount of the test needs it
+        self.messages: list[tuple[int, dict[str, str]]] = []  # (sender pid, fields)
+
+    def receive(self, timeout: float) -> tuple[int, dict[str, str]] | None:
+        self._socket.settimeout(timeout)
+        try:
+            data, ancillary, _, _ = self._socket.recvmsg(4096, socket.CMSG_SPACE(CREDENTIALS.size))
+        except (TimeoutError, BlockingIOError):  # nothing within timeout (0: nothing waiting)
+            return None
+        [pid] = [CREDENTIALS.unpack_from(cdata)[0] for level, kind, cdata in ancillary
+                 if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)]
+        fields = dict(line.partition("=")[::2] for line in data.decode().splitlines())
+        self.messages.append((pid, fields))
+        return pid, fields
+
+
 class SupervisedMount(LazyMount):
-    """The unit's ExecStart run as systemd runs a Type=simple service: in the
-    foreground, with systemd's environment, stopped with SIGTERM."""
+    """The unit's ExecStart run as systemd runs a Type=notify service: in the
+    foreground, with systemd's environment and notify socket, started once its
+    main process says READY=1, stopped with SIGTERM."""
 
     def __init__(self, argv: list[str], **kwargs):
         super().__init__(**kwargs)
         self.argv = argv
         self.process: subprocess.Popen | None = None
+        self.manager = ServiceManager()
+        self.main_pids: list[int] = []  # of every ExecStart run
 
     @property
     def journal(self) -> Path:
         """What the service wrote to stdout and stderr: what journald would keep."""
         return self._work_dir / f"{self.path.name}-journal.txt"
 
-    def mount(self) -> None:
-        env = {"PATH": SYSTEMD_PATH, "HOME": str(self._work_dir), MARKER_VAR: self._marker}
+    def start(self) -> None:
+        """ExecStart, as systemd runs it (again, when it restarts the unit)."""
+        env = {"PATH": SYSTEMD_PATH, "HOME": str(self._work_dir), MARKER_VAR: self._marker,
+               "NOTIFY_SOCKET": self.manager.address}
         with open(self.journal, "ab") as journal:
             self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=journal,
                                             stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not is_mounted(self.path):
+        self.main_pids.append(self.process.pid)
+
+    def wait_ready(self) -> float:
+        """Seconds until the main process said READY=1; the mount must answer
+        by then (systemd starts the units ordered after it at that moment)."""
+        started = time.monotonic()
+        deadline = started + MOUNT_TIMEOUT
+        while True:
             assert self.process.poll() is None, self._failure(f"ExecStart exited {self.process.returncode}")
-            assert time.monotonic() < deadline, self._failure("ExecStart did not mount in time")
-            time.sleep(0.05)
-        self.mounted = True
+            assert time.monotonic() < deadline, self._failure("ExecStart did not report READY=1 in time")
+            message = self.manager.receive(0.1)
+            if message is None:
+                continue
+            pid, fields = message
+            assert pid == self.process.pid, f"pid {pid}, not the unit's main process, sent {fields}"
+            if fields.get("READY") == "1":
+                break
+        assert is_mounted(self.path), self._failure("READY=1 before the mount was in the mount table")
         os.stat(self.path)
+        assert fields["STATUS"] == f"serving {self.path}", fields
+        return time.monotonic() - started
+
+    def mount(self) -> None:
+        self.start()
+        self.wait_ready()
+        self.mounted = True
 
     def exit_status(self) -> int:
         """Wait for the service's main process to end, as systemd does after stopping it."""
@@ -119,12 +174,20 @@ class SupervisedMount(LazyMount):
         except subprocess.TimeoutExpired:
             raise AssertionError(self._failure(f"still running {EXIT_TIMEOUT}s after being stopped")) from None
 
+    def reported(self) -> list[dict[str, str]]:
+        """Everything the unit sent systemd so far, each from a main process
+        (never from a daemon the main process started)."""
+        while self.manager.receive(0) is not None:
+            pass
+        assert all(pid in self.main_pids for pid, _ in self.manager.messages), \
+            (self.main_pids, self.manager.messages)
+        return [fields for _, fields in self.manager.messages]
+
 
 @pytest.fixture
 def supervise(tmp_path, lazyfs_mount):
     """Factory: run a unit's ExecStart; the lazyfs_mount fixture's teardown
     unmounts, ends the process and checks its log as for any other mount."""
-
     def start(argv: list[str], mountpoint: Path, cache: Path) -> SupervisedMount:
         mount = SupervisedMount(argv, path=mountpoint, options=MountOptions(repos={}, cache=cache),
                                 work_dir=tmp_path, expected_log=lazyfs_mount.expected_log)
@@ -157,6 +220,7 @@ def test_user_unit_mounts_at_login_and_unmounts_on_sigterm(tmp_path, supervise):
     assert unit_path.parent == tmp_path / "xdg" / "systemd" / "user"
     assert ["systemctl", "--user", "enable", "--now", unit_path.name] in commands
     assert unit["Service"]["Restart"] == "on-failure"
+    assert unit["Service"]["Type"] == "notify"
     assert unit["Install"]["WantedBy"] == "default.target"
     argv = command_line(unit["Service"]["ExecStart"])
     assert argv == [str(LAZYFS), "mount", str(mountpoint), "--foreground", "--config", str(config)]
@@ -168,6 +232,8 @@ def test_user_unit_mounts_at_login_and_unmounts_on_sigterm(tmp_path, supervise):
     assert m.exit_status() == 0
     assert not is_mounted(mountpoint)
     m.mounted = False
+    assert m.reported() == [{"READY": "1", "STATUS": f"serving {mountpoint}"},
+                            {"STOPPING": "1", "STATUS": f"unmounting {mountpoint}"}]
     journal = m.journal.read_text()
     assert f"mounted {mountpoint}" in journal and "SIGTERM: unmounting" in journal, journal
 
@@ -209,6 +275,25 @@ def test_system_unit_mounts_for_every_user_and_execstop_unmounts(tmp_path, super
     assert m.exit_status() == 0
     assert not is_mounted(mountpoint)
     m.mounted = False
+
+
+def test_a_unit_whose_mount_cannot_start_fails_its_start(tmp_path, lazyfs_mount):
+    """Type=notify: no READY=1 and a non-zero exit, so systemd fails the start
+    and never starts the units ordered after it."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    config = write_config(tmp_path / "config.toml", cache=tmp_path / "cache",
+                          store=tmp_path / "no-such-store", mountpoint=mountpoint)
+    m = SupervisedMount([str(LAZYFS), "mount", str(mountpoint), "--foreground", "--config",
+                         str(config)], path=mountpoint,
+                        options=MountOptions(repos={}, cache=tmp_path / "cache"),
+                        work_dir=tmp_path, expected_log=lazyfs_mount.expected_log)
+    m.start()
+    assert m.exit_status() == 1
+    assert m.reported() == [] and not is_mounted(mountpoint)
+    journal = m.journal.read_text()
+    assert journal.startswith(f"rez-lazyfs: error: store path {tmp_path / 'no-such-store'}"), journal
+    assert len(journal.splitlines()) == 1, journal
 
 
 def test_service_install_refuses_a_config_without_repositories(tmp_path):

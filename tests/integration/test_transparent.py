@@ -30,7 +30,6 @@ from helpers.faults import (
 )
 from helpers.mounts import (
     LAZYFS,
-    MARKER_VAR,
     MountOptions,
     is_daemon,
     processes_with_marker,
@@ -44,7 +43,6 @@ from .test_contexts import PROBE, REQUEST, ROOTS, STORE, files_the_context_uses
 
 # (admin_namespace and supervise are fixtures: mount(8) in a namespace, a unit's ExecStart)
 from .test_login import (  # noqa: F401
-    SYSTEMD_PATH,
     admin_namespace,
     command_line,
     install_unit,
@@ -67,6 +65,7 @@ AREAS = {
     "test_a_hung": "transparent: fail open",
     "test_several": "transparent: several repositories",
     "test_the_unit": "transparent: fail open",
+    "test_a_transparent_unit": "transparent: systemd unit",
     "test_an_fstab": "transparent: fstab",
 }
 
@@ -614,14 +613,11 @@ def test_the_unit_restarts_a_killed_daemon_and_stops_cleanly(tmp_path, report, s
     wait_for(lambda: not processes_with_marker(m._marker), 15)
     assert in_child("statfs", store, timeout=30)[0] in ("ENOTCONN", "ECONNABORTED")
     mark = m.log_mark()
-    with open(m.journal, "ab") as journal:  # systemd's restart: the same ExecStart
-        m.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=journal,
-                                     stderr=subprocess.STDOUT,
-                                     env={"PATH": SYSTEMD_PATH, "HOME": str(tmp_path),
-                                          MARKER_VAR: m._marker})
+    m.start()  # systemd's restart: the same ExecStart
     restarted = wait_for(lambda: any(b"mounted " + os.fsencode(store) in line
                                      for line in m.log_lines(mark)), REMOUNTED_WITHIN)
     assert any(b"cleared a dead rez-lazyfs mount" in line for line in m.log_lines(mark))
+    m.wait_ready()
     assert read_bypassing_page_cache(store / "fam/1.0/lib/f.bin") == data
 
     stop = subprocess.run(command_line(unit["Service"]["ExecStop"]), capture_output=True,
@@ -629,6 +625,8 @@ def test_the_unit_restarts_a_killed_daemon_and_stops_cleanly(tmp_path, report, s
     assert stop.returncode == 0, stop.stderr
     assert m.exit_status() == 0 and not lazyfs_mounted_at(store)
     m.mounted = False
+    # Ready twice, once each start, from the supervisor: its daemons never speak.
+    assert m.reported() == [{"READY": "1", "STATUS": f"serving {store}"}] * 2
     assert (store / "fam/1.0/lib/f.bin").read_bytes() == data  # the store itself again
     report.row("the system unit `service install --over STORE` writes, run as systemd runs "
                "it; its daemon SIGKILLed; then ExecStop",
@@ -641,6 +639,34 @@ def test_the_unit_restarts_a_killed_daemon_and_stops_cleanly(tmp_path, report, s
                                 "--config", str(config), "--unit-dir", str(units)],
                                capture_output=True, text=True, timeout=60)
     assert uninstall.returncode == 0 and not unit_path.exists(), uninstall.stderr
+
+
+def test_a_transparent_unit_stopped_by_sigterm_says_so_from_its_main_process(tmp_path, report,
+                                                                             supervise):
+    """systemctl stop without ExecStop's unmount (SIGTERM, as at shutdown): the
+    supervisor says STOPPING=1 and ends its daemon, which never speaks to systemd."""
+    store = tmp_path / "svr" / "packages"
+    write_file(store / "fam/1.0/package.py", "name = 'fam'\n")
+    config = tmp_path / "rez-lazyfs.toml"
+    config.write_text(f'cache = "{tmp_path / "cache"}"\nblock_size = "64K"\n\n[repos]\n'
+                      f'main = {{ path = "{store}", over = true }}\n')
+    _, unit, _ = install_unit(tmp_path, "--system", "--over", store, "--config", config,
+                              "--unit-dir", tmp_path / "units")
+    assert unit["Service"]["Type"] == "notify"
+    m = supervise(command_line(unit["Service"]["ExecStart"]), store, tmp_path / "cache")
+    assert (store / "fam/1.0/package.py").read_text() == "name = 'fam'\n"
+    [daemon] = [p for p in processes_with_marker(m._marker) if is_daemon(p)]
+    m.process.send_signal(signal.SIGTERM)
+    assert m.exit_status() == 0 and not lazyfs_mounted_at(store)
+    m.mounted = False
+    wait_gone(daemon, 15)
+    said = m.reported()
+    assert said == [{"READY": "1", "STATUS": f"serving {store}"},
+                    {"STOPPING": "1", "STATUS": f"unmounting {store}"}], said
+    report.row("a transparent unit's process (the supervisor) sent SIGTERM, systemd's stop",
+               "READY=1 once the path was served, STOPPING=1 on the signal, both from the "
+               "unit's main process (its daemon, signalled in turn, said nothing); exit 0, "
+               "the store's own path again")
 
 
 def test_an_fstab_line_mounts_over_the_store(tmp_path, report, admin_namespace):
