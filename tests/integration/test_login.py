@@ -204,6 +204,10 @@ def install_unit(tmp_path: Path, *args) -> tuple[Path, dict[str, dict[str, str]]
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     output = lazyfs("service", "install", *args, env=env).stdout
     unit_path = Path(output.splitlines()[0].removeprefix("wrote "))
+    # systemd's own parser: any line it would ignore or refuse is printed.
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert (verify.returncode, verify.stdout + verify.stderr) == (0, ""), verify
     commands = [shlex.split(line) for line in output.splitlines() if line.startswith("  ")]
     return unit_path, parse_unit(unit_path.read_text()), commands
 
