@@ -457,6 +457,9 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
                 nursery.start_soon(_ready_when_answering)
                 nursery.start_soon(ops.invalidate_kernel_caches)
                 nursery.start_soon(_refresh_traces, repos)
+                watchdog = sdnotify.watchdog_interval()
+                if watchdog:
+                    nursery.start_soon(_feed_watchdog, watchdog)
                 cache.fetcher.run_prefetches_in(nursery)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
@@ -482,6 +485,13 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
             await trio.sleep(max(settings.metadata_ttl, 5.0))
             for repo in repos.values():
                 await repo.refresh_traces()
+
+    async def _feed_watchdog(interval: float) -> None:
+        # From the event loop itself: systemd hears from it only while the
+        # loop runs, so a loop that stopped is what its watchdog catches.
+        while True:
+            sdnotify.feed_watchdog()
+            await trio.sleep(interval)
 
     async def _terminate_on_signal() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -612,7 +622,7 @@ def spawn(module: str, settings: Settings) -> tuple[subprocess.Popen, str]:
             pass_fds=(write_end,), start_new_session=True, cwd="/",
             # A systemd unit's main process is the one that reports to it
             # (mount/sdnotify.py), never the daemons it starts.
-            env={**{k: v for k, v in os.environ.items() if k != sdnotify.SOCKET_VAR},
+            env={**sdnotify.without_manager(os.environ),
                  "PYTHONPATH": os.pathsep.join(
                      filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))})
     os.close(write_end)

@@ -27,6 +27,9 @@ from .errors import UserError
 UNIT_PREFIX = "rez-lazyfs-"
 SYSTEM_UNIT_DIR = "/etc/systemd/system"
 SYSTEM_CONFIG = "/etc/rez-lazyfs.toml"
+# systemd restarts a daemon whose event loop has not answered for this long
+# (the loop never blocks: CONCURRENCY.md; a busy one still turns every few ms).
+WATCHDOG_SECONDS = 60
 # Characters systemd keeps in an escaped unit name (systemd-escape --path).
 _UNIT_NAME_SAFE = re.compile(rb"[A-Za-z0-9:_.]")
 # Words that need no quoting on a systemd command line.
@@ -86,6 +89,9 @@ def render_unit(executable: str, mountpoint: str, config: str, system: bool,
     # do not require them, since a cache can serve while the store is away.
     network = ("Wants=network-online.target\n"
                "After=network-online.target remote-fs.target\n") if system else ""
+    # The daemon's event loop feeds it (mount/sdnotify.py); a transparent
+    # mount's supervisor watches its daemon itself.
+    watchdog = "" if over else f"WatchdogSec={WATCHDOG_SECONDS}\n"
     return (
         f"# Written by `rez-lazyfs service install`; "
         f"remove with `rez-lazyfs service uninstall{' --system' if system else ''} "
@@ -106,6 +112,7 @@ def render_unit(executable: str, mountpoint: str, config: str, system: bool,
         # (A transparent mount's own supervisor restarts its daemon; the unit
         # restarts the supervisor, killed with it, soon: its path is dead meanwhile.)
         f"Restart=on-failure\n"
+        f"{watchdog}"
         f"RestartSec={1 if over else 5}\n"
         f"\n[Install]\n"
         f"WantedBy={'multi-user.target' if system else 'default.target'}\n")

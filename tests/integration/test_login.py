@@ -101,7 +101,7 @@ class ServiceManager:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._socket.bind("\0" + self.address[1:])
         weakref.finalize(self, self._socket.close)  # once no mount of the test needs it
-        self.messages: list[tuple[int, dict[str, str]]] = []  # (sender pid, fields)
+        self.messages: list[tuple[int, dict[str, str], float]] = []  # (sender pid, fields, when)
 
     def receive(self, timeout: float) -> tuple[int, dict[str, str]] | None:
         self._socket.settimeout(timeout)
@@ -112,7 +112,7 @@ class ServiceManager:
         [pid] = [CREDENTIALS.unpack_from(cdata)[0] for level, kind, cdata in ancillary
                  if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)]
         fields = dict(line.partition("=")[::2] for line in data.decode().splitlines())
-        self.messages.append((pid, fields))
+        self.messages.append((pid, fields, time.monotonic()))
         return pid, fields
 
 
@@ -121,9 +121,10 @@ class SupervisedMount(LazyMount):
     foreground, with systemd's environment and notify socket, started once its
     main process says READY=1, stopped with SIGTERM."""
 
-    def __init__(self, argv: list[str], **kwargs):
+    def __init__(self, argv: list[str], watchdog: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.argv = argv
+        self.watchdog = watchdog  # WatchdogSec=, as systemd hands it over (WATCHDOG_USEC)
         self.process: subprocess.Popen | None = None
         self.manager = ServiceManager()
         self.main_pids: list[int] = []  # of every ExecStart run
@@ -137,6 +138,8 @@ class SupervisedMount(LazyMount):
         """ExecStart, as systemd runs it (again, when it restarts the unit)."""
         env = {"PATH": SYSTEMD_PATH, "HOME": str(self._work_dir), MARKER_VAR: self._marker,
                "NOTIFY_SOCKET": self.manager.address}
+        if self.watchdog:
+            env["WATCHDOG_USEC"] = str(int(self.watchdog * 1e6))
         with open(self.journal, "ab") as journal:
             self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=journal,
                                             stderr=subprocess.STDOUT, env=env)
@@ -179,17 +182,28 @@ class SupervisedMount(LazyMount):
         (never from a daemon the main process started)."""
         while self.manager.receive(0) is not None:
             pass
-        assert all(pid in self.main_pids for pid, _ in self.manager.messages), \
+        assert all(pid in self.main_pids for pid, _, _ in self.manager.messages), \
             (self.main_pids, self.manager.messages)
-        return [fields for _, fields in self.manager.messages]
+        return [fields for _, fields, _ in self.manager.messages if fields != {"WATCHDOG": "1"}]
+
+    def watchdog_fed(self, seconds: float) -> int:
+        """How many WATCHDOG=1 the unit sent in the next `seconds`."""
+        since = time.monotonic()
+        while time.monotonic() < since + seconds:
+            self.manager.receive(0.05)
+        self.reported()  # every message from a main process
+        return sum(1 for _, fields, when in self.manager.messages
+                   if fields == {"WATCHDOG": "1"} and when >= since)
 
 
 @pytest.fixture
 def supervise(tmp_path, lazyfs_mount):
     """Factory: run a unit's ExecStart; the lazyfs_mount fixture's teardown
     unmounts, ends the process and checks its log as for any other mount."""
-    def start(argv: list[str], mountpoint: Path, cache: Path) -> SupervisedMount:
-        mount = SupervisedMount(argv, path=mountpoint, options=MountOptions(repos={}, cache=cache),
+    def start(argv: list[str], mountpoint: Path, cache: Path,
+              watchdog: float | None = None) -> SupervisedMount:
+        mount = SupervisedMount(argv, watchdog=watchdog, path=mountpoint,
+                                options=MountOptions(repos={}, cache=cache),
                                 work_dir=tmp_path, expected_log=lazyfs_mount.expected_log)
         lazyfs_mount.mounts.append(mount)
         mount.mount()
@@ -229,8 +243,13 @@ def test_user_unit_mounts_at_login_and_unmounts_on_sigterm(tmp_path, supervise):
     argv = command_line(unit["Service"]["ExecStart"])
     assert argv == [str(LAZYFS), "mount", str(mountpoint), "--foreground", "--config", str(config)]
 
-    m = supervise(argv, mountpoint, tmp_path / "cache")
+    assert unit["Service"]["WatchdogSec"] == "60"
+    # A shorter watchdog period than the unit's, as `systemctl edit` would set
+    # it: its event loop says WATCHDOG=1 twice a period, from the first second.
+    m = supervise(argv, mountpoint, tmp_path / "cache", watchdog=0.5)
     assert_same_tree(walk(store), walk(mountpoint / ALIAS))
+    fed = m.watchdog_fed(1.5)
+    assert fed >= 3, f"{fed} WATCHDOG=1 in 1.5 s with WatchdogSec=0.5"
 
     m.process.send_signal(signal.SIGTERM)
     assert m.exit_status() == 0

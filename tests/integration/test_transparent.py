@@ -653,6 +653,7 @@ def test_a_transparent_unit_stopped_by_sigterm_says_so_from_its_main_process(tmp
     _, unit, _ = install_unit(tmp_path, "--system", "--over", store, "--config", config,
                               "--unit-dir", tmp_path / "units")
     assert unit["Service"]["Type"] == "notify"
+    assert "WatchdogSec" not in unit["Service"]  # the supervisor watches its daemon itself
     m = supervise(command_line(unit["Service"]["ExecStart"]), store, tmp_path / "cache")
     assert (store / "fam/1.0/package.py").read_text() == "name = 'fam'\n"
     [daemon] = [p for p in processes_with_marker(m._marker) if is_daemon(p)]

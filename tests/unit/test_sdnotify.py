@@ -6,6 +6,7 @@ run as systemd runs them: tests/integration/test_login.py.)"""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import uuid
 
@@ -64,3 +65,27 @@ def test_no_manager_no_message_and_a_gone_one_is_a_warning(tmp_path, manager, mo
                     "No such file or directory",
                     "NOTIFY_SOCKET=vsock:2:1234 is not a unix socket path: not telling the "
                     "service manager READY=1"], said
+
+
+def test_the_watchdog_is_fed_only_when_systemd_watches_this_process(monkeypatch, caplog):
+    monkeypatch.setenv(sdnotify.SOCKET_VAR, "@rez-lazyfs-unit-watchdog")
+    monkeypatch.setenv("WATCHDOG_USEC", "60000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert sdnotify.watchdog_interval() == 30.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert sdnotify.watchdog_interval() == 30.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # meant for another process
+    assert sdnotify.watchdog_interval() is None
+    monkeypatch.delenv("WATCHDOG_PID")
+    assert sdnotify.without_manager(os.environ).keys() == \
+        os.environ.keys() - {sdnotify.SOCKET_VAR, "WATCHDOG_USEC"}
+    monkeypatch.setenv("WATCHDOG_USEC", "0")
+    assert sdnotify.watchdog_interval() is None
+    caplog.set_level(logging.WARNING, logger="rez_lazyfs")
+    monkeypatch.setenv("WATCHDOG_USEC", "1min")
+    assert sdnotify.watchdog_interval() is None
+    assert [r.getMessage() for r in caplog.records] == \
+        ["WATCHDOG_USEC=1min is not a number of microseconds: no watchdog"]
+    monkeypatch.setenv("WATCHDOG_USEC", "60000000")
+    monkeypatch.delenv(sdnotify.SOCKET_VAR)
+    assert sdnotify.watchdog_interval() is None
