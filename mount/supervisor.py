@@ -47,10 +47,10 @@ import sys
 import threading
 import time
 
+from . import sdnotify
 from .config import Settings
 from .errors import UserError
 from .mounts import PROBE_TIMEOUT, NoAnswer, ask, mount_at, mount_table
-from . import sdnotify
 from .over import FSTYPE
 
 log = logging.getLogger("rez_lazyfs")
