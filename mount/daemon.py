@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+from . import sdnotify
 from .config import Settings, is_url
 from .errors import UserError
 from .mounts import (
@@ -386,7 +387,7 @@ def serve(settings: Settings, on_ready=lambda: None) -> None:
 
     from fusefs.operations import LazyOperations
 
-    from . import over, sdnotify
+    from . import over
     from .running import served_config
 
     if settings.over:
@@ -567,8 +568,6 @@ def mount_fs(settings: Settings, foreground: bool = False) -> None:
     # find the mount by this name.
     settings.mountpoint = canonical(settings.mountpoint)
     if foreground:  # the main process of a systemd unit (Type=notify), or a terminal's
-        from . import sdnotify
-
         setup_logging(settings, to_stderr=True)
         if settings.over:
             from .supervisor import Supervisor
@@ -608,8 +607,6 @@ def spawn(module: str, settings: Settings) -> tuple[subprocess.Popen, str]:
     of a transparent mount's daemons) with the settings on stdin, in a session
     of its own; the child and what it reported: "ok" once the mount answers,
     else why not."""
-    from . import sdnotify
-
     read_end, write_end = os.pipe()
     with _open_log(settings.log_file) as stderr:
         child = subprocess.Popen(

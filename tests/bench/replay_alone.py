@@ -93,7 +93,7 @@ def write_result(summary: dict, rows: list, output: Path | None, **fields) -> No
     rows, the load and `fields` (JSON)."""
     print(json.dumps(summary, indent=1))
     if output:
-        result = {**fields, "load": open("/proc/loadavg").read().split()[:3],
+        result = {**fields, "load": Path("/proc/loadavg").read_text().split()[:3],
                   "summary": summary, "rows": rows}
         output.write_text(json.dumps(result, indent=1) + "\n")
 
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
             summary[name] = {k: statistics.median(r[k] for r in mine)
                              for k in ("replay_start_s", "replay_end_s", "daemon_cpu_seconds",
                                        "replay_blocks")}
-    print(json.dumps({"load": open("/proc/loadavg").read().split()[:3], "summary": summary}))
+    print(json.dumps({"load": Path("/proc/loadavg").read_text().split()[:3], "summary": summary}))
     return 0
 
 
